@@ -19,10 +19,10 @@ def _check_keras_version():
     if "tensorflow" in sys.modules:
         import tensorflow as tf
 
-        version = getattr(tf.keras, "__version__", "0")
-        if not version.startswith("2."):
+        module = getattr(tf.keras, "__name__", "")
+        if not module.startswith("tf_keras"):
             raise ImportError(
-                f"TensorFlow was imported before glt_keras with Keras {version} as tf.keras. "
+                f"TensorFlow was imported before glt_keras with Keras 3 ({module}) as tf.keras. "
                 "Import glt_keras first, or set TF_USE_LEGACY_KERAS=1 before importing TensorFlow."
             )
 

@@ -1,0 +1,78 @@
+"""Building blocks of the fully binarized networks: conv block and 1x1 binary head."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from .binary import BinaryConv2D, ChannelShuffle
+
+BN_MOMENTUM = 0.9
+
+
+def conv_block(
+    x,
+    filters: int,
+    *,
+    name: str,
+    kernel_size: int = 3,
+    strides: int = 1,
+    groups: int = 1,
+    pool: bool = False,
+    shuffle: bool = False,
+    precision: str = "binary",
+    split_groups: bool = True,
+):
+    """Conv -> BatchNorm [-> MaxPool 2x2] [-> channel shuffle].
+
+    ``precision="binary"``: a :class:`BinaryConv2D`; its +-1 output activation is the
+    next layer's input quantizer, so BN fuses into ``LceBconv2d`` and a MaxPool followed
+    by the next sign becomes ``LceBMaxPool2d``. ``precision="real"``: the same conv
+    unquantized (zero padding), with a ReLU after BN: the teacher twin and MixBin's
+    real-valued layers.
+    """
+    if precision not in ("binary", "real"):
+        raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
+    common = dict(groups=groups, strides=strides, split_groups=split_groups, name=f"{name}_conv")
+    if precision == "binary":
+        conv = BinaryConv2D(filters, kernel_size, **common)
+    else:
+        conv = BinaryConv2D(
+            filters,
+            kernel_size,
+            input_quantizer=None,
+            kernel_quantizer=None,
+            kernel_constraint=None,
+            pad_values=0.0,
+            lce_check=False,
+            **common,
+        )
+    x = conv(x)
+    x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name=f"{name}_bn")(x)
+    if precision == "real":
+        x = tf.keras.layers.ReLU(name=f"{name}_relu")(x)
+    if pool:
+        x = tf.keras.layers.MaxPool2D(2, name=f"{name}_pool")(x)
+    if shuffle and groups > 1:
+        x = ChannelShuffle(groups, name=f"{name}_shuffle")(x)
+    return x
+
+
+def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_activation="softmax"):
+    """Classifier: 1x1 binary conv to one map per class -> BN -> global average pooling.
+
+    A 1x1 ``QuantConv2D`` instead of ``QuantDense``, which LCE does not accelerate.
+    Pooling comes last so that every location votes; the average of a (H, W,
+    classes) map is a negligible float op.
+    """
+    if precision == "binary":
+        conv = BinaryConv2D(num_classes, 1, lce_check=False, name="head_conv")
+    else:
+        conv = BinaryConv2D(
+            num_classes, 1, input_quantizer=None, kernel_quantizer=None,
+            kernel_constraint=None, pad_values=0.0, lce_check=False, name="head_conv",
+        )
+    x = conv(x)
+    x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name="head_bn")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if classifier_activation:
+        x = tf.keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
+    return x

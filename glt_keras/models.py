@@ -1,0 +1,216 @@
+"""Topology builders: fully binarized GLT networks, their real-valued teacher twins,
+per-layer precision, the export form, and size / MAC accounting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from .layers.binary import BinaryConv2D
+from .layers.blocks import binary_head, conv_block
+from .layers.encoding import get_encoding
+
+#: Named topologies. widths/groups/pools: one entry per conv block.
+TOPOLOGIES = {
+    # 96x96 input -> 3x3 before the head; ~0.83 M binary weights.
+    "glt96": dict(
+        widths=(64, 64, 128, 128, 256, 256, 384, 384),
+        groups=(1, 1, 2, 2, 4, 4, 4, 6),
+        pools=(True, False, True, False, True, False, True, True),
+        shuffle=True,
+    ),
+    # 32x32 input -> 4x4 before the head; ~0.81 M binary weights.
+    "glt32": dict(
+        widths=(128, 128, 256, 256, 384, 384),
+        groups=(1, 1, 2, 4, 4, 12),
+        pools=(False, True, False, True, False, True),
+        shuffle=True,
+    ),
+    # A tiny network for tests and demos.
+    "tiny": dict(widths=(32, 64), groups=(1, 2), pools=(True, True), shuffle=True),
+}
+
+
+def _resolve_precisions(n_blocks: int, real_layers, default: str) -> list[str]:
+    precisions = [default] * (n_blocks + 1)  # blocks + head
+    for item in real_layers or ():
+        if isinstance(item, str):
+            if item == "head":
+                index = n_blocks
+            elif item.startswith("block") and item[5:].isdigit():
+                index = int(item[5:]) - 1
+            else:
+                raise ValueError(f"Unknown layer {item!r}: use 'block<i>' (1-based) or 'head'.")
+        else:
+            index = int(item)
+        if not 0 <= index <= n_blocks:
+            raise ValueError(f"Layer index {item!r} out of range: the model has {n_blocks} blocks + head.")
+        precisions[index] = "real"
+    return precisions
+
+
+def glt_net(
+    *,
+    input_shape=None,
+    num_classes: int = 2,
+    topology: str | None = "glt96",
+    widths=None,
+    groups=None,
+    pools=None,
+    shuffle=None,
+    kernel_size: int = 3,
+    encoding: str = "glt",
+    levels: int = 8,
+    encoding_kwargs: dict | None = None,
+    real_layers=(),
+    teacher: bool = False,
+    split_groups: bool = True,
+    include_top: bool = True,
+    classifier_activation="softmax",
+    name: str | None = None,
+) -> tf.keras.Model:
+    """Build a GLT network (or its real-valued teacher twin).
+
+    Args:
+        input_shape: ``(H, W, C)`` of raw pixels in [0, 255]; default ``(96, 96, 3)``.
+        topology: a name in :data:`TOPOLOGIES`; ``widths`` / ``groups`` / ``pools`` /
+            ``shuffle`` override it.
+        encoding: ``glt`` (learned thermometer), ``fixed``, ``binary_planes`` or ``real``.
+        real_layers: blocks kept real-valued (``"block3"``, 1-based, ``"head"``, or
+            0-based indices; index ``len(widths)`` is the head): MixBin-style partial
+            binarization. Nothing else changes.
+        teacher: the real-valued twin: real input and every layer real.
+        split_groups: grouped convs as per-group convs (fast training); ``False`` gives
+            the native grouped form that LCE converts (see :func:`for_export`).
+        classifier_activation: ``"softmax"`` (Keras convention) or ``None`` for logits.
+
+    Example:
+        >>> model = glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny")
+        >>> model.output_shape
+        (None, 10)
+    """
+    spec = dict(TOPOLOGIES[topology]) if topology else {}
+    for key, value in dict(widths=widths, groups=groups, pools=pools, shuffle=shuffle).items():
+        if value is not None:
+            spec[key] = value
+    widths = list(spec.get("widths", ()))
+    groups = list(spec.get("groups", [1] * len(widths)))
+    pools = list(spec.get("pools", [False] * len(widths)))
+    if not widths or not (len(widths) == len(groups) == len(pools)):
+        raise ValueError(
+            f"widths, groups and pools need one entry per block, got {widths}, {groups}, {pools}."
+        )
+    input_shape = tuple(input_shape or (96, 96, 3))
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
+    if teacher:
+        encoding = "real"
+    precisions = _resolve_precisions(len(widths), real_layers, "real" if teacher else "binary")
+
+    inputs = tf.keras.Input(input_shape, name="pixels")
+    x = get_encoding(encoding, levels=levels, name="encoding", **(encoding_kwargs or {}))(inputs)
+    for i, (width, group, pool) in enumerate(zip(widths, groups, pools)):
+        x = conv_block(
+            x,
+            width,
+            name=f"block{i + 1}",
+            kernel_size=kernel_size,
+            groups=group,
+            pool=pool,
+            shuffle=bool(spec.get("shuffle")) and i + 1 < len(widths),
+            precision=precisions[i],
+            split_groups=split_groups,
+        )
+    if include_top:
+        x = binary_head(
+            x, num_classes, precision=precisions[-1], classifier_activation=classifier_activation
+        )
+    default_name = ("teacher_" if teacher else "") + (topology or "glt_net")
+    return tf.keras.Model(inputs, x, name=name or default_name)
+
+
+def custom_objects() -> dict:
+    """Every glt_keras / larq object a saved model may name."""
+    import larq as lq
+
+    from .layers import binary, encoding
+
+    objects = {
+        "BinaryConv2D": binary.BinaryConv2D,
+        "ChannelShuffle": binary.ChannelShuffle,
+        "LearnedThermometer": encoding.LearnedThermometer,
+        "FixedThermometer": encoding.FixedThermometer,
+        "BinaryPlanes": encoding.BinaryPlanes,
+        "RealInput": encoding.RealInput,
+    }
+    objects.update({f"glt_keras>{k}": v for k, v in list(objects.items())})
+    objects.update(lq.layers.__dict__.get("custom_objects", {}) or {})
+    return objects
+
+
+def _with_layer_config(model: tf.keras.Model, update) -> tf.keras.Model:
+    config = model.get_config()
+    for layer in config["layers"]:
+        update(layer)
+    with tf.keras.utils.custom_object_scope(custom_objects()):
+        clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def for_export(model: tf.keras.Model) -> tf.keras.Model:
+    """The same model and weights with native grouped convolutions, for LCE conversion."""
+
+    def native(layer):
+        if layer["class_name"].endswith("BinaryConv2D"):
+            layer["config"]["split_groups"] = False
+
+    return _with_layer_config(model, native)
+
+
+def with_logits(model: tf.keras.Model) -> tf.keras.Model:
+    """The same model without its final softmax (for distillation and calibrated losses)."""
+    if model.layers[-1].name != "predictions":
+        return model
+    return tf.keras.Model(model.inputs, model.layers[-2].output, name=model.name)
+
+
+@dataclass
+class LayerCost:
+    name: str
+    precision: str
+    params: int
+    macs: int
+
+
+def layer_costs(model: tf.keras.Model) -> list[LayerCost]:
+    """Weights and multiply-accumulates of every convolution (binary or real)."""
+    costs = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            params = int(np.prod(layer.kernel.shape))
+            out_h, out_w = layer.output_shape[1:3]
+            macs = params * int(out_h) * int(out_w)
+            binary = isinstance(layer, BinaryConv2D) and layer.kernel_quantizer is not None
+            costs.append(LayerCost(layer.name, "binary" if binary else "real", params, macs))
+    return costs
+
+
+def model_summary(model: tf.keras.Model) -> dict:
+    """Binary / real parameter counts and bytes (1 bit vs 32 bit), MACs and binary MACs."""
+    costs = layer_costs(model)
+    kernels = {layer.kernel.ref() for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D)}
+    binary_params = sum(c.params for c in costs if c.precision == "binary")
+    conv_real = sum(c.params for c in costs if c.precision == "real")
+    other = sum(int(np.prod(w.shape)) for w in model.weights if w.ref() not in kernels)
+    return {
+        "params": binary_params + conv_real + other,
+        "binary_params": binary_params,
+        "real_params": conv_real + other,
+        "binary_weight_bytes": (binary_params + 7) // 8,
+        "real_conv_weight_bytes_int8": conv_real,
+        "macs": sum(c.macs for c in costs),
+        "binary_macs": sum(c.macs for c in costs if c.precision == "binary"),
+        "real_macs": sum(c.macs for c in costs if c.precision == "real"),
+    }

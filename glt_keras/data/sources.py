@@ -26,7 +26,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,6 +37,7 @@ __all__ = [
     "DatasetInfo",
     "cache_dir",
     "find_data_dir",
+    "inria_group_key",
     "load_arrays",
     "load_coco_vww",
     "load_image_folder",
@@ -134,6 +135,7 @@ class Dataset:
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 PERSON_CLASSES = ["non_person", "person"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 # Folder names of caltech101_128.tar.gz, sorted the way ``sorted()`` sorts them (upper case first).
 CALTECH101_CLASSES = sorted("""
 BACKGROUND_Google Faces Faces_easy Leopards Motorbikes accordion airplanes anchor ant barrel bass
@@ -545,6 +547,9 @@ def _save_npz(path: Path, ds: Dataset) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -784,7 +789,9 @@ def load_tfds_stl10(split: str, *, data_dir=None, manual_dir=None, image_size: I
     x = np.concatenate(xs) if xs else np.zeros((0, 96, 96, 3), np.uint8)
     y = np.concatenate(ys) if ys else np.zeros((0,), np.int32)
     x = _resize_batch(x, _as_hw(image_size))
-    class_names = list(info.features["label"].names)
+    class_names = [str(c) for c in info.features["label"].names]
+    if class_names == [str(i) for i in range(len(class_names))]:  # metadata without names (mocks)
+        class_names = list(STL10_CLASSES)
     return Dataset(x, y, class_names)
 
 

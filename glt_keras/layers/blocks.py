@@ -15,6 +15,7 @@ def conv_block(
     name: str,
     kernel_size: int = 3,
     strides: int = 1,
+    padding: str = "same",
     groups: int = 1,
     pool: bool = False,
     shuffle: bool = False,
@@ -31,7 +32,7 @@ def conv_block(
     """
     if precision not in ("binary", "real"):
         raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
-    common = dict(groups=groups, strides=strides, split_groups=split_groups, name=f"{name}_conv")
+    common = dict(groups=groups, strides=strides, padding=padding, split_groups=split_groups, name=f"{name}_conv")
     if precision == "binary":
         conv = BinaryConv2D(filters, kernel_size, **common)
     else:

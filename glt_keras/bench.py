@@ -1,0 +1,395 @@
+"""``glt-keras bench``: our LCE models vs the MLPerf Tiny reference models, in one process.
+
+For each model: accuracy on labelled images (when the data is available), ``.tflite``
+bytes, and the median latency per image with 1 thread after warm-up (LCE interpreter
+for ours, ``tf.lite.Interpreter(num_threads=1)`` for the references), plus the latency
+ratio against each reference of the same task. All models are timed on the same
+images, interleaved in rounds, so that the ratios come from one run on one machine.
+
+The timing loop (:func:`time_models`, :func:`time_per_image`) and the runners
+(:class:`TFLiteRunner`) are reused by the ``benchmarks/`` scripts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+#: Tasks by input shape: the reference models and the labelled evaluation data.
+TASKS = {
+    "vww": dict(
+        input_shape=(96, 96, 3), num_classes=2, dataset=("vww_val500", "val"),
+        references=(  # (file, pixel scale: the float input is pixels * scale)
+            ("vww_96_int8.tflite", 1.0 / 255.0),
+            ("vww_96_float.tflite", 1.0 / 255.0),
+        ),
+    ),
+    "cifar10": dict(
+        input_shape=(32, 32, 3), num_classes=10, dataset=("cifar10", "test"),
+        references=(
+            ("pretrainedResnet_quant.tflite", 1.0),
+            ("pretrainedResnet.tflite", 1.0),
+        ),
+    ),
+}
+TOPOLOGY_TASK = {"glt96": "vww", "glt32": "cifar10", "tiny": "cifar10"}
+
+
+def anchors_dir(explicit=None) -> Optional[Path]:
+    """Where the reference ``.tflite`` files are: ``explicit``, ``$GLT_KERAS_ANCHORS``,
+    ``<project>/anchors`` or ``<project>/../shared/anchors``."""
+    project = Path(__file__).resolve().parents[1]
+    candidates = [explicit, os.environ.get("GLT_KERAS_ANCHORS"), project / "anchors",
+                  project.parent / "shared" / "anchors"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    if explicit:
+        raise FileNotFoundError(f"No such anchors folder: {explicit}")
+    return None
+
+
+def task_of_shape(shape) -> Optional[str]:
+    shape = tuple(int(d) for d in shape)
+    return next((name for name, t in TASKS.items() if t["input_shape"] == shape), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+def _stats(seconds: list) -> dict:
+    ms = sorted(1000.0 * s for s in seconds)
+    return {
+        "median_ms": statistics.median(ms),
+        "p10_ms": ms[int(0.1 * (len(ms) - 1))],
+        "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+        "mean_ms": statistics.fmean(ms),
+        "n": len(ms),
+    }
+
+
+def time_per_image(run_one: Callable, inputs, *, warmup: int = 10, repeats: int = 100) -> dict:
+    """Median (and p10 / p90 / mean) milliseconds of ``run_one(inputs[i])`` after warm-up.
+
+    ``inputs`` is a sequence of prepared single inputs; they are cycled through.
+    """
+    return time_models({"model": (run_one, inputs)}, warmup=warmup, repeats=repeats, rounds=1)["model"]
+
+
+def time_models(models: dict, *, warmup: int = 10, repeats: int = 100, rounds: int = 5) -> dict:
+    """Time several models fairly: ``{name: (run_one, inputs)}`` -> ``{name: stats}``.
+
+    Every model is warmed up, then the ``repeats`` timed calls of each model are spread
+    over ``rounds`` interleaved rounds, so that a slow phase of a noisy machine hits
+    every model alike. One call is one image (batch 1); ``time.perf_counter`` around it.
+    """
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
+    for run_one, inputs in models.values():
+        if len(inputs) == 0:
+            raise ValueError("time_models needs at least one input per model")
+        for i in range(warmup):
+            run_one(inputs[i % len(inputs)])
+    times = {name: [] for name in models}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    counter = {name: 0 for name in models}
+    for count in per_round:
+        for name, (run_one, inputs) in models.items():
+            for _ in range(count):
+                x = inputs[counter[name] % len(inputs)]
+                counter[name] += 1
+                start = time.perf_counter()
+                run_one(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: _stats(t) for name, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Runners
+# ---------------------------------------------------------------------------------------
+class TFLiteRunner:
+    """One flatbuffer in an interpreter, fed raw pixels (batch 1).
+
+    ``kind="lce"``: the LCE interpreter (indirect BGEMM, 1 thread); ``kind="tflite"``:
+    ``tf.lite.Interpreter(num_threads=1)`` (XNNPACK by default). ``pixel_scale``: the
+    model's float input is ``pixels * pixel_scale``; int8 / uint8 inputs are then
+    quantized with the model's input scale and zero point.
+    """
+
+    def __init__(self, fb, *, kind: str = "lce", pixel_scale: float = 1.0, num_threads: int = 1):
+        from .convert._io import read_tflite
+
+        self.flatbuffer, self.source = read_tflite(fb)
+        self.kind = kind
+        self.pixel_scale = float(pixel_scale)
+        if kind == "lce":
+            from .convert.verify import lce_interpreter
+
+            wrapper = lce_interpreter(self.flatbuffer, num_threads=num_threads)
+            self._lce = wrapper.interpreter  # the C++ LiteInterpreter: predict([x]) -> [y]
+            self.input_dtype = np.dtype(wrapper.input_types[0])
+            self.input_shape = tuple(wrapper.input_shapes[0])
+            self.in_q = _first_q(wrapper.input_scales, wrapper.input_zero_points)
+            self.out_q = _first_q(wrapper.output_scales, wrapper.output_zero_points)
+        elif kind == "tflite":
+            import tensorflow as tf
+
+            self._tfl = tf.lite.Interpreter(model_content=self.flatbuffer, num_threads=num_threads)
+            self._tfl.allocate_tensors()
+            inp, out = self._tfl.get_input_details()[0], self._tfl.get_output_details()[0]
+            self._in_index, self._out_index = inp["index"], out["index"]
+            self.input_dtype = np.dtype(inp["dtype"])
+            self.input_shape = tuple(int(d) for d in inp["shape"])
+            self.in_q = tuple(inp["quantization"]) if inp["quantization"][0] else None
+            self.out_q = tuple(out["quantization"]) if out["quantization"][0] else None
+        else:
+            raise ValueError(f"kind must be 'lce' or 'tflite', got {kind!r}")
+
+    @property
+    def bytes(self) -> int:
+        return len(self.flatbuffer)
+
+    def prepare(self, images: np.ndarray) -> list:
+        """Raw pixels (N, H, W, C) -> a list of model-ready (1, H, W, C) inputs."""
+        x = np.asarray(images, np.float32) * self.pixel_scale
+        if self.input_dtype.kind in "iu":
+            scale, zero_point = self.in_q
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
+        x = x.astype(self.input_dtype)
+        return [x[i:i + 1] for i in range(len(x))]
+
+    def run_one(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "lce":
+            return self._lce.predict([x])[0]
+        self._tfl.set_tensor(self._in_index, x)
+        self._tfl.invoke()
+        return self._tfl.get_tensor(self._out_index)
+
+    def predict_classes(self, images: np.ndarray) -> np.ndarray:
+        # argmax is invariant to a positive output scale: no dequantization needed.
+        return np.array([int(np.argmax(self.run_one(x))) for x in self.prepare(images)])
+
+
+def _first_q(scales, zero_points):
+    if not scales or not scales[0]:
+        return None
+    s = scales[0][0] if isinstance(scales[0], (list, tuple, np.ndarray)) else scales[0]
+    z = zero_points[0] if zero_points else 0
+    z = z[0] if isinstance(z, (list, tuple, np.ndarray)) else z
+    return float(s), int(z or 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------
+@dataclass
+class BenchEntry:
+    name: str
+    task: Optional[str]
+    kind: str  # "ours (LCE)" / "reference (TFLite)"
+    runner: TFLiteRunner = field(repr=False)
+    extra: dict = field(default_factory=dict)
+
+
+def load_labelled(task: str, limit: Optional[int], seed: int = 0):
+    """``(images uint8, labels, description)`` of a task's evaluation set, or ``None``."""
+    name, split = TASKS[task]["dataset"]
+    try:
+        try:
+            from .data import load_arrays
+        except ImportError:
+            from .data.sources import load_arrays
+        ds = load_arrays(name, split)
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        print(f"bench: no labelled {task} data ({type(err).__name__}: {err}); "
+              "timing on random pixels, no accuracy.", file=sys.stderr)
+        return None
+    x, y = np.asarray(ds.x), np.asarray(ds.y)
+    if limit and len(x) > limit:
+        index = np.random.default_rng(seed).choice(len(x), limit, replace=False)
+        index.sort()
+        x, y = x[index], y[index]
+    return x, y, f"{name}/{split} ({len(x)} images)"
+
+
+def keras_entry(model, name: str, *, int8_io: bool = False, verify: bool = True) -> BenchEntry:
+    """Convert a Keras model with :func:`glt_keras.convert.to_tflite` into a bench entry."""
+    from .convert import to_tflite
+
+    result = to_tflite(model, int8_io=int8_io, verify=verify)
+    task = task_of_shape(model.input_shape[1:])
+    extra = {"lce_bconv2d": result.report.binary_convs, "float_convs": len(result.report.float_convs)}
+    if result.report.keras_summary:
+        extra.update(binary_macs=result.report.keras_summary["binary_macs"],
+                     params=result.report.keras_summary["params"])
+    return BenchEntry(name, task, "ours (LCE)", TFLiteRunner(result.flatbuffer, kind="lce"), extra)
+
+
+def reference_entries(tasks, anchors: Optional[Path]) -> list:
+    entries = []
+    if anchors is None:
+        print("bench: reference models not found (set GLT_KERAS_ANCHORS or --anchors).", file=sys.stderr)
+        return entries
+    for task in tasks:
+        for file, pixel_scale in TASKS[task]["references"]:
+            path = anchors / file
+            if not path.is_file():
+                print(f"bench: missing reference {path}", file=sys.stderr)
+                continue
+            runner = TFLiteRunner(path, kind="tflite", pixel_scale=pixel_scale)
+            entries.append(BenchEntry(Path(file).stem, task, "reference (TFLite)", runner))
+    return entries
+
+
+def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, repeats: int = 100,
+              rounds: int = 5, timing_images: int = 16, seed: int = 0) -> dict:
+    """Accuracy, bytes and latency of every entry; ratios against each task's references."""
+    rows = []
+    tasks = sorted({e.task for e in entries if e.task})
+    data_info = {}
+    for task in tasks + [None]:
+        group = [e for e in entries if e.task == task]
+        if not group:
+            continue
+        shape = TASKS[task]["input_shape"] if task else tuple(group[0].runner.input_shape[1:])
+        labelled = load_labelled(task, limit, seed) if task else None
+        if labelled is not None:
+            images, labels, description = labelled
+        else:
+            images = np.random.default_rng(seed).integers(0, 256, (timing_images,) + tuple(shape)).astype(np.uint8)
+            labels, description = None, "random pixels (no accuracy)"
+        data_info[task or "other"] = description
+        timing = images[:timing_images]
+        stats = time_models(
+            {e.name: (e.runner.run_one, e.runner.prepare(timing)) for e in group},
+            warmup=warmup, repeats=repeats, rounds=rounds,
+        )
+        references = [e for e in group if e.kind.startswith("reference")]
+        for e in group:
+            row = {"name": e.name, "task": task, "kind": e.kind, "bytes": e.runner.bytes,
+                   "input": str(e.runner.input_dtype), **stats[e.name], **e.extra}
+            if labels is not None:
+                start = time.perf_counter()
+                predicted = e.runner.predict_classes(images)
+                row["accuracy"] = float(np.mean(predicted == labels))
+                row["eval_seconds"] = time.perf_counter() - start
+            else:
+                row["accuracy"] = None
+            row["latency_ratio"] = {r.name: stats[e.name]["median_ms"] / stats[r.name]["median_ms"]
+                                    for r in references if r is not e}
+            rows.append(row)
+    return {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                    "python": platform.python_version()},
+        "settings": {"threads": 1, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+                     "timing_images": timing_images, "limit": limit},
+        "data": data_info,
+        "rows": rows,
+    }
+
+
+def to_markdown(results: dict) -> str:
+    rows = results["rows"]
+    refs = sorted({name for r in rows for name in r["latency_ratio"]})
+    head = ["model", "task", "kind", "input", "bytes", "accuracy", "median ms", "p90 ms"]
+    head += [f"x {name}" for name in refs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for r in rows:
+        acc = f"{r['accuracy']:.1%}" if r.get("accuracy") is not None else "n/a"
+        cells = [r["name"], r["task"] or "-", r["kind"], r["input"], f"{r['bytes']:,}", acc,
+                 f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
+        cells += [f"{r['latency_ratio'][n]:.2f}" if n in r["latency_ratio"] else "" for n in refs]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = results["machine"]
+    notes = [f"1 thread, median of {results['settings']['repeats']} single-image runs after "
+             f"{results['settings']['warmup']} warm-up runs, interleaved in "
+             f"{results['settings']['rounds']} rounds; {m['cpus']} CPUs, load average "
+             f"{m['load_average']}. `x REF`: our median latency / the reference's."]
+    notes += [f"data {task}: {d}" for task, d in results["data"].items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("names", nargs="*", metavar="ZOO_NAME", help="zoo models (needs glt_keras.zoo)")
+    p.add_argument("--model", action="append", default=[], metavar="FILE",
+                   help="a saved Keras model (.h5 / .keras / SavedModel); repeatable")
+    p.add_argument("--tflite", action="append", default=[], metavar="FILE",
+                   help="an already converted LCE .tflite; repeatable")
+    p.add_argument("--topology", action="append", default=[], metavar="NAME",
+                   help="an untrained glt_net topology (glt96 -> VWW 96x96, glt32 -> CIFAR-10); repeatable")
+    p.add_argument("--int8-io", action="store_true", help="convert our models with int8 I/O")
+    p.add_argument("--no-references", action="store_true", help="skip the MLPerf Tiny reference models")
+    p.add_argument("--anchors", metavar="DIR", help="folder of the reference .tflite files")
+    p.add_argument("--limit", type=int, default=1000, help="labelled images per task (0: all; default 1000)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=100, help="timed single-image runs per model")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="accuracy, size and 1-thread latency vs the MLPerf Tiny references",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def collect_entries(args) -> list:
+    from .convert.tflite import load_keras_model
+    from .models import glt_net
+
+    entries = []
+    for name in args.names:
+        try:
+            import glt_keras.zoo as zoo
+        except ModuleNotFoundError as err:
+            if err.name == "glt_keras.zoo":
+                raise ValueError(f"zoo names ({name!r}) need glt_keras.zoo, which is not installed: "
+                                 "use --model FILE, --tflite FILE or --topology NAME.") from None
+            raise
+        model = zoo.load(name)
+        entries.append(keras_entry(getattr(model, "model", model), name, int8_io=args.int8_io))
+    for file in args.model:
+        entries.append(keras_entry(load_keras_model(file), Path(file).stem, int8_io=args.int8_io))
+    for file in args.tflite:
+        runner = TFLiteRunner(file, kind="lce")
+        entries.append(BenchEntry(Path(file).stem, task_of_shape(runner.input_shape[1:]), "ours (LCE)", runner))
+    for topology in args.topology:
+        task = TOPOLOGY_TASK.get(topology, "vww")
+        t = TASKS[task]
+        kwargs = dict(widths=(64, 64), groups=(1, 2)) if topology == "tiny" else {}
+        model = glt_net(input_shape=t["input_shape"], num_classes=t["num_classes"], topology=topology, **kwargs)
+        entries.append(keras_entry(model, f"{topology} (untrained)", int8_io=args.int8_io))
+    if not entries:
+        raise ValueError("nothing to benchmark: give zoo names, --model, --tflite or --topology.")
+    if not args.no_references:
+        tasks = sorted({e.task for e in entries if e.task})
+        entries += reference_entries(tasks, anchors_dir(args.anchors))
+    return entries
+
+
+def run(args) -> int:
+    from .convert._io import atomic_write
+
+    entries = collect_entries(args)
+    results = run_bench(entries, limit=args.limit or None, warmup=args.warmup,
+                        repeats=args.repeats, rounds=args.rounds)
+    print(to_markdown(results))
+    if args.json:
+        atomic_write(args.json, json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,68 @@
+"""Small file helpers shared by the conversion modules: atomic writes, reading .tflite files."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+PathLike = Union[str, os.PathLike]
+
+#: Every TFLite flatbuffer carries this file identifier at bytes 4..8.
+TFLITE_IDENTIFIER = b"TFL3"
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old file.
+    Missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def check_tflite_bytes(fb: bytes, source: str = "the flatbuffer") -> None:
+    """Raise ``ValueError`` unless ``fb`` looks like a TFLite flatbuffer."""
+    if len(fb) < 8:
+        raise ValueError(f"{source} is not a TFLite model: only {len(fb)} bytes.")
+    if fb[4:8] != TFLITE_IDENTIFIER:
+        raise ValueError(
+            f"{source} is not a TFLite model: bytes 4..8 are {bytes(fb[4:8])!r}, expected the "
+            f"flatbuffer identifier {TFLITE_IDENTIFIER!r} (corrupt, truncated or another format)."
+        )
+
+
+def read_tflite(fb_or_path) -> tuple[bytes, str]:
+    """``(flatbuffer bytes, description)`` from bytes or a ``.tflite`` path, checked."""
+    if isinstance(fb_or_path, (bytes, bytearray, memoryview)):
+        fb, source = bytes(fb_or_path), "the flatbuffer"
+    elif isinstance(fb_or_path, (str, os.PathLike)):
+        path = Path(fb_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"No such .tflite file: {path}")
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, expected a .tflite file.")
+        fb, source = path.read_bytes(), str(path)
+    else:
+        raise TypeError(
+            f"Expected flatbuffer bytes or a path to a .tflite file, got {type(fb_or_path).__name__}."
+        )
+    check_tflite_bytes(fb, source)
+    return fb, source

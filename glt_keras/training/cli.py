@@ -1,0 +1,109 @@
+"""``glt-keras train`` and ``glt-keras eval``."""
+from __future__ import annotations
+
+import json
+
+
+def _threads(n):
+    if n:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(n, 2))
+
+
+def cmd_train(args):
+    from .run import train
+
+    _threads(args.threads)
+    summary = train(
+        args.recipe,
+        out_dir=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        data_dir=args.data_dir,
+        strategy=args.strategy,
+        subset=args.subset,
+        steps_per_epoch=args.steps_per_epoch,
+        verbose=args.verbose,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args):
+    from ..recipe import load_recipe
+    from .run import confusion_markdown, evaluate, load_splits
+    from ..data import load_arrays
+
+    _threads(args.threads)
+    model, recipe = _load_model(args.model, args.weights)
+    if args.data:
+        name, _, split = args.data.partition(":")
+        ds = load_arrays(name, split or "test", data_dir=args.data_dir)
+        x, y = ds.x, ds.y
+        if list(ds.class_names) != list(recipe.classes):
+            raise ValueError(f"{args.data} has classes {ds.class_names}, model has {recipe.classes}.")
+    else:
+        splits = load_splits(recipe, data_dir=args.data_dir)
+        pair = splits.test if splits.test is not None else splits.val
+        x, y = pair
+    result = evaluate(model, x, y, class_names=recipe.classes, image_size=recipe.input_shape[:2])
+    print(f"{model.name}: accuracy {result['accuracy']:.4f}, mean per-class "
+          f"{result['mean_per_class_accuracy']:.4f}, loss {result['loss']:.4f} on {result['images']} images")
+    print(confusion_markdown(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _load_model(name_or_recipe, weights=None):
+    """A zoo name, a recipe file, or a run folder -> (model with softmax, recipe)."""
+    from pathlib import Path
+
+    from ..recipe import load_recipe
+
+    path = Path(name_or_recipe)
+    if path.is_dir() and (path / "recipe.yaml").exists():
+        recipe = load_recipe(path / "recipe.yaml")
+        weights = weights or path / "best.weights.h5"
+    else:
+        try:
+            from .. import zoo
+
+            if weights is None and name_or_recipe in zoo.list_models():
+                return zoo.load(name_or_recipe), zoo.get_recipe(name_or_recipe)
+        except ImportError:
+            pass
+        recipe = load_recipe(name_or_recipe)
+    model = recipe.build_model()
+    if weights is None:
+        raise FileNotFoundError(f"No weights for {name_or_recipe}: pass --weights FILE.")
+    model.load_weights(str(weights))
+    return model, recipe
+
+
+def register(subparsers):
+    p = subparsers.add_parser("train", help="train a zoo recipe or a recipe file")
+    p.add_argument("recipe", help="zoo recipe name (e.g. cifar10_binary) or path to a recipe .yaml")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    p.add_argument("--out", help="run folder (default runs/<recipe>)")
+    p.add_argument("--data-dir", help="folder with the data archives (default $GLT_DATA_DIR or ../shared/data)")
+    p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default")
+    p.add_argument("--subset", type=int, help="use at most this many images per split (smoke runs)")
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
+    p.add_argument("--verbose", type=int, default=1, help="1: progress bar, 2: one line per epoch")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("eval", help="accuracy, loss and confusion matrix of a model")
+    p.add_argument("model", help="zoo name, recipe file, or run folder")
+    p.add_argument("--weights", help="weights file (default: pretrained / the run's best)")
+    p.add_argument("--data", help="DATASET[:SPLIT], e.g. vww_val500:val (default: the recipe's test/val)")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", help="write the result as JSON")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_eval)

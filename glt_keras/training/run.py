@@ -1,0 +1,589 @@
+"""Fit-loop glue: recipe -> data -> model -> optimizer -> callbacks -> checkpoints -> logs.
+
+A run folder holds everything of one training run::
+
+    run_dir/
+      recipe.yaml            the recipe as run (with CLI overrides)
+      checkpoints/last.json  pointer to the last complete epoch checkpoint
+      checkpoints/epoch_K/   model + optimizer state after epoch K (written atomically)
+      best.weights.h5        best weights on the validation split
+      history.csv            one row per epoch, no gaps across resumes
+      thresholds.json        the thermometer's thresholds after every epoch
+      tensorboard/           TensorBoard logs
+      curves.png, thermometer.png, thresholds.png, pruning.png   plots
+      summary.json           wall time, epochs, throughput, best validation metrics
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import larq as lq
+import tensorflow as tf
+import yaml
+
+from ..layers.encoding import LearnedThermometer, plot_transfer_curve
+from ..recipe import Recipe, load_recipe
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial or corrupt."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    train: tuple
+    val: tuple | None
+    test: tuple | None
+    class_names: list
+
+
+def _resize_uint8(x: np.ndarray, size_hw) -> np.ndarray:
+    if x.shape[1:3] == tuple(size_hw):
+        return x
+    out = []
+    for start in range(0, len(x), 512):
+        chunk = tf.image.resize(x[start:start + 512], size_hw, antialias=True)
+        out.append(tf.cast(tf.clip_by_value(tf.round(chunk), 0, 255), tf.uint8).numpy())
+    return np.concatenate(out)
+
+
+def _load_source(spec: dict, classes: list, data_dir, size_hw):
+    """One data source of a recipe, its labels mapped onto the recipe's classes.
+
+    ``label_map`` maps the source's class names to recipe class names (``"*"`` for
+    every other class); without it the source's classes must be the recipe's.
+    """
+    from ..data import load_arrays, load_image_folder
+
+    if "folder" in spec:
+        ds = load_image_folder(spec["folder"], image_size=size_hw)
+    else:
+        ds = load_arrays(spec["dataset"], spec["split"], data_dir=data_dir)
+    label_map = spec.get("label_map")
+    if label_map is None:
+        if list(ds.class_names) != list(classes):
+            raise ValueError(
+                f"data source {spec}: classes {list(ds.class_names)} differ from the recipe's "
+                f"{classes}; give a label_map."
+            )
+        x, y = ds.x, ds.y
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        default = label_map.get("*")
+        mapped = np.array(
+            [index.get(label_map.get(name, default), -1) if label_map.get(name, default) else -1
+             for name in ds.class_names]
+        )
+        y = mapped[ds.y]
+        keep = y >= 0
+        x, y = ds.x[keep], y[keep]
+    if spec.get("max_per_class"):
+        rng = np.random.default_rng(spec.get("seed", 0))
+        keep = np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[: spec["max_per_class"]] for c in np.unique(y)]
+        )
+        keep.sort()
+        x, y = x[keep], y[keep]
+    if size_hw is not None:
+        x = _resize_uint8(x, size_hw)
+    return x, y.astype("int32")
+
+
+def _holdout(x, y, fraction, seed):
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        val_idx.append(idx[: max(1, int(round(len(idx) * fraction)))])
+    val_idx = np.sort(np.concatenate(val_idx))
+    mask = np.ones(len(y), bool)
+    mask[val_idx] = False
+    return (x[mask], y[mask]), (x[val_idx], y[val_idx])
+
+
+def load_splits(recipe: Recipe, *, data_dir=None, subset: int | None = None) -> Splits:
+    """Train / validation / test arrays for a recipe (``subset``: at most that many each)."""
+    data = recipe.data
+    if not data.get("train"):
+        raise ValueError(f"recipe {recipe.name}: data.train lists no source.")
+    train_size = data.get("train_size")
+    train_hw = tuple(train_size) if train_size else None
+    sources = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    parts = [_load_source(s, recipe.classes, data_dir, train_hw) for s in sources]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    val = None
+    if data.get("val"):
+        val = _load_source(data["val"], recipe.classes, data_dir, recipe.input_shape[:2])
+    elif data.get("holdout"):
+        (x, y), val = _holdout(x, y, float(data["holdout"]), recipe.training["seed"])
+    test = None
+    if data.get("test"):
+        test = _load_source(data["test"], recipe.classes, data_dir, recipe.input_shape[:2])
+
+    def cut(pair):
+        if pair is None or not subset:
+            return pair
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.permutation(len(pair[1]))[:subset])
+        return pair[0][idx], pair[1][idx]
+
+    return Splits(cut((x, y)), cut(val), cut(test), list(recipe.classes))
+
+
+def make_train_dataset(recipe: Recipe, x, y, *, batch_size):
+    from ..data import make_dataset
+
+    aug = dict(recipe.data.get("augment") or {})
+    return make_dataset(
+        x, y, batch_size=batch_size, training=True, image_size=recipe.input_shape[:2],
+        seed=recipe.training["seed"], balance=bool(recipe.data.get("balance", False)),
+        drop_remainder=True, **aug,
+    )
+
+
+def make_eval_dataset(recipe: Recipe, x, y, *, batch_size=128):
+    from ..data import make_dataset
+
+    return make_dataset(x, y, batch_size=batch_size, training=False, image_size=recipe.input_shape[:2])
+
+
+# ----------------------------------------------------------------------------- optimizer
+@tf.keras.utils.register_keras_serializable(package="glt_keras")
+class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``peak * min_fraction``."""
+
+    def __init__(self, peak, total_steps, warmup_steps=0, min_fraction=0.01):
+        self.peak = float(peak)
+        self.total_steps = int(max(1, total_steps))
+        self.warmup_steps = int(warmup_steps)
+        self.min_fraction = float(min_fraction)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.peak * (step + 1.0) / max(1, self.warmup_steps)
+        progress = tf.clip_by_value(
+            (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0
+        )
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        decayed = self.peak * (self.min_fraction + (1.0 - self.min_fraction) * cosine)
+        return tf.where(step < self.warmup_steps, warm, decayed)
+
+    def get_config(self):
+        return dict(peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                    min_fraction=self.min_fraction)
+
+
+def make_optimizer(training: dict, steps_per_epoch: int, epochs: int):
+    """Larq CaseOptimizer: Adam on latent binary weights, Adam on the real-valued rest."""
+    total = steps_per_epoch * epochs
+    warmup = int(training.get("warmup_epochs", 0) * steps_per_epoch)
+    floor = training.get("min_lr_fraction", 0.01)
+    binary = tf.keras.optimizers.legacy.Adam(WarmupCosine(training["binary_lr"], total, warmup, floor))
+    real = tf.keras.optimizers.legacy.Adam(WarmupCosine(training["real_lr"], total, warmup, floor))
+    return lq.optimizers.CaseOptimizer((lq.optimizers.Bop.is_binary_variable, binary), default_optimizer=real)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Model + optimizer state after every epoch, written to a temp folder then renamed.
+
+    ``checkpoints/last.json`` names the last complete one; older ones are removed
+    except the previous, so a checkpoint damaged after writing still has a fallback.
+    """
+
+    def __init__(self, directory: Path, checkpoint: tf.train.Checkpoint, epoch_var: tf.Variable):
+        super().__init__()
+        self.directory = Path(directory)
+        self.checkpoint = checkpoint
+        self.epoch_var = epoch_var
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_checkpoint(self.directory, self.checkpoint, self.epoch_var, epoch + 1)
+
+
+def save_checkpoint(directory: Path, checkpoint, epoch_var, epoch: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    epoch_var.assign(epoch)
+    final = directory / f"epoch_{epoch}"
+    tmp = directory / f"epoch_{epoch}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.write(str(tmp / "ckpt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(directory / "last.json", json.dumps({"epoch": epoch, "path": final.name}))
+    for old in directory.glob("epoch_*"):
+        if old.name not in (final.name, f"epoch_{epoch - 1}"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_checkpoint(directory: Path, checkpoint) -> int:
+    """Restore the last complete checkpoint; returns its epoch. Clear errors otherwise."""
+    pointer = Path(directory) / "last.json"
+    if not pointer.exists():
+        raise CheckpointError(f"No checkpoint to resume from: {pointer} does not exist.")
+    try:
+        info = json.loads(pointer.read_text())
+        path = Path(directory) / info["path"] / "ckpt"
+        epoch = int(info["epoch"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"Checkpoint pointer {pointer} is corrupt ({err}).") from err
+    try:
+        checkpoint.read(str(path)).assert_existing_objects_matched()
+    except Exception as err:  # TF raises several types for damaged files
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or does not match this model: {type(err).__name__}: "
+            f"{str(err)[:300]}. Earlier checkpoints are kept in {directory}."
+        ) from err
+    return epoch
+
+
+# ----------------------------------------------------------------------------- logs and plots
+class RunLogger(tf.keras.callbacks.Callback):
+    """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
+
+    def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.student = model
+        self.monitor = monitor
+        self.extra = extra or (lambda: {})
+        self.history_path = self.run_dir / "history.csv"
+        self.rows = _read_history(self.history_path, before_epoch=start_epoch)
+        self.best = max((r.get(monitor, -np.inf) for r in self.rows), default=-np.inf)
+        self.threshold_path = self.run_dir / "thresholds.json"
+        self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
+        self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
+        self._t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        row.update(self.extra())
+        lr = getattr(self.model.optimizer, "default_optimizer", self.model.optimizer)
+        try:
+            row["lr"] = float(lr._decayed_lr(tf.float32))
+        except Exception:
+            pass
+        self.rows.append(row)
+        _write_history(self.history_path, self.rows)
+        if row.get(self.monitor, -np.inf) > self.best:
+            self.best = row[self.monitor]
+            tmp = self.run_dir / "best.weights.tmp.h5"
+            self.student.save_weights(str(tmp))
+            os.replace(tmp, self.run_dir / "best.weights.h5")
+        thermometer = _thermometer(self.student)
+        if thermometer is not None:
+            self.thresholds[str(epoch + 1)] = np.round(thermometer.thresholds(), 3).tolist()
+            _atomic_write_text(self.threshold_path, json.dumps(self.thresholds))
+        plot_run(self.run_dir, self.rows, self.thresholds, thermometer)
+
+
+def _thermometer(model):
+    for layer in model.layers:
+        if isinstance(layer, LearnedThermometer):
+            return layer
+    return None
+
+
+def _read_history(path: Path, before_epoch: int):
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return [r for r in rows if r["epoch"] <= before_epoch]
+
+
+def _write_history(path: Path, rows):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_run(run_dir: Path, rows, thresholds, thermometer=None):
+    """curves.png (loss / accuracy per epoch), thermometer.png, thresholds.png, pruning.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=90)
+    for key, style in (("loss", "-"), ("val_loss", "--")):
+        if key in rows[-1]:
+            axes[0].plot(epochs, [r.get(key, np.nan) for r in rows], style, label=key)
+    for key, style in (("accuracy", "-"), ("val_accuracy", "--")):
+        if key in rows[-1]:
+            axes[1].plot(epochs, [r.get(key, np.nan) for r in rows], style, label=key)
+    for ax, title in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, run_dir / "curves.png")
+    if thermometer is not None:
+        plot_transfer_curve(thermometer, run_dir / "thermometer.png")
+    if thresholds:
+        keys = sorted(thresholds, key=int)
+        arr = np.array([thresholds[k] for k in keys])  # (E, C, M)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+        colors = ["tab:red", "tab:green", "tab:blue"]
+        for c in range(arr.shape[1]):
+            for m in range(arr.shape[2]):
+                ax.plot([int(k) for k in keys], arr[:, c, m], color=colors[c % 3], lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("threshold (pixel value)")
+        ax.set_title("learned thresholds per epoch (R, G, B)")
+        _save(fig, run_dir / "thresholds.png")
+    if "pruned_fraction" in rows[-1]:
+        fig, ax = plt.subplots(figsize=(5, 3), dpi=90)
+        ax.plot(epochs, [r.get("pruned_fraction", 0) for r in rows])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pruned fraction of blocks")
+        _save(fig, run_dir / "pruning.png")
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- strategy
+def get_strategy(name: str | None):
+    """``None``/``default``, ``mirrored`` (all local devices) or ``multiworker`` (TF_CONFIG)."""
+    if name in (None, "", "default"):
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy multiworker needs the TF_CONFIG environment variable.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"Unknown strategy {name!r}: use default, mirrored or multiworker.")
+
+
+# ----------------------------------------------------------------------------- training
+def _compile(model, optimizer, recipe: Recipe, teacher=None):
+    smoothing = recipe.training.get("label_smoothing", 0.0)
+    if teacher is not None:
+        from .distill import Distiller
+
+        distiller = Distiller(model, teacher, alpha=recipe.kd["alpha"], temperature=recipe.kd["temperature"])
+        distiller.compile(optimizer=optimizer, metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return distiller
+    if smoothing:
+        def loss(y_true, y_pred):
+            onehot = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), recipe.model["num_classes"])
+            return tf.keras.losses.categorical_crossentropy(onehot, y_pred, from_logits=True,
+                                                            label_smoothing=smoothing)
+    else:
+        loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss,
+                  metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    return model
+
+
+def train(
+    recipe: Recipe | str,
+    *,
+    out_dir=None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    data_dir=None,
+    strategy: str | None = None,
+    subset: int | None = None,
+    steps_per_epoch: int | None = None,
+    teacher_model=None,
+    callbacks=(),
+    verbose: int = 1,
+) -> dict:
+    """Train a recipe; returns the run summary. See the module docstring for the run folder.
+
+    ``resume=True`` continues from the last complete epoch checkpoint with optimizer
+    state; a finished run resumed does nothing. ``subset`` / ``steps_per_epoch`` make
+    quick runs for tests and smoke checks.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if epochs is not None:
+        recipe = recipe.with_changes(training={"epochs": int(epochs)})
+    if batch_size is not None:
+        recipe = recipe.with_changes(training={"batch_size": int(batch_size)})
+    cfg = recipe.training
+    run_dir = Path(out_dir or Path("runs") / recipe.name)
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume and (ckpt_dir / "last.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    tf.keras.utils.set_random_seed(cfg["seed"])
+    splits = load_splits(recipe, data_dir=data_dir, subset=subset)
+    strategy_obj = get_strategy(strategy)
+    global_batch = cfg["batch_size"]
+    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch)
+    # data.epoch_images: a shorter "epoch" than one pass (checkpoints and validation
+    # more often on big sets; a defined length for class-balanced sampling).
+    epoch_images = recipe.data.get("epoch_images") or len(splits.train[1])
+    n_steps = steps_per_epoch or max(1, int(epoch_images) // global_batch)
+    val_ds = make_eval_dataset(recipe, *splits.val) if splits.val is not None else None
+
+    with strategy_obj.scope():
+        model = recipe.build_model(classifier_activation=None)
+        thermometer = _thermometer(model)
+        if thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume:
+            thermometer.init_from_data(splits.train[0][:2000])
+        optimizer = make_optimizer(cfg, n_steps, cfg["epochs"])
+        teacher = teacher_model
+        if teacher is None and recipe.kd.get("teacher"):
+            teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose)
+        trainer = _compile(model, optimizer, recipe, teacher)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+
+    start_epoch = 0
+    if resume and (ckpt_dir / "last.json").exists():
+        # Create optimizer slots first so that every saved value has a home.
+        start_epoch = restore_checkpoint(ckpt_dir, checkpoint)
+        if verbose:
+            print(f"Resuming {recipe.name} from epoch {start_epoch} ({ckpt_dir}).")
+    elif resume and verbose:
+        print(f"No checkpoint in {ckpt_dir}: starting {recipe.name} from scratch.")
+    if start_epoch >= cfg["epochs"]:
+        if verbose:
+            print(f"{recipe.name}: already trained for {start_epoch} epochs.")
+        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+
+    logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy")
+    all_callbacks = [
+        EpochCheckpoint(ckpt_dir, checkpoint, epoch_var),
+        logger,
+        tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
+        *callbacks,
+    ]
+    # The logger must see the checkpoint written first: checkpoint, then log.
+    t0 = time.time()
+    trainer.fit(
+        train_ds.repeat(),
+        epochs=cfg["epochs"],
+        initial_epoch=start_epoch,
+        steps_per_epoch=n_steps,
+        validation_data=val_ds,
+        callbacks=all_callbacks,
+        verbose=verbose,
+    )
+    wall = time.time() - t0
+    rows = logger.rows
+    previous = {}
+    if (run_dir / "summary.json").exists():
+        previous = json.loads((run_dir / "summary.json").read_text())
+    train_seconds = sum(r.get("seconds", 0) for r in rows)
+    summary = {
+        "recipe": recipe.name,
+        "epochs": int(rows[-1]["epoch"]) if rows else 0,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds_this_session": round(wall, 1),
+        "sessions": previous.get("sessions", 0) + 1,
+        "images_per_second": round(n_steps * global_batch * len(rows) / max(train_seconds, 1e-9), 1),
+        "best_" + logger.monitor: float(logger.best),
+        "train_images": int(len(splits.train[1])),
+        "val_images": int(len(splits.val[1])) if splits.val is not None else 0,
+    }
+    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1):
+    """The recipe's real-valued teacher (``kd.teacher``): a run folder with best weights,
+    or ``"twin"`` to train the real-valued twin of the student now (cached in runs/)."""
+    spec = recipe.kd["teacher"]
+    teacher_recipe = recipe.with_changes(
+        name=f"{recipe.name}_teacher",
+        model={"teacher": True},
+        kd={"teacher": None},
+        training={"epochs": recipe.kd.get("teacher_epochs", 20)},
+        pruning=None,
+    )
+    run_dir = Path(spec) if spec != "twin" else Path("runs") / teacher_recipe.name
+    weights = run_dir / "best.weights.h5"
+    if not weights.exists():
+        if spec != "twin":
+            raise FileNotFoundError(f"Teacher weights {weights} not found.")
+        train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose)
+    teacher = teacher_recipe.build_model(classifier_activation=None)
+    teacher.load_weights(str(weights))
+    teacher.trainable = False
+    return teacher
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model, x, y, *, class_names, batch_size=128, image_size=None) -> dict:
+    """Accuracy, mean per-class accuracy, cross-entropy and confusion matrix."""
+    from ..data import make_dataset
+
+    ds = make_dataset(x, y, batch_size=batch_size, training=False, image_size=image_size)
+    scores = model.predict(ds, verbose=0)
+    if not np.allclose(scores.sum(-1), 1.0, atol=1e-3) or scores.min() < 0:
+        probs = tf.nn.softmax(scores).numpy()
+    else:
+        probs = scores
+    pred = probs.argmax(-1)
+    n = len(class_names)
+    confusion = np.zeros((n, n), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
+    return {
+        "images": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "mean_per_class_accuracy": float(per_class[confusion.sum(1) > 0].mean()),
+        "loss": loss,
+        "confusion": confusion.tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def confusion_markdown(result: dict, max_classes: int = 12) -> str:
+    names = result["class_names"]
+    cm = np.array(result["confusion"])
+    if len(names) > max_classes:
+        return f"(confusion matrix of {len(names)} classes omitted; see JSON)"
+    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for name, row in zip(names, cm):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""Behaviour of glt_keras.convert: LCE conversion, op census, verification, C array, CLI.
+
+Conversions cost seconds each (the first one in a process ~30-40 s of TensorFlow tracing),
+so the converted models are module-scoped fixtures shared by the tests.
+"""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from glt_keras.convert import (
+    StrictConversionError,
+    VerificationError,
+    inspect_flatbuffer,
+    to_tflite,
+    verify_tflite,
+    write_c_array,
+)
+from glt_keras.layers.binary import BinaryConv2D
+from glt_keras.models import glt_net
+
+FLOAT_CONVS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+SHAPE = (32, 32, 3)
+
+
+def tiny(**kwargs):
+    # The "tiny" topology with widths that LCE accepts (a multiple of 32 channels per group).
+    return glt_net(input_shape=SHAPE, num_classes=10, topology="tiny", widths=(64, 64),
+                   groups=(1, 2), **kwargs)
+
+
+def pixels(n=8, seed=1):
+    return np.random.default_rng(seed).integers(0, 256, size=(n,) + SHAPE).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def logits_model():
+    tf.keras.utils.set_random_seed(0)
+    return tiny(classifier_activation=None)
+
+
+@pytest.fixture(scope="module")
+def logits_result(logits_model, workdir):
+    return to_tflite(logits_model, workdir / "tiny_logits.tflite", flash_budget=64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def bad_group_model():
+    x = tf.keras.Input((8, 8, 32))
+    y = BinaryConv2D(32, 3, groups=2, lce_check=False, name="narrow_groups")(x)
+    y = tf.keras.layers.BatchNormalization(name="bn")(y)
+    y = BinaryConv2D(32, 3, name="fine_conv")(y)
+    y = tf.keras.layers.GlobalAveragePooling2D()(y)
+    return tf.keras.Model(x, y, name="bad_groups")
+
+
+# -- a zoo-style model converts fully binarized and matches Keras ------------------------
+def test_zoo_style_softmax_model_converts_all_binary(workdir):
+    model = tiny()  # softmax head, split groups as trained
+    result = to_tflite(model, workdir / "tiny_softmax.tflite", verify_images=pixels(6))
+    report = result.report
+    assert report.all_binary and report.float_convs == []
+    assert report.op_counts["LceBconv2d"] == 3  # block1, block2 and the 1x1 head
+    assert not any(op in report.op_counts for op in FLOAT_CONVS)
+    assert result.verification.passed and result.verification.n_images == 6
+    assert (workdir / "tiny_softmax.tflite").read_bytes() == result.flatbuffer
+
+
+def test_logits_model_matches_keras(logits_result, logits_model, workdir):
+    report, check = logits_result.report, logits_result.verification
+    assert report.all_binary and report.op_counts["LceBconv2d"] == 3
+    assert check.passed and check.argmax_agreement == 1.0
+    assert check.max_abs_diff < 1e-3
+    # Keras accounting and budget are in the report.
+    assert report.keras_summary["binary_params"] > 0 and report.keras_summary["binary_macs"] > 0
+    assert report.binary_weight_bytes > 0 and report.fits_flash is True
+    md = logits_result.to_markdown()
+    assert "LceBconv2d" in md and "all binary" in md and "fits flash budget" in md
+    json.dumps(logits_result.to_dict())  # JSON-safe
+    # Independent check on other images, from the written file.
+    again = verify_tflite(workdir / "tiny_logits.tflite", logits_model, pixels(5, seed=7))
+    assert again.passed and again.argmax_agreement == 1.0
+
+
+def test_flash_budget_and_largest_buffers(logits_result):
+    small = inspect_flatbuffer(logits_result.flatbuffer, flash_budget=1000)
+    assert small.fits_flash is False and "NO" in small.to_markdown()
+    assert small.largest_buffers[0].bytes == max(b.bytes for b in small.largest_buffers)
+    assert small.suspicious_buffers == []  # no constant-folded broadcast
+
+
+# -- a group narrower than 32 channels stays float, with the reason ------------------------
+def test_narrow_group_reported_and_strict_raises(bad_group_model):
+    with pytest.raises(StrictConversionError) as info:
+        to_tflite(bad_group_model, strict=True)
+    message = str(info.value)
+    assert "narrow_groups" in message and "16 input channels per group" in message
+    report = info.value.result.report
+    assert not report.all_binary
+    (conv,) = report.float_convs
+    assert conv.op == "CONV_2D" and conv.layer == "narrow_groups"
+    assert any("multiple of 32" in r for r in conv.reasons)
+    assert report.op_counts["LceBconv2d"] == 1  # fine_conv is still binary
+    assert "stayed float" in report.to_markdown()
+    assert any("Invalid binary grouped convolution" in m for m in report.converter_messages)
+    # The same report without strict, from the flatbuffer alone (no layer names then).
+    plain = inspect_flatbuffer(info.value.result.flatbuffer)
+    assert [c.op for c in plain.float_convs] == ["CONV_2D"] and plain.float_convs[0].layer is None
+
+
+# -- C array --------------------------------------------------------------------------
+MAIN_C = r"""
+#include <stdio.h>
+#include <stdint.h>
+#include "glt_model.h"
+int main(int argc, char **argv) {
+  FILE *f = fopen(argv[1], "wb");
+  if (!f) return 1;
+  fwrite(glt_model_tflite, 1, glt_model_tflite_len, f);
+  fclose(f);
+  return ((uintptr_t)glt_model_tflite % 16) ? 3 : 0;
+}
+"""
+
+
+@pytest.mark.parametrize("language", ["c", "c++"])
+def test_c_array_compiles_and_round_trips(logits_result, workdir, language):
+    cc, cxx = shutil.which("cc") or shutil.which("gcc"), shutil.which("g++") or shutil.which("c++")
+    if cc is None or (language == "c++" and cxx is None):
+        pytest.skip("no C/C++ compiler")
+    out = workdir / f"c_array_{language.replace('+', 'x')}"
+    h, source = write_c_array(logits_result.flatbuffer, out, name="glt_model")
+    text = h.read_text()
+    assert "#ifndef GLT_MODEL_H_" in text and 'extern "C"' in text
+    assert "alignas(16) const unsigned char glt_model_tflite[]" in source.read_text()
+    (out / "main.c").write_text(MAIN_C)
+    if language == "c":
+        subprocess.run([cc, "-std=c11", "-Wall", "-Werror", "-x", "c", "-c", str(source), "-o",
+                        str(out / "model.o")], check=True)
+    else:
+        subprocess.run([cxx, "-std=c++11", "-Wall", "-Werror", "-c", str(source), "-o",
+                        str(out / "model.o")], check=True)
+    subprocess.run([cc, "-std=c11", "-Wall", "-Werror", "-I", str(out), str(out / "main.c"),
+                    str(out / "model.o"), "-o", str(out / "dump")], check=True)
+    run = subprocess.run([str(out / "dump"), str(out / "dumped.tflite")])
+    assert run.returncode == 0  # written, and 16-byte aligned
+    assert (out / "dumped.tflite").read_bytes() == logits_result.flatbuffer
+
+
+# -- int8 I/O through the CLI, from a saved .h5 -------------------------------------------
+def test_cli_int8_io_from_h5(logits_model, workdir, capsys):
+    from glt_keras.cli import main
+
+    h5 = workdir / "tiny_logits.h5"
+    logits_model.save(h5)
+    out = workdir / "cli" / "tiny_int8.tflite"
+    code = main(["convert", str(h5), "-o", str(out), "--int8-io", "--strict", "--c-array",
+                 "--flash-budget", "64k", "--json", str(workdir / "cli" / "report.json")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "int8" in printed and "verification passed" in printed
+    assert (workdir / "cli" / "tiny_int8.h").exists() and (workdir / "cli" / "tiny_int8.cc").exists()
+    saved = json.loads((workdir / "cli" / "report.json").read_text())
+    assert saved["report"]["all_binary"] and saved["report"]["fits_flash"]
+
+    report = inspect_flatbuffer(out)
+    (inp,), (outp,) = report.inputs, report.outputs
+    assert inp.dtype == "int8" and inp.scale == 1.0 and inp.zero_point == -128
+    assert outp.dtype == "int8"
+    assert report.all_binary
+    check = verify_tflite(out, logits_model, pixels(16, seed=3))
+    assert check.passed and check.input_quantization == (1.0, -128)
+    assert check.argmax_agreement >= 0.9  # int8 output: a near-tie may flip
+
+
+# -- bad inputs: clear errors ------------------------------------------------------------
+def test_missing_and_corrupt_tflite(logits_model, workdir):
+    with pytest.raises(FileNotFoundError, match="No such .tflite file"):
+        verify_tflite(workdir / "nope.tflite", logits_model, pixels(2))
+    junk = workdir / "junk.tflite"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="not a TFLite model"):
+        verify_tflite(junk, logits_model, pixels(2))
+    with pytest.raises(ValueError, match="not a TFLite model"):
+        inspect_flatbuffer(junk)
+    with pytest.raises(ValueError, match="not a TFLite model"):
+        write_c_array(junk, workdir)
+    # Right identifier, garbage after it.
+    fake = workdir / "fake.tflite"
+    fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\xff" * 64)
+    with pytest.raises(ValueError, match="Corrupt TFLite flatbuffer"):
+        inspect_flatbuffer(fake)
+
+
+def test_images_of_wrong_shape_or_dtype(logits_result, logits_model):
+    fb = logits_result.flatbuffer
+    with pytest.raises(ValueError, match=r"shape \(N, 32, 32, 3\).*got \(4, 28, 28, 3\)"):
+        verify_tflite(fb, logits_model, np.zeros((4, 28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match="add a batch axis"):
+        verify_tflite(fb, logits_model, np.zeros(SHAPE, np.uint8))
+    with pytest.raises(ValueError, match="numeric pixels.*got dtype bool"):
+        verify_tflite(fb, logits_model, np.zeros((2,) + SHAPE, bool))
+    with pytest.raises(ValueError, match="numeric pixels"):
+        verify_tflite(fb, logits_model, np.full((2,) + SHAPE, "a"))
+    with pytest.raises(ValueError, match="NaN"):
+        verify_tflite(fb, logits_model, np.full((2,) + SHAPE, np.nan, np.float32))
+
+
+def test_mismatch_raises_verification_error(logits_result):
+    other = tiny(classifier_activation=None)  # same architecture, other random weights
+    with pytest.raises(VerificationError, match="does not match Keras") as info:
+        verify_tflite(logits_result.flatbuffer, other, pixels(4))
+    assert isinstance(info.value, ValueError) and info.value.result.passed is False
+    result = verify_tflite(logits_result.flatbuffer, other, pixels(4), raise_on_failure=False)
+    assert result.passed is False
+
+
+def test_bad_options(logits_model, workdir):
+    with pytest.raises(ValueError, match="Unknown target 'riscv'"):
+        to_tflite(logits_model, target="riscv")
+    with pytest.raises(ValueError, match="tolerance must be"):
+        to_tflite(logits_model, tolerance=-1.0)
+    with pytest.raises(ValueError, match="flash_budget must be positive"):
+        to_tflite(logits_model, flash_budget=0)
+    with pytest.raises(ValueError, match="verify_images must have shape"):
+        to_tflite(logits_model, verify_images=np.zeros((2, 8, 8, 3)))
+    with pytest.raises(ValueError, match="output_range"):
+        to_tflite(logits_model, int8_io=True, output_range=(1.0, -1.0))
+    with pytest.raises(FileNotFoundError, match="No such model file"):
+        to_tflite(workdir / "missing.h5")
+    with pytest.raises(ValueError, match="C identifier"):
+        write_c_array(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 32, workdir, name="9-lives")
+
+
+def test_cli_reports_missing_model(workdir, capsys):
+    from glt_keras.cli import main
+
+    assert main(["convert", str(workdir / "missing.h5"), "-o", str(workdir / "x.tflite")]) == 2
+    assert "No such model file" in capsys.readouterr().err
+
+
+# -- the benchmark's timing loop and runners (glt_keras.bench) ------------------------------
+def test_bench_runners_and_timing(logits_result):
+    from glt_keras.bench import TASKS, TFLiteRunner, anchors_dir, time_models, to_markdown
+
+    ours = TFLiteRunner(logits_result.flatbuffer, kind="lce")
+    models = {"ours": (ours.run_one, ours.prepare(pixels(3)))}
+    anchors = anchors_dir()
+    if anchors is not None and (anchors / "pretrainedResnet_quant.tflite").is_file():
+        ref = TFLiteRunner(anchors / "pretrainedResnet_quant.tflite", kind="tflite")
+        assert ref.prepare(pixels(1))[0].dtype == np.int8  # raw pixels - 128
+        models["ref"] = (ref.run_one, ref.prepare(pixels(3)))
+        assert TASKS["cifar10"]["input_shape"] == SHAPE
+    stats = time_models(models, warmup=1, repeats=6, rounds=3)
+    assert set(stats) == set(models)
+    assert all(s["n"] == 6 and 0 < s["median_ms"] <= s["p90_ms"] for s in stats.values())
+    assert ours.predict_classes(pixels(2)).shape == (2,)
+    row = {"name": "ours", "task": "cifar10", "kind": "ours (LCE)", "input": "float32",
+           "bytes": ours.bytes, "accuracy": None, "latency_ratio": {}, **stats["ours"]}
+    table = to_markdown({"rows": [row], "machine": {"cpus": 2, "load_average": None},
+                         "settings": {"repeats": 6, "warmup": 1, "rounds": 3}, "data": {}})
+    assert "| ours |" in table

@@ -1,0 +1,293 @@
+"""Microcontroller export (glt_keras.mcu): the C library computes what Keras computes.
+
+Small random models with trained-like, adversarial parameters (negative / zero BN
+gammas, zero variances, zero weights, integer thermometer thresholds) are exported,
+compiled with the system cc and compared with Keras bit for bit (every layer's
++-1 map and the head's integer sums) and score for score; then cross-compiled for
+Cortex-M4 and run under QEMU. glt96 is checked against the flash / SRAM targets.
+"""
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from glt_keras.layers.binary import BinaryConv2D, ChannelShuffle
+from glt_keras.layers.encoding import BinaryPlanes, FixedThermometer, LearnedThermometer
+from glt_keras.mcu import UnsupportedLayerError, export_c, parse_model
+from glt_keras.mcu.host import build_host, compile_check, read_macros
+from glt_keras.models import glt_net
+
+L = tf.keras.layers
+SHAPE = (32, 32, 3)
+
+
+def randomize(model, seed=0):
+    """Trained-like parameters with every edge case the BN + sign fold must handle."""
+    rng = np.random.default_rng(seed)
+    previous = None
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            kernel = rng.uniform(-1, 1, layer.kernel.shape).astype("float32")
+            kernel[rng.random(kernel.shape) < 0.02] = 0.0  # larq: sign(0) = +1
+            layer.kernel.assign(kernel)
+            if getattr(layer, "use_bias", False):
+                layer.bias.assign(rng.normal(0, 2, layer.bias.shape))
+            previous = layer
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            k = int(np.prod(previous.kernel.shape[:3]))
+            head = previous.name == "head_conv"
+            gamma = rng.uniform(0.3, 2, c) * rng.choice([-1, 1], c)  # negative gammas
+            var = rng.uniform(0.5, 2, c) * k
+            if not head:
+                gamma[rng.random(c) < 0.1] = 0.0  # constant sign
+                var[rng.random(c) < 0.1] = 0.0  # zero variance (eps only)
+            mean = rng.normal(0, np.sqrt(k), c)
+            mean[::7] = np.round(mean[::7])  # BN(s) == 0 exactly at integer s
+            beta = rng.normal(0, 1, c)
+            beta[::7] = 0.0
+            layer.set_weights([gamma, beta, mean, var])
+    enc = model.get_layer("encoding")
+    if isinstance(enc, LearnedThermometer) and not isinstance(enc, FixedThermometer):
+        channels, levels = enc.thresholds().shape
+        base = np.sort([rng.choice(np.arange(2, 252), levels, replace=False) for _ in range(channels)], axis=1)
+        frac = rng.uniform(0.05, 0.95, (channels, levels))
+        frac[:, ::3] = 0.0  # (near-)integer thresholds: pixel == t is the edge case
+        enc.set_thresholds(base + frac)
+    return model
+
+
+def images_for(shape, n=16, seed=1, thresholds=None):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n,) + tuple(shape), dtype=np.uint8)
+    x[0] = 0
+    x[1] = 255
+    if thresholds is not None:  # pixels exactly at / next to the integer thresholds
+        t = np.asarray(thresholds).reshape(-1).astype(int)
+        x[2] = np.clip(rng.choice(np.concatenate([t - 1, t, t + 1]), x[2].shape), 0, 255)
+    return x
+
+
+def small_model(**kwargs):
+    try:
+        model = glt_net(input_shape=SHAPE, num_classes=10, topology="tiny", classifier_activation=None, **kwargs)
+    except ValueError:  # "tiny" violates the LCE group-width check in some versions
+        model = glt_net(input_shape=SHAPE, num_classes=10, topology=None, widths=(64, 64, 64),
+                        groups=(1, 2, 2), pools=(True, False, True), shuffle=True,
+                        classifier_activation=None, **kwargs)
+    return model
+
+
+def keras_layer_maps(model):
+    """Keras outputs matching the C layers: the last layer of every block, the head conv."""
+    spec = parse_model(model)
+    names = [l.name for l in model.layers]
+    outs = [model.layers[names.index(spec.convs[i + 1].name) - 1].output for i in range(len(spec.convs) - 1)]
+    outs.append(model.get_layer(spec.convs[-1].name).output)
+    return tf.keras.Model(model.inputs, outs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = randomize(small_model(), seed=0)
+    out = tmp_path_factory.mktemp("tiny_c")
+    result = export_c(model, out)
+    x = images_for(SHAPE, thresholds=model.get_layer("encoding").thresholds())
+    return model, result, out, x
+
+
+@pytest.fixture(scope="module")
+def tiny_host(tiny):
+    _, _, out, _ = tiny
+    return build_host(out, capture=True)
+
+
+def test_host_matches_keras(tiny, tiny_host):
+    model, _, _, x = tiny
+    keras = model(x.astype("float32"), training=False).numpy()
+    ours = tiny_host.infer(x)
+    np.testing.assert_array_equal(ours.argmax(1), keras.argmax(1))
+    np.testing.assert_allclose(ours, keras, rtol=1e-4, atol=1e-4 * np.abs(keras).max())
+
+
+def test_every_layer_bit_exact(tiny, tiny_host):
+    model, _, _, x = tiny
+    sub = keras_layer_maps(model)
+    spec = parse_model(model)
+    for image in x[:4]:
+        ours = tiny_host.layer_outputs(image)
+        keras = sub(image[None].astype("float32"), training=False)
+        for conv, mine, ref in zip(spec.convs, ours, keras):
+            ref = ref.numpy()[0]
+            if conv.head:
+                np.testing.assert_array_equal(mine, ref.sum((0, 1)).round().astype(int), err_msg=conv.name)
+            else:
+                np.testing.assert_array_equal(mine, np.where(ref >= 0, 1, -1), err_msg=conv.name)
+                assert 0.05 < (mine > 0).mean() < 0.95, f"{conv.name}: degenerate test activations"
+
+
+def test_edge_cases_are_exercised(tiny):
+    model, result, _, _ = tiny
+    assert sum(layer["negated_rows"] for layer in result.layers) > 0  # negative BN scales folded
+    enc = parse_model(model).encoding
+    t = model.get_layer("encoding").thresholds()
+    np.testing.assert_array_equal(enc.thresholds, np.ceil(t).astype(int))  # p >= t  <=>  p >= ceil(t)
+    assert np.any(np.abs(t - np.round(t)) < 1e-3), "no (near-)integer threshold tested"
+
+
+def test_sources_compile_cleanly(tiny, tmp_path):
+    _, _, out, _ = tiny
+    assert compile_check(out, flags=("-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic")) == ""
+    proc = subprocess.run(f"cc -std=c99 -O2 -c {out}/*.c", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(tmp_path.glob("*.o"))) >= 2
+    assert (out / "README").exists()
+
+
+def test_peak_ram_macro_matches_plan(tiny, tmp_path):
+    _, result, out, _ = tiny
+    macros = read_macros(out / "glt_model.h")
+    plan = result.plan
+    sizes = [(lp.in_words, lp.out_words) for lp in plan.layers]
+    assert plan.pingpong_words == max(a + b for a, b in sizes)
+    assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words)
+    # ... and it is what the compiled library reserves.
+    obj = tmp_path / "data.o"
+    subprocess.run(["cc", "-std=c99", "-O2", "-c", str(out / "glt_model_data.c"), "-o", str(obj)], check=True)
+    nm = subprocess.run(["nm", "-S", str(obj)], capture_output=True, text=True, check=True).stdout
+    size = re.search(r"^[0-9a-f]+ ([0-9a-f]+) [BbCc] glt_arena$", nm, re.M)
+    assert size and int(size.group(1), 16) == macros["GLT_PEAK_RAM_BYTES"]
+    # The first layer reads a ring of encoded rows, never the full bit planes.
+    assert plan.layers[0].in_words < SHAPE[0] * SHAPE[1]
+
+
+def test_null_and_wrong_shape_rejected(tiny, tiny_host):
+    _, _, _, x = tiny
+    scores = np.zeros(10, np.float32)
+    assert tiny_host.call_raw(None, scores) != 0
+    assert tiny_host.call_raw(x[0], None) != 0
+    assert tiny_host.call_raw(x[0], scores) == 0
+    with pytest.raises(ValueError, match="shape"):
+        tiny_host.infer(np.zeros((32, 31, 3), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        tiny_host.infer(np.zeros((2, 32, 32, 1), np.uint8))
+    with pytest.raises(ValueError, match="0..255"):
+        tiny_host.infer(np.full((32, 32, 3), 0.5, np.float32))
+
+
+def test_unsupported_layers_raise_clearly(tmp_path):
+    teacher = glt_net(input_shape=SHAPE, num_classes=10, topology=None, widths=(32,), groups=(1,),
+                      pools=(True,), teacher=True, classifier_activation=None)
+    with pytest.raises(UnsupportedLayerError, match=r"'encoding' \(RealInput\)"):
+        export_c(teacher, tmp_path / "teacher")
+    mixed = glt_net(input_shape=SHAPE, num_classes=10, topology=None, widths=(32, 32), groups=(1, 1),
+                    pools=(True, False), real_layers=["block2"], classifier_activation=None)
+    with pytest.raises(UnsupportedLayerError, match=r"'block2_conv' \(BinaryConv2D\).*real-valued"):
+        export_c(mixed, tmp_path / "mixed")
+    inputs = tf.keras.Input(SHAPE)
+    x = FixedThermometer(4, name="encoding")(inputs)
+    x = BinaryConv2D(32, 3, name="c1")(x)
+    x = L.BatchNormalization()(x)
+    x = L.Flatten()(x)
+    x = L.Dense(10, name="fc")(x)
+    with pytest.raises(UnsupportedLayerError, match=r"'flatten.*\(Flatten\)"):
+        export_c(tf.keras.Model(inputs, x), tmp_path / "dense")
+
+
+def odd_model(encoding, softmax):
+    """Odd sizes, groups of 5 / 10 channels (not word-aligned), strides, 'valid' padding,
+    a rectangular kernel, a conv bias, a shuffle into a different group count."""
+    inputs = tf.keras.Input((13, 11, 3))
+    x = encoding(inputs)
+    x = BinaryConv2D(48, 3, groups=3, lce_check=False, use_bias=True, name="c1")(x)
+    x = L.BatchNormalization(name="b1")(x)
+    x = L.MaxPool2D(2, name="p1")(x)
+    x = ChannelShuffle(3, name="s1")(x)
+    x = BinaryConv2D(40, (3, 5), groups=4, strides=(1, 2), lce_check=False, name="c2")(x)
+    x = L.BatchNormalization(name="b2")(x)
+    x = ChannelShuffle(4, name="s2")(x)
+    x = BinaryConv2D(30, 2, groups=2, padding="valid", lce_check=False, name="c3")(x)
+    x = L.BatchNormalization(name="b3")(x)
+    x = BinaryConv2D(7, 1, lce_check=False, name="head_conv")(x)
+    x = L.BatchNormalization(name="head_bn")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    if softmax:
+        x = L.Activation("softmax", name="predictions")(x)
+    return tf.keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("kind", ["learned", "fixed_softmax", "bitplanes"])
+def test_odd_shapes_groups_and_encodings(kind, tmp_path):
+    encoding = {"learned": LearnedThermometer(5, name="encoding"),
+                "fixed_softmax": FixedThermometer(3, name="encoding"),
+                "bitplanes": BinaryPlanes(name="encoding")}[kind]
+    model = randomize(odd_model(encoding, softmax=kind.endswith("softmax")), seed=3)
+    result = export_c(model, tmp_path / kind)
+    assert result.softmax == kind.endswith("softmax")
+    x = images_for((13, 11, 3), n=8, seed=4)
+    keras = model(x.astype("float32"), training=False).numpy()
+    for builtin in (False, True):
+        ours = build_host(tmp_path / kind, builtin_popcount=builtin).infer(x)
+        np.testing.assert_array_equal(ours.argmax(1), keras.argmax(1))
+        np.testing.assert_allclose(ours, keras, rtol=1e-4, atol=1e-5 * np.abs(keras).max())
+
+
+def test_cli_export_c(tiny, tmp_path):
+    from glt_keras.cli import main
+
+    model, _, _, _ = tiny
+    path = tmp_path / "tiny.h5"
+    model.save(path)
+    assert main(["export-c", str(path), "-o", str(tmp_path / "c"), "--check", "2", "--qemu", "none"]) == 0
+    assert (tmp_path / "c" / "glt_model.h").exists()
+    assert main(["export-c", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "x")]) == 2
+
+
+# -- Cortex-M under QEMU ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toolchain():
+    from glt_keras.mcu.qemu import ToolchainUnavailable, ensure_toolchain
+
+    try:
+        ensure_toolchain(install=True)
+    except ToolchainUnavailable as err:
+        pytest.skip(f"Cortex-M toolchain / QEMU unavailable: {err}")
+
+
+def test_qemu_cortex_m4_matches_host(toolchain, tiny, tiny_host, tmp_path):
+    from glt_keras.mcu.qemu import build_firmware, run_firmware
+
+    _, result, out, x = tiny
+    fw = build_firmware(out, x[:3], cpu="cortex-m4", build_dir=tmp_path)
+    run = run_firmware(fw, timeout=300)
+    np.testing.assert_array_equal(run.scores, tiny_host.infer(x[:3]))  # bit-identical logits
+    assert run.null_rc != 0
+    assert fw.library_sizes["bss"] == result.peak_ram_bytes
+    assert 0 < max(run.stack_bytes) < 2048
+    assert abs(run.instructions_per_tick - round(run.instructions_per_tick)) < 0.01  # icount calibration
+    assert run.instructions_per_inference > 0
+
+
+def test_glt96_within_cortex_m4_budget(toolchain, tmp_path):
+    from glt_keras.mcu.qemu import build_firmware, run_firmware
+
+    model = randomize(glt_net(input_shape=(96, 96, 3), num_classes=2, topology="glt96",
+                              classifier_activation=None), seed=5)
+    result = export_c(model, tmp_path / "glt96")
+    x = images_for((96, 96, 3), n=2, seed=6)
+    host = build_host(tmp_path / "glt96").infer(x)
+    keras = model(x.astype("float32"), training=False).numpy()
+    np.testing.assert_array_equal(host.argmax(1), keras.argmax(1))
+    np.testing.assert_allclose(host, keras, rtol=1e-4, atol=1e-5 * np.abs(keras).max())
+    fw = build_firmware(tmp_path / "glt96", x[:1], cpu="cortex-m4", build_dir=tmp_path / "fw")
+    run = run_firmware(fw, timeout=300)
+    np.testing.assert_array_equal(run.scores, host[:1])
+    sram = fw.library_static_ram_bytes + max(run.stack_bytes)
+    print(f"glt96 on Cortex-M4: flash {fw.library_flash_bytes} B, SRAM {sram} B "
+          f"(arena {result.peak_ram_bytes} + stack {max(run.stack_bytes)}), "
+          f"{run.instructions_per_inference} instructions / inference")
+    assert fw.library_flash_bytes <= 128 * 1024
+    assert sram <= 64 * 1024

@@ -1,0 +1,243 @@
+"""Structured block pruning: structure rule, scores, schedule, exact masks, shrink, LCE export."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from glt_keras.models import for_export, glt_net, model_summary
+from glt_keras.training import pruning as P
+
+SPEC = dict(widths=(64, 128, 128), groups=(1, 2, 2), pools=(True, True, True), shuffle=True)
+
+
+def _model():
+    return glt_net(input_shape=(32, 32, 3), num_classes=10, topology=None, classifier_activation=None, **SPEC)
+
+
+def _randomise(model, seed=0):
+    """Non-trivial BN statistics and gammas (some negative), latent weights in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.normal(0.0, 1.0, n))
+            layer.beta.assign(rng.normal(0.0, 0.5, n))
+            layer.moving_mean.assign(rng.normal(0.0, 5.0, n))
+            layer.moving_variance.assign(rng.uniform(5.0, 50.0, n))
+        elif isinstance(layer, tf.keras.layers.Conv2D):
+            layer.kernel.assign(rng.uniform(-1.0, 1.0, layer.kernel.shape))
+    return model
+
+
+def _data(n=64, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 255, (n, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, n)
+    return x, y
+
+
+def _op_census(flatbuffer: bytes) -> dict:
+    try:  # the convert room's census, when it exists
+        from glt_keras.convert import inspect as convert_inspect
+
+        return dict(convert_inspect.op_census(flatbuffer))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        if code.CustomCode():
+            codes.append(code.CustomCode().decode())
+        else:
+            codes.append(names[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())])
+    census = {}
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+        for i in range(graph.OperatorsLength()):
+            name = codes[graph.Operators(i).OpcodeIndex()]
+            census[name] = census.get(name, 0) + 1
+    return census
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_autograph_of_tf_keras():
+    """TensorFlow's autograph skips the ``keras`` package but not ``tf_keras``: the first
+    traced fit / conversion in a process then spends about a minute transpiling tf_keras
+    internals (7 s instead of 70 s here). Skip it for this module, as for Keras 2."""
+    from tensorflow.python.autograph.core import config
+
+    rules = config.CONVERSION_RULES
+    config.CONVERSION_RULES = rules + (config.DoNotConvert("tf_keras"),)
+    yield
+    config.CONVERSION_RULES = rules
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model pruned to 50% of its blocks during a short fit on random data."""
+    tf.keras.utils.set_random_seed(0)
+    model = _randomise(_model())
+    model.compile(
+        tf.keras.optimizers.Adam(1e-2),
+        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    # Updates at steps 0 and 4 (frequency), and at the end step 6 (catch-up).
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=6, frequency=4)
+    pruning = P.BlockPruning(model, 0.5, schedule=schedule, score="bn")
+    x, y = _data()
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[pruning], verbose=0)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(before, model.get_weights()))
+    return model, pruning
+
+
+def test_structure_of_the_test_model():
+    structures = {s.name: s for s in P.block_structure(_model())}
+    assert not structures["block1"].prunable  # block2_conv has 2 groups of 32 inputs: minimum
+    assert "minimum input width" in structures["block1"].reason
+    b2, b3 = structures["block2"], structures["block3"]
+    # block2: 2 groups -> shuffle -> 2 groups: 4 cells of 32, blocks of 16 (2 per cell).
+    assert (b2.prunable, b2.n_cells, b2.block, b2.blocks_per_cell) == (True, 4, 16, 2)
+    # Through the shuffle, a cell holds channels of one producer group at stride 1 whose
+    # shuffled positions fall in one consumer group.
+    for cell in b2.cells:
+        assert len(set(cell // 64)) == 1 and len(set(b2.position[cell] // 64)) == 1
+    # block3 -> head (1 group): cells = the 2 producer groups, blocks of 16 (4 per cell).
+    assert (b3.prunable, b3.n_cells, b3.block, b3.blocks_per_cell) == (True, 2, 16, 4)
+    assert not structures["head"].prunable
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        P.BlockPruning(_model(), 0.5, layers=["block1"])
+
+
+def test_schedule_reaches_target_at_end_step_and_never_exceeds(trained):
+    _, pruning = trained
+    steps = [h[0] for h in pruning.history]
+    assert steps == [0, 4, 6]
+    fractions = [h[2] for h in pruning.history]
+    assert all(h[1] <= 0.5 + 1e-9 and h[2] <= 0.5 + 1e-9 for h in pruning.history)
+    assert fractions == sorted(fractions)  # masks only grow
+    assert 0.0 < fractions[1] < 0.5  # gradual
+    assert fractions[-1] == pytest.approx(0.5)
+    assert pruning.pruned_fraction == pytest.approx(0.5)
+
+
+def test_schedule_without_fit_constant_and_catch_up():
+    model = _randomise(_model())
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=2, end_step=9, frequency=3)
+    pruning = P.BlockPruning(model, 0.5, schedule=schedule)
+    fractions = []
+    for step in range(15):
+        pruning.maybe_update(step)
+        fractions.append(pruning.pruned_fraction)
+    assert max(fractions) <= 0.5 and fractions[9] == pytest.approx(0.5)  # 9 - 2 is not a multiple of 3
+    assert fractions[8] < 0.5 and fractions == sorted(fractions)
+    with pytest.raises(ValueError, match="ends at sparsity"):
+        P.BlockPruning(model, 0.25, schedule=schedule)
+    constant = P.BlockPruning(_model(), schedule=tfmot.sparsity.keras.ConstantSparsity(0.25, 0, frequency=1))
+    constant.maybe_update(0)
+    assert constant.target_ratio == 0.25 and constant.pruned_fraction <= 0.25
+
+
+def test_masks_hold_through_training(trained):
+    model, pruning = trained
+    for name, masked in pruning.masks.items():
+        bn = model.get_layer(name)
+        assert np.all(bn.gamma.numpy()[masked] == 0) and np.all(bn.beta.numpy()[masked] == 1)
+    read = P.masks_from_model(model)
+    assert set(read) == {n for n, m in pruning.masks.items() if m.any()}
+    for name, masked in read.items():
+        np.testing.assert_array_equal(masked, pruning.masks[name])
+
+
+def test_shrink_equals_masked_model_and_is_smaller(trained):
+    model, _ = trained
+    x, _ = _data(16, seed=7)
+    masked_logits = model(x, training=False).numpy()
+    small = P.shrink(model)
+    widths = [small.get_layer(f"block{i}_conv").filters for i in (1, 2, 3)]
+    assert widths == [64, 64, 64]  # 50% of the blocks of block2 and block3; block1 is fixed
+    np.testing.assert_allclose(small(x, training=False).numpy(), masked_logits, atol=1e-4, rtol=0)
+    assert np.abs(masked_logits).max() > 0.1  # non-trivial logits
+    # The rebuilt model is the glt_net of the new widths, and the accounting follows.
+    reference = glt_net(
+        input_shape=(32, 32, 3), num_classes=10, topology=None, classifier_activation=None, **{**SPEC, "widths": (64, 64, 64)}
+    )
+    assert model_summary(small) == model_summary(reference)
+    report = P.pruning_report(model, small)
+    before, after = report["before"], report["after"]
+    assert after["params"] < before["params"] and after["macs"] < before["macs"]
+    # Kernels (3, 3, cin / groups, cout): encoding 24 planes -> 64 -> 128 (2 groups) -> 128
+    # (2 groups) -> 10 classes before; 64 -> 64 -> 64 after.
+    assert before["binary_params"] == 9 * 24 * 64 + 9 * 32 * 128 + 9 * 64 * 128 + 128 * 10
+    assert after["binary_params"] == 9 * 24 * 64 + 9 * 32 * 64 + 9 * 32 * 64 + 64 * 10
+    assert report["widths"]["block2_conv"] == (128, 64)
+    assert "| params |" in report["markdown"]
+    # Export form: masks survive for_export, and shrink of it gives the same outputs.
+    exported_small = P.shrink(for_export(model))
+    np.testing.assert_allclose(exported_small(x, training=False).numpy(), masked_logits, atol=1e-4, rtol=0)
+
+
+def test_shrunk_model_converts_with_lce(trained):
+    lce = pytest.importorskip("larq_compute_engine")
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    model, _ = trained
+    small = P.shrink(model)
+    flatbuffer = lce.convert_keras_model(for_export(small))
+    census = _op_census(flatbuffer)
+    assert census.get("LceBconv2d") == 4, census  # 3 blocks + head, all binary
+    assert not any(op in census for op in ("CONV_2D", "DEPTHWISE_CONV_2D")), census
+    x, _ = _data(4, seed=3)
+    lce_logits = Interpreter(flatbuffer, num_threads=1, use_indirect_bgemm=True).predict(x)
+    np.testing.assert_allclose(lce_logits, model(x, training=False).numpy(), atol=1e-3, rtol=1e-4)
+
+
+def _block(structure, cell, index):
+    return structure.blocks()[cell, index]
+
+
+def test_bn_score_prunes_near_zero_gamma_first():
+    model = _model()
+    s = {b.name: b for b in P.block_structure(model)}["block3"]
+    bn = model.get_layer("block3_bn")
+    rng = np.random.default_rng(0)
+    gamma = rng.uniform(1.0, 2.0, 128) * rng.choice([-1.0, 1.0], 128)
+    weak = np.concatenate([_block(s, 0, 2), _block(s, 1, 1)])
+    gamma[weak] = 1e-4
+    bn.gamma.assign(gamma)
+    masks = P.select_masks(model, [s], 0.25, "bn")
+    np.testing.assert_array_equal(np.flatnonzero(masks["block3_bn"]), np.sort(weak))
+
+
+def test_l1_score_prunes_small_weights_first():
+    model = _model()
+    s = {b.name: b for b in P.block_structure(model)}["block2"]
+    conv = model.get_layer("block2_conv")
+    kernel = np.random.default_rng(0).uniform(0.5, 1.0, conv.kernel.shape)
+    weak = np.concatenate([_block(s, c, c % 2) for c in range(s.n_cells)])
+    kernel[..., weak] *= 0.01
+    conv.kernel.assign(kernel)
+    masks = P.select_masks(model, [s], 0.5, "l1")
+    np.testing.assert_array_equal(np.flatnonzero(masks["block2_bn"]), np.sort(weak))
+
+
+def test_global_allocation_and_invalid_masks():
+    model = _randomise(_model(), seed=3)
+    structures = [s for s in P.block_structure(model) if s.prunable]
+    masks = P.select_masks(model, structures, 0.3, "bn", allocation="global")
+    assert 0 < P.pruned_fraction(structures, masks) <= 0.3
+    P.apply_masks(model, masks)
+    x, _ = _data(8, seed=5)
+    np.testing.assert_allclose(
+        P.shrink(model)(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-4, rtol=0
+    )
+    # A mask that removes channels from one cell only would break the groups.
+    s = {b.name: b for b in structures}["block2"]
+    uneven = np.zeros(128, bool)
+    uneven[_block(s, 0, 0)] = True
+    with pytest.raises(ValueError, match="same number"):
+        P.shrink(_model(), {"block2_bn": uneven})

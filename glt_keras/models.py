@@ -31,7 +31,7 @@ TOPOLOGIES = {
         shuffle=True,
     ),
     # A tiny network for tests and demos.
-    "tiny": dict(widths=(32, 64), groups=(1, 2), pools=(True, True), shuffle=True),
+    "tiny": dict(widths=(64, 64), groups=(1, 2), pools=(True, True), shuffle=True),
 }
 
 

@@ -197,15 +197,17 @@ def test_unsupported_layers_raise_clearly(tmp_path):
         export_c(tf.keras.Model(inputs, x), tmp_path / "dense")
 
 
-def odd_model(encoding, softmax):
-    """Odd sizes, groups of 5 / 10 channels (not word-aligned), strides, 'valid' padding,
-    a rectangular kernel, a conv bias, a shuffle into a different group count."""
+def odd_model(encoding, softmax, groups):
+    """Odd sizes, groups that are not word-aligned (and split the planes of one colour
+    channel), strides, 'valid' padding, a rectangular kernel, a conv bias, a shuffle into
+    a different group count."""
     inputs = tf.keras.Input((13, 11, 3))
     x = encoding(inputs)
-    x = BinaryConv2D(48, 3, groups=3, lce_check=False, use_bias=True, name="c1")(x)
+    x = BinaryConv2D(40, 3, groups=groups, lce_check=False, use_bias=True, name="c1")(x)
     x = L.BatchNormalization(name="b1")(x)
     x = L.MaxPool2D(2, name="p1")(x)
-    x = ChannelShuffle(3, name="s1")(x)
+    if groups > 1:
+        x = ChannelShuffle(groups, name="s1")(x)
     x = BinaryConv2D(40, (3, 5), groups=4, strides=(1, 2), lce_check=False, name="c2")(x)
     x = L.BatchNormalization(name="b2")(x)
     x = ChannelShuffle(4, name="s2")(x)
@@ -221,10 +223,10 @@ def odd_model(encoding, softmax):
 
 @pytest.mark.parametrize("kind", ["learned", "fixed_softmax", "bitplanes"])
 def test_odd_shapes_groups_and_encodings(kind, tmp_path):
-    encoding = {"learned": LearnedThermometer(5, name="encoding"),
-                "fixed_softmax": FixedThermometer(3, name="encoding"),
-                "bitplanes": BinaryPlanes(name="encoding")}[kind]
-    model = randomize(odd_model(encoding, softmax=kind.endswith("softmax")), seed=3)
+    encoding, groups = {"learned": (LearnedThermometer(5, name="encoding"), 5),  # 3 planes per group
+                        "fixed_softmax": (FixedThermometer(3, name="encoding"), 1),
+                        "bitplanes": (BinaryPlanes(name="encoding"), 4)}[kind]  # 6 planes per group
+    model = randomize(odd_model(encoding, softmax=kind.endswith("softmax"), groups=groups), seed=3)
     result = export_c(model, tmp_path / kind)
     assert result.softmax == kind.endswith("softmax")
     x = images_for((13, 11, 3), n=8, seed=4)

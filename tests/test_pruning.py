@@ -37,12 +37,14 @@ def _data(n=64, seed=1):
 
 
 def _op_census(flatbuffer: bytes) -> dict:
-    try:  # the convert room's census, when it exists
-        from glt_keras.convert import inspect as convert_inspect
-
-        return dict(convert_inspect.op_census(flatbuffer))
-    except (ImportError, AttributeError, TypeError):
-        pass
+    try:  # the convert room's census
+        from glt_keras.convert.inspect import inspect_flatbuffer
+    except ImportError:
+        inspect_flatbuffer = None
+    if inspect_flatbuffer is not None:
+        report = inspect_flatbuffer(flatbuffer)
+        assert report.all_binary, report.float_convs
+        return dict(report.op_counts)
     from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.Model.GetRootAsModel(flatbuffer, 0)

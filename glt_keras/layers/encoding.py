@@ -11,6 +11,9 @@ import larq as lq
 import tensorflow as tf
 
 PIXEL_MAX = 255.0
+#: Smallest gap between consecutive thresholds (pixel units), built into the
+#: parameterisation so that ordering survives float32 saturation of the softmax.
+MIN_GAP = 0.25
 
 
 def _as_pixels(inputs):
@@ -40,10 +43,11 @@ class LearnedThermometer(tf.keras.layers.Layer):
     elsewhere, so the number of ``+1`` planes is a learned, non-linear quantisation of
     the pixel: a learned global tone curve in place of the ADC's natural binary code.
 
-    Ordering and range hold by construction: the thresholds are
-    ``255 * cumsum(softmax(logits))[:M]`` over ``M + 1`` positive increments, so
-    they are strictly increasing and strictly inside ``(0, 255)`` whatever the
-    optimizer does; nothing is clipped after the fact.
+    Ordering and range hold by construction: the thresholds are the cumulative sum
+    of ``M + 1`` positive increments ``MIN_GAP + (255 - (M + 1) * MIN_GAP) *
+    softmax(logits)`` (the last one is the room above ``t_M``), so they are strictly
+    increasing, at least ``MIN_GAP`` apart and strictly inside ``(0, 255)`` whatever
+    the optimizer does; nothing is clipped after the fact.
 
     Gradient: the forward pass is ``sign(pixel - t_k)``; the backward pass uses the
     clipped straight-through estimator (larq's ``ste_sign``) on ``(pixel - t_k)``
@@ -102,16 +106,18 @@ class LearnedThermometer(tf.keras.layers.Layer):
     def _logits_from_thresholds(thresholds: np.ndarray) -> np.ndarray:
         """Inverse of the softmax/cumsum map, for rows of strictly increasing thresholds."""
         t = np.asarray(thresholds, dtype="float64")
-        if np.any(np.diff(t, axis=-1) <= 0) or np.any(t <= 0) or np.any(t >= PIXEL_MAX):
-            raise ValueError(
-                "thresholds must be strictly increasing and strictly inside (0, 255), "
-                f"got {np.round(t, 2).tolist()}"
-            )
         edges = np.concatenate(
             [np.zeros(t.shape[:-1] + (1,)), t, np.full(t.shape[:-1] + (1,), PIXEL_MAX)], -1
         )
-        increments = np.diff(edges, axis=-1) / PIXEL_MAX
-        logits = np.log(increments)
+        gaps = np.diff(edges, axis=-1)
+        if np.any(gaps <= MIN_GAP):
+            raise ValueError(
+                "thresholds must be strictly increasing, more than "
+                f"{MIN_GAP} apart and inside ({MIN_GAP}, {PIXEL_MAX - MIN_GAP}), "
+                f"got {np.round(t, 2).tolist()}"
+            )
+        room = PIXEL_MAX - gaps.shape[-1] * MIN_GAP
+        logits = np.log((gaps - MIN_GAP) / room)
         return (logits - logits.mean(-1, keepdims=True)).astype("float32")
 
     def _uniform_thresholds(self, rows: int) -> np.ndarray:
@@ -143,8 +149,9 @@ class LearnedThermometer(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def _thresholds_tensor(self):
-        increments = tf.nn.softmax(self.threshold_logits * self.threshold_lr_multiplier, axis=-1)
-        return PIXEL_MAX * tf.cumsum(increments, axis=-1)[:, : self.levels]
+        shares = tf.nn.softmax(self.threshold_logits * self.threshold_lr_multiplier, axis=-1)
+        increments = MIN_GAP + (PIXEL_MAX - (self.levels + 1) * MIN_GAP) * shares
+        return tf.cumsum(increments, axis=-1)[:, : self.levels]
 
     def thresholds(self) -> np.ndarray:
         """Current thresholds in pixel units, shape ``(channels, levels)`` (broadcast if shared)."""

@@ -36,12 +36,16 @@ typedef struct {
 typedef struct {
     uint8_t mode;               /* GLT_ENC_THERMOMETER or GLT_ENC_BITPLANES */
     uint8_t channels, levels;   /* plane c * levels + k is level k of channel c */
-    const uint16_t *thr;        /* thermometer: plane is +1 iff pixel >= thr (0..256) */
+    const uint16_t *thr;        /* thermometer: plane is +1 iff pixel >= thr (0..256),
+                                   ascending within each channel */
     const uint16_t *dst;        /* bit index (word * 32 + bit) of each plane in a pixel */
+    const uint16_t *chan_dst;   /* per channel: bit index of its plane 0 when its planes are
+                                   consecutive bits of one word, else GLT_ENC_SCATTER */
 } glt_encoding_t;
 
 #define GLT_ENC_THERMOMETER 0
 #define GLT_ENC_BITPLANES 1
+#define GLT_ENC_SCATTER 0xFFFFu
 
 extern const glt_encoding_t glt_encoding;
 extern const glt_conv_t glt_layers[];

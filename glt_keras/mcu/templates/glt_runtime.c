@@ -236,25 +236,39 @@ static void glt_encode_row(const uint8_t *rgb, uint32_t y, uint32_t *dst)
 {
     const glt_conv_t *L = &glt_layers[0];
     const glt_encoding_t *E = &glt_encoding;
-    const uint8_t *px = rgb + (size_t)y * L->in_w * E->channels;
+    const uint32_t channels = E->channels, levels = E->levels, wpp = L->in_wpp;
+    const uint8_t *px = rgb + (size_t)y * L->in_w * channels;
     uint32_t x, c, k, w;
-    for (x = 0; x < L->in_w; ++x, px += E->channels, dst += L->in_wpp) {
-        for (w = 0; w < L->in_wpp; ++w) {
+    for (x = 0; x < L->in_w; ++x, px += channels, dst += wpp) {
+        for (w = 0; w < wpp; ++w) {
             dst[w] = 0;
         }
-        for (c = 0; c < E->channels; ++c) {
+        for (c = 0; c < channels; ++c) {
             const uint32_t p = px[c];
-            const uint32_t base = c * E->levels;
-            for (k = 0; k < E->levels; ++k) {
-                uint32_t on;
-                if (E->mode == GLT_ENC_THERMOMETER) {
-                    on = p >= E->thr[base + k];
-                } else {
-                    on = (p >> (7u - k)) & 1u;
+            const uint16_t *thr = E->thr + c * levels;
+            const uint32_t place = E->chan_dst[c];
+            uint32_t code = 0;  /* bit k = plane c * levels + k */
+            if (E->mode == GLT_ENC_THERMOMETER) {
+                /* Thresholds ascend, so the +1 planes are the first n. */
+                uint32_t n = 0;
+                while (n < levels && p >= thr[n]) {
+                    ++n;
                 }
-                if (on) {
-                    const uint32_t b = E->dst[base + k];
-                    dst[b >> 5] |= 1u << (b & 31u);
+                code = n >= 32u ? 0xFFFFFFFFu : (1u << n) - 1u;
+            } else {
+                for (k = 0; k < levels; ++k) {
+                    code |= ((p >> (7u - k)) & 1u) << k;
+                }
+            }
+            if (place != GLT_ENC_SCATTER) {
+                /* the channel's planes are consecutive bits of one word */
+                dst[place >> 5] |= code << (place & 31u);
+            } else {
+                const uint16_t *bit = E->dst + c * levels;
+                for (k = 0; code != 0u; ++k, code >>= 1) {
+                    if (code & 1u) {
+                        dst[bit[k] >> 5] |= 1u << (bit[k] & 31u);
+                    }
                 }
             }
         }

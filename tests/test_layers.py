@@ -1,0 +1,232 @@
+"""Behaviour of the input encodings, binary convolutions and blocks."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import larq_compute_engine as lce
+from glt_keras import models
+from glt_keras.layers.binary import BinaryConv2D, ChannelShuffle
+from glt_keras.layers.encoding import (
+    BinaryPlanes,
+    FixedThermometer,
+    LearnedThermometer,
+    plot_transfer_curve,
+)
+
+
+def pixels(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape).astype("float32")
+
+
+# ----------------------------------------------------------------------------- thermometer
+def test_thermometer_output_matches_threshold_comparison():
+    enc = LearnedThermometer(levels=4, initial_thresholds=[[10, 50, 100, 200]] * 3)
+    x = pixels((2, 5, 5, 3))
+    out = enc(x).numpy()
+    t = enc.thresholds()
+    expected = np.where(x[..., :, None] >= t[None, None, None], 1.0, -1.0).reshape(2, 5, 5, 12)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_allclose(t, [[10, 50, 100, 200]] * 3, atol=1e-3)
+
+
+def test_thresholds_stay_ordered_and_in_range_under_large_steps():
+    enc = LearnedThermometer(levels=8, threshold_lr_multiplier=10.0)
+    x = tf.constant(pixels((8, 6, 6, 3)))
+    enc(x)
+    opt = tf.keras.optimizers.SGD(learning_rate=1e4)
+    target = tf.constant(np.random.default_rng(1).choice([-1.0, 1.0], (8, 6, 6, 24)).astype("float32"))
+    for _ in range(20):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(enc(x) * target)
+        grads = tape.gradient(loss, enc.trainable_variables)
+        opt.apply_gradients(zip(grads, enc.trainable_variables))
+        t = enc.thresholds()
+        assert np.all(np.diff(t, axis=1) > 0), t
+        assert np.all(t > 0) and np.all(t < 255), t
+
+
+def test_thresholds_receive_nonzero_gradient():
+    enc = LearnedThermometer(levels=8)
+    x = tf.constant(pixels((4, 8, 8, 3)))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(enc(x) * tf.range(24, dtype=tf.float32))
+    (grad,) = tape.gradient(loss, enc.trainable_variables)
+    assert grad is not None
+    assert np.abs(grad.numpy()).sum() > 0
+
+
+def test_fixed_thermometer_is_not_trainable_and_uniform():
+    enc = FixedThermometer(levels=3)
+    enc(tf.zeros((1, 1, 1, 3)))
+    assert enc.trainable_variables == []
+    np.testing.assert_allclose(enc.thresholds()[0], [63.75, 127.5, 191.25], atol=1e-3)
+
+
+def test_quantile_initialisation_matches_data_quantiles():
+    rng = np.random.default_rng(0)
+    # Different distributions per channel: per-channel thresholds must follow them.
+    x = np.stack([rng.normal(60, 10, (50, 16, 16)), rng.uniform(0, 255, (50, 16, 16)),
+                  rng.normal(200, 15, (50, 16, 16))], -1).clip(0, 255).astype("float32")
+    enc = LearnedThermometer(levels=4)
+    t = enc.init_from_data(x)
+    qs = np.quantile(x.reshape(-1, 3), [0.2, 0.4, 0.6, 0.8], axis=0).T
+    np.testing.assert_allclose(t, qs, atol=0.05)
+    # Each level then holds about the same share of pixels.
+    counts = (x.reshape(-1, 3)[:, :, None] >= t[None]).mean(0)
+    np.testing.assert_allclose(counts, [[0.8, 0.6, 0.4, 0.2]] * 3, atol=0.01)
+
+
+def test_quantile_initialisation_handles_ties():
+    x = np.zeros((10, 4, 4, 3), "float32")  # all black: every quantile ties at 0
+    t = LearnedThermometer(levels=4).init_from_data(x)
+    assert np.all(np.diff(t, axis=1) > 0) and np.all(t > 0) and np.all(t < 255)
+
+
+def test_shared_thresholds():
+    enc = LearnedThermometer(levels=4, per_channel=False)
+    enc(tf.zeros((1, 1, 1, 3)))
+    assert enc.threshold_logits.shape == (1, 5)
+    assert enc.thresholds().shape == (3, 4)
+
+
+def test_invalid_initial_thresholds_rejected():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        LearnedThermometer(levels=3, initial_thresholds=[50, 40, 100])(tf.zeros((1, 1, 1, 1)))
+
+
+def test_binary_planes_are_the_bits():
+    x = np.array([0, 1, 128, 255, 77], "float32").reshape(1, 1, 5, 1)
+    out = BinaryPlanes()(x).numpy().reshape(5, 8)
+    bits = np.unpackbits(np.array([0, 1, 128, 255, 77], np.uint8)).reshape(5, 8)
+    np.testing.assert_array_equal(out, np.where(bits == 1, 1.0, -1.0))
+
+
+def test_transfer_curve_plot(tmp_path):
+    enc = LearnedThermometer(levels=8)
+    enc(tf.zeros((1, 1, 1, 3)))
+    path = plot_transfer_curve(enc, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert str(path).endswith("curve.png")
+
+
+# ----------------------------------------------------------------------------- binary conv
+def test_split_and_native_grouped_give_identical_outputs():
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 7, 7, 128)).astype("float32"))
+    split = BinaryConv2D(64, 3, groups=4, split_groups=True)
+    native = BinaryConv2D(64, 3, groups=4, split_groups=False)
+    split(x), native(x)
+    native.set_weights(split.get_weights())
+    np.testing.assert_array_equal(split(x).numpy(), native(x).numpy())
+
+
+def test_split_conv_gradients_match_native():
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 5, 5, 64)).astype("float32"))
+    split = BinaryConv2D(64, 3, groups=2, split_groups=True)
+    native = BinaryConv2D(64, 3, groups=2, split_groups=False)
+    split(x), native(x)
+    native.set_weights(split.get_weights())
+    grads = []
+    for layer in (split, native):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) ** 2)
+        grads.append(tape.gradient(loss, layer.trainable_variables)[0].numpy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+def test_invalid_group_width_raises_at_construction_naming_layer():
+    inputs = tf.keras.Input((8, 8, 32))
+    with pytest.raises(ValueError, match=r"bad_conv.*16 input channels.*multiple of 32"):
+        BinaryConv2D(32, 3, groups=2, name="bad_conv")(inputs)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        BinaryConv2D(30, 3, groups=4)
+    # The explicit opt-out builds.
+    BinaryConv2D(32, 3, groups=2, lce_check=False)(inputs)
+
+
+def test_padding_is_plus_one():
+    conv = BinaryConv2D(1, 3, kernel_initializer="ones", input_quantizer=None, kernel_quantizer=None)
+    out = conv(tf.zeros((1, 3, 3, 1))).numpy()[0, :, :, 0]
+    # Zero input, +1 padding: corners see 5 padded ones, edges 3, the centre none.
+    np.testing.assert_array_equal(out, [[5, 3, 5], [3, 0, 3], [5, 3, 5]])
+
+
+def test_channel_shuffle_is_a_permutation():
+    x = tf.reshape(tf.range(12.0), (1, 1, 1, 12))
+    out = ChannelShuffle(3)(x).numpy().ravel()
+    assert sorted(out) == list(range(12))
+    np.testing.assert_array_equal(out, [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
+
+
+# ----------------------------------------------------------------------------- whole nets
+def _census(flatbuffer):
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    names = []
+    for op in model.subgraphs[0].operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if code.customCode:
+            names.append(code.customCode.decode())
+        else:
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            names.append(next(k for k, v in vars(schema.BuiltinOperator).items() if v == builtin))
+    return names
+
+
+@pytest.mark.parametrize("encoding", ["glt", "fixed"])
+def test_small_network_converts_fully_binary_and_matches_keras(encoding):
+    model = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny",
+                           encoding=encoding, classifier_activation=None)
+    # Non-trivial BN statistics so the comparison is not of near-zero logits.
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n), rng.normal(0, 3, n), rng.uniform(1, 9, n)])
+    export = models.for_export(model)
+    flatbuffer = lce.convert_keras_model(export)
+    ops = _census(flatbuffer)
+    assert ops.count("LceBconv2d") == 3, ops  # two blocks + the head
+    for float_op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        assert float_op not in ops, ops
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    x = pixels((8, 32, 32, 3), seed=3)
+    got = Interpreter(flatbuffer, num_threads=1, use_indirect_bgemm=True).predict(x)
+    want = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+
+
+def test_model_summary_counts_by_hand():
+    model = models.glt_net(input_shape=(8, 8, 3), num_classes=2, widths=(32,), groups=(1,),
+                           pools=(False,), topology=None, levels=2)
+    summary = models.model_summary(model)
+    conv = 3 * 3 * 6 * 32  # GLT gives 3 * 2 = 6 planes
+    head = 32 * 2
+    assert summary["binary_params"] == conv + head
+    assert summary["macs"] == conv * 64 + head * 64
+    thresholds = 3 * 3  # logits: (channels, levels + 1)
+    bn = 4 * 32 + 4 * 2
+    assert summary["real_params"] == thresholds + bn
+    assert summary["binary_weight_bytes"] == (conv + head + 7) // 8
+
+
+def test_real_layers_switch_exactly_those_layers():
+    base = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny")
+    mixed = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny", real_layers=["block2"])
+    kinds = {c.name: c.precision for c in models.layer_costs(mixed)}
+    assert kinds == {"block1_conv": "binary", "block2_conv": "real", "head_conv": "binary"}
+    assert [c.params for c in models.layer_costs(base)] == [c.params for c in models.layer_costs(mixed)]
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf"])
+def test_models_save_and_load_by_name(tmp_path, fmt):
+    model = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny")
+    model.get_layer("encoding").set_thresholds(np.linspace(20, 230, 8))
+    x = pixels((2, 32, 32, 3))
+    path = str(tmp_path / ("model.h5" if fmt == "h5" else "saved"))
+    model.save(path, save_format=fmt)
+    loaded = tf.keras.models.load_model(path)  # no custom_objects: registered by name
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert type(loaded.get_layer("encoding")).__name__ == "LearnedThermometer"

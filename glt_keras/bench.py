@@ -225,7 +225,11 @@ def keras_entry(model, name: str, *, int8_io: bool = False, verify: bool = True)
     """Convert a Keras model with :func:`glt_keras.convert.to_tflite` into a bench entry."""
     from .convert import to_tflite
 
-    result = to_tflite(model, int8_io=int8_io, verify=verify)
+    return conversion_entry(to_tflite(model, int8_io=int8_io, verify=verify), name, model)
+
+
+def conversion_entry(result, name: str, model) -> BenchEntry:
+    """A bench entry from an existing :class:`~glt_keras.convert.ConversionResult`."""
     task = task_of_shape(model.input_shape[1:])
     extra = {"lce_bconv2d": result.report.binary_convs, "float_convs": len(result.report.float_convs)}
     if result.report.keras_summary:

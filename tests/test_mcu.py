@@ -52,8 +52,8 @@ def randomize(model, seed=0):
     enc = model.get_layer("encoding")
     if isinstance(enc, LearnedThermometer) and not isinstance(enc, FixedThermometer):
         channels, levels = enc.thresholds().shape
-        base = np.sort([rng.choice(np.arange(2, 252), levels, replace=False) for _ in range(channels)], axis=1)
-        frac = rng.uniform(0.05, 0.95, (channels, levels))
+        base = 2 * np.sort([rng.choice(np.arange(1, 126), levels, replace=False) for _ in range(channels)], axis=1)
+        frac = rng.uniform(0.05, 0.95, (channels, levels))  # gaps >= 1.1 pixel
         frac[:, ::3] = 0.0  # (near-)integer thresholds: pixel == t is the edge case
         enc.set_thresholds(base + frac)
     return model
@@ -210,7 +210,7 @@ def odd_model(encoding, softmax, groups):
         x = ChannelShuffle(groups, name="s1")(x)
     x = BinaryConv2D(40, (3, 5), groups=4, strides=(1, 2), lce_check=False, name="c2")(x)
     x = L.BatchNormalization(name="b2")(x)
-    x = ChannelShuffle(4, name="s2")(x)
+    x = ChannelShuffle(5, name="s2")(x)  # not the conv's 4 groups: a row -> group table
     x = BinaryConv2D(30, 2, groups=2, padding="valid", lce_check=False, name="c3")(x)
     x = L.BatchNormalization(name="b3")(x)
     x = BinaryConv2D(7, 1, lce_check=False, name="head_conv")(x)
@@ -229,6 +229,9 @@ def test_odd_shapes_groups_and_encodings(kind, tmp_path):
     model = randomize(odd_model(encoding, softmax=kind.endswith("softmax"), groups=groups), seed=3)
     result = export_c(model, tmp_path / kind)
     assert result.softmax == kind.endswith("softmax")
+    data = (tmp_path / kind / "glt_model_data.c").read_text()
+    assert "glt_l1_grp[" in data  # c2's rows, reordered by s2, need the group table
+    assert any(layer["dense_rows"] for layer in result.layers)
     x = images_for((13, 11, 3), n=8, seed=4)
     keras = model(x.astype("float32"), training=False).numpy()
     for builtin in (False, True):

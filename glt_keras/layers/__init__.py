@@ -3,7 +3,7 @@ from tensorflow.python.autograph.core import config as _autograph_config
 
 # AutoGraph skips the `keras` package but not `tf_keras`: without this rule the first
 # fit / conversion of every process spends about a minute converting tf_keras code.
-if not any(getattr(r, "module_prefix", None) == "tf_keras" for r in _autograph_config.CONVERSION_RULES):
+if not any(getattr(r, "_prefix", None) == "tf_keras" for r in _autograph_config.CONVERSION_RULES):
     _autograph_config.CONVERSION_RULES = _autograph_config.CONVERSION_RULES + (
         _autograph_config.DoNotConvert("tf_keras"),
     )

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 
-def load_model(name_or_path: str):
-    """A zoo model by name (``glt_keras.zoo.load``) or a saved Keras model file / directory."""
+def load_model(name_or_path: str, weights="pretrained"):
+    """A zoo model by name (``glt_keras.zoo.load``, with ``weights``) or a saved Keras
+    model file / directory."""
     path = Path(name_or_path)
     if path.exists():
         import tensorflow as tf
@@ -23,13 +24,15 @@ def load_model(name_or_path: str):
             f"{name_or_path!r} is not a model file, and the zoo (glt_keras.zoo) is not available "
             f"to load it by name ({err})."
         ) from err
-    return zoo.load(name_or_path)
+    if weights in ("none", "None", None):
+        weights = None
+    return zoo.load(name_or_path, weights=weights)
 
 
 def cmd_export_c(args) -> int:
     from .report import format_report, mcu_report
 
-    model = load_model(args.model)
+    model = load_model(args.model, args.weights)
     if args.images:
         import numpy as np
 
@@ -68,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="NAME_OR_MODEL",
                    help="a zoo model name (glt_keras.zoo) or a saved Keras model (.h5 / .keras / SavedModel)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory for the C sources")
+    p.add_argument("--weights", default="pretrained", metavar="W",
+                   help="for a zoo NAME: 'pretrained' (default), 'none' (random initialisation) or a weight file")
     p.add_argument("--name", default="glt_model", help="header / data file stem (default: glt_model)")
     p.add_argument("--check", type=int, default=8, metavar="N",
                    help="compare the host C build with Keras on N images (0: export only; default 8)")

@@ -107,6 +107,18 @@ class ConvSpec:
     def k_bits(self) -> int:
         return self.kh * self.kw * self.cin_g
 
+    @property
+    def dense(self) -> bool:
+        """Rows packed as one bit stream: fewer than 32 channels per group (e.g. the
+        24 thermometer planes of RGB) would otherwise leave bits of every word unused."""
+        return self.cin_g < 32 and self.kh * self.kw > 1
+
+    @property
+    def row_words(self) -> int:
+        if self.dense:
+            return -(-self.k_bits // 32)
+        return self.kh * self.kw * _wpg(self.cin_g)
+
 
 @dataclass
 class ModelSpec:
@@ -473,7 +485,7 @@ def plan_memory(spec: ModelSpec) -> MemoryPlan:
             out_what = f"{conv.out_h}x{conv.out_w}x{conv.cout} bits"
         sizes.append((conv, in_words, out_words, in_what, out_what))
     pingpong = max(a + b for _, a, b, _, _ in sizes)
-    scratch = max(c.ph * c.pw * c.kh * c.kw * _wpg(c.cin_g) * c.groups for c in convs)
+    scratch = max(c.ph * c.pw * c.row_words * c.groups for c in convs)
     plan = MemoryPlan(arena_words=pingpong + scratch, pingpong_words=pingpong, scratch_words=scratch,
                       ring_rows=ring_rows)
     low = True  # where the current layer's input lives
@@ -486,10 +498,21 @@ def plan_memory(spec: ModelSpec) -> MemoryPlan:
     return plan
 
 
+def _pack_bits(bits: np.ndarray, words: int) -> np.ndarray:
+    """(rows, n) bools -> (rows, words) uint32, bit i of the stream = bit i % 32 of word i // 32."""
+    padded = np.zeros((bits.shape[0], words * 32), dtype=np.uint64)
+    padded[:, : bits.shape[1]] = bits
+    return (padded.reshape(-1, words, 32) << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+
+
 def _pack_rows(conv: ConvSpec, row_order: np.ndarray) -> np.ndarray:
-    """Weights as uint32 words: rows in consumer order, each [ky][kx][word] of its group."""
+    """Weights as uint32 words: rows in consumer order, each [ky][kx][word] of its group
+    (or, for a dense layer, the [ky][kx][channel] bits as one stream)."""
     wpg = _wpg(conv.cin_g)
     bits = conv.kernel_bits[..., row_order]  # (kh, kw, cin_g, cout)
+    if conv.dense:
+        stream = np.moveaxis(bits, -1, 0).reshape(conv.cout, -1)  # (cout, kh*kw*cin_g)
+        return _pack_bits(stream, conv.row_words).reshape(-1)
     padded = np.zeros((conv.kh, conv.kw, wpg * 32, conv.cout), dtype=np.uint64)
     padded[:, :, : conv.cin_g, :] = bits
     padded = padded.reshape(conv.kh, conv.kw, wpg, 32, conv.cout)
@@ -681,13 +704,14 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
                 conv.in_h, conv.in_w, conv.out_h, conv.out_w, conv.kh, conv.kw, conv.sh, conv.sw,
                 conv.ph, conv.pw, conv.pad_top, conv.pad_left, in_wpp, in_wpg, conv.cout,
                 grp_div, grp_mod, grp_table, out_wpp, out_cpg, out_wpg, conv.k_bits,
-                f"{tag}_w", thr_ref, f"{tag}_pad", f"{lp.in_off}u", f"{lp.out_off}u", scale_ref, offset_ref,
+                conv.cin_g, conv.row_words, int(conv.dense), f"{tag}_w", thr_ref, f"{tag}_pad", f"{lp.in_off}u", f"{lp.out_off}u", scale_ref, offset_ref,
             )) + "}"
         )
         layer_summaries.append({
             "conv": conv.name, "bn": conv.bn, "pool": conv.pool_layer, "head": conv.head,
             "input": [conv.in_h, conv.in_w, conv.in_c], "output": [conv.out_h, conv.out_w, conv.cout],
             "kernel": [conv.kh, conv.kw], "groups": conv.groups, "k_bits": conv.k_bits,
+            "row_words": conv.row_words, "dense_rows": conv.dense,
             "weight_bytes": 4 * len(weights),
             "negated_rows": int(conv.flip.sum()) if conv.flip is not None else 0,
             "binary_macs": conv.conv_h * conv.conv_w * conv.cout * conv.k_bits,
@@ -699,7 +723,8 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
 
     max_rows = max((c.ph - 1) * c.sh + c.kh for c in convs)
     # Inline a constant-size kernel for the common row sizes (at most 4: code size).
-    row_words = sorted({c.kh * c.kw * _wpg(c.cin_g) for c in convs[:-1]})
+    row_words = sorted({c.row_words for c in convs[:-1]})
+    max_win = max(c.ph * c.pw * c.kh * c.kw for c in convs)
     specialized = " ".join(f"X({n})" for n in row_words if n <= 60)
     specialized = " ".join(specialized.split(" ")[:4])
     head = convs[-1]
@@ -748,8 +773,13 @@ extern "C" {{
 /* Library internals. */
 #define GLT_NUM_CONV_LAYERS {len(convs)}
 #define GLT_MAX_ROWS {max_rows}
+#define GLT_MAX_WIN {max_win}
 #define GLT_RING_ROWS {plan.ring_rows}
 #define GLT_SCRATCH_OFFSET {plan.pingpong_words}
+#define GLT_ENC_MODE {0 if enc.kind == "thermometer" else 1}
+#define GLT_ENC_CHANNELS {enc.channels}
+#define GLT_ENC_LEVELS {enc.levels}
+#define GLT_ENC_WPP {_wpg(first.cin_g) * first.groups}
 /* Words per weight row with a specialised (unrolled) kernel. */
 #define GLT_SPECIALIZED_NK(X) {specialized}
 
@@ -866,7 +896,10 @@ Exactness
   All binary parts are integer and exact; the result equals the Keras model's up to
   float rounding in the head's final affine map (and softmax).
   - Conv: s = K - 2 * popcount(x XOR w) over bit-packed +-1 values (bit 1 = +1), with
-    padded positions read as +1 (larq pad_values=1) and unused bits zero.
+    padded positions read as +1 (larq pad_values=1) and unused bits zero. Each output
+    pixel's receptive field is first gathered into one contiguous row per group; with
+    fewer than 32 channels per group (e.g. the 24 thermometer planes of RGB) the row is
+    one dense bit stream over the kernel window, so no bits are wasted.
   - BatchNorm + sign (larq: sign(0) = +1) -> per-channel integer threshold on the
     mismatch count, found by evaluating the Keras BN layer on every possible conv
     output; channels with a negative BN scale have their weight row negated, channels

@@ -261,7 +261,8 @@ def build_host(export_dir, *, build_dir=None, cc: str | None = None, cflags=("-O
     cc = find_cc(cc)
     header = find_header(export_dir)
     macros = read_macros(header)
-    build_dir = Path(build_dir) if build_dir else Path(tempfile.mkdtemp(prefix="glt_host_"))
+    temporary = build_dir is None
+    build_dir = Path(tempfile.mkdtemp(prefix="glt_host_")) if temporary else Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     harness = build_dir / "glt_host_harness.c"
     harness.write_text(HARNESS.replace("@HEADER@", header.name))
@@ -275,12 +276,16 @@ def build_host(export_dir, *, build_dir=None, cc: str | None = None, cflags=("-O
     os.close(fd)
     cmd = [cc, "-std=c99", *cflags, *defines, "-fPIC", "-shared", "-Wl,-Bsymbolic", f"-I{export_dir}",
            *map(str, library_sources(export_dir)), str(harness), "-o", lib_path, "-lm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"host build failed: {' '.join(cmd)}\n{proc.stderr}")
-    plan = export_dir / "plan.json"
-    layers = json.loads(plan.read_text())["layers"] if plan.exists() else None
-    return HostLibrary(Path(lib_path), macros, layers)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"host build failed: {' '.join(cmd)}\n{proc.stderr}")
+        plan = export_dir / "plan.json"
+        layers = json.loads(plan.read_text())["layers"] if plan.exists() else None
+        return HostLibrary(Path(lib_path), macros, layers)  # loaded: the file may go now
+    finally:
+        if temporary:
+            shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def run_host(export_dir, images, **kwargs) -> np.ndarray:

@@ -95,9 +95,7 @@ class Distiller(tf.keras.Model):
 
     def _update_metrics(self, loss, y, logits):
         self.loss_tracker.update_state(loss)
-        for metric in self.metrics:
-            if metric is not self.loss_tracker:
-                metric.update_state(y, logits)
+        self.compiled_metrics.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics}
 
     @property

@@ -70,6 +70,8 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
     """
     from ..data import load_arrays, load_image_folder
 
+    if "paste" in spec:
+        return _pasted_source(spec["paste"], classes, data_dir, size_hw)
     if "folder" in spec:
         ds = load_image_folder(spec["folder"], image_size=size_hw)
     else:
@@ -102,6 +104,24 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
     if size_hw is not None:
         x = _resize_uint8(x, size_hw)
     return x, y.astype("int32")
+
+
+def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
+    """Synthetic positives: person windows pasted into scenes without people.
+
+    ``{scenes: {dataset, split, class}, persons: {dataset, split, class}, n, label}``
+    """
+    from ..data import load_arrays, paste_augment
+
+    def pick(part):
+        ds = load_arrays(part["dataset"], part["split"], data_dir=data_dir)
+        return ds.x[ds.y == list(ds.class_names).index(part["class"])]
+
+    scenes = pick(spec["scenes"])
+    if size_hw is not None:
+        scenes = _resize_uint8(scenes, size_hw)
+    x, _ = paste_augment(scenes, pick(spec["persons"]), n=int(spec["n"]), seed=int(spec.get("seed", 0)))
+    return x, np.full(len(x), classes.index(spec.get("label", "person")), "int32")
 
 
 def _holdout(x, y, fraction, seed):
@@ -258,8 +278,12 @@ def restore_checkpoint(directory: Path, checkpoint) -> int:
 class RunLogger(tf.keras.callbacks.Callback):
     """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
 
-    def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None):
+    def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
+                 *, recipe_name="", planned_epochs=0, images_per_epoch=0):
         super().__init__()
+        self.recipe_name = recipe_name
+        self.planned_epochs = planned_epochs
+        self.images_per_epoch = images_per_epoch
         self.run_dir = Path(run_dir)
         self.student = model
         self.monitor = monitor
@@ -271,6 +295,26 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
         self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
         self._t0 = None
+
+    def write_summary(self, **extra):
+        """summary.json after every epoch, so a run in progress can be published honestly."""
+        previous = {}
+        if (self.run_dir / "summary.json").exists():
+            previous = json.loads((self.run_dir / "summary.json").read_text())
+        seconds = sum(r.get("seconds", 0) for r in self.rows)
+        images = self.images_per_epoch * len(self.rows)
+        summary = {
+            **previous,
+            "recipe": self.recipe_name,
+            "epochs": int(self.rows[-1]["epoch"]) if self.rows else 0,
+            "planned_epochs": self.planned_epochs,
+            "train_seconds": round(seconds, 1),
+            "images_per_second": round(images / max(seconds, 1e-9), 1),
+            "best_" + self.monitor: float(self.best),
+            **extra,
+        }
+        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.time()
@@ -286,6 +330,7 @@ class RunLogger(tf.keras.callbacks.Callback):
             pass
         self.rows.append(row)
         _write_history(self.history_path, self.rows)
+        self.write_summary()
         if row.get(self.monitor, -np.inf) > self.best:
             self.best = row[self.monitor]
             tmp = self.run_dir / "best.weights.tmp.h5"
@@ -489,7 +534,8 @@ def train(
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
-    logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy")
+    logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
+                       recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch)
     all_callbacks = [
         EpochCheckpoint(ckpt_dir, checkpoint, epoch_var),
         logger,
@@ -507,24 +553,15 @@ def train(
         callbacks=all_callbacks,
         verbose=verbose,
     )
-    wall = time.time() - t0
-    rows = logger.rows
-    previous = {}
+    previous_sessions = 0
     if (run_dir / "summary.json").exists():
-        previous = json.loads((run_dir / "summary.json").read_text())
-    train_seconds = sum(r.get("seconds", 0) for r in rows)
-    summary = {
-        "recipe": recipe.name,
-        "epochs": int(rows[-1]["epoch"]) if rows else 0,
-        "train_seconds": round(train_seconds, 1),
-        "wall_seconds_this_session": round(wall, 1),
-        "sessions": previous.get("sessions", 0) + 1,
-        "images_per_second": round(n_steps * global_batch * len(rows) / max(train_seconds, 1e-9), 1),
-        "best_" + logger.monitor: float(logger.best),
-        "train_images": int(len(splits.train[1])),
-        "val_images": int(len(splits.val[1])) if splits.val is not None else 0,
-    }
-    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        previous_sessions = json.loads((run_dir / "summary.json").read_text()).get("sessions", 0)
+    summary = logger.write_summary(
+        sessions=previous_sessions + 1,
+        wall_seconds_this_session=round(time.time() - t0, 1),
+        train_images=int(len(splits.train[1])),
+        val_images=int(len(splits.val[1])) if splits.val is not None else 0,
+    )
     return summary
 
 

@@ -23,6 +23,9 @@ typedef struct {
     uint16_t out_wpp;           /* output layout: words per output pixel */
     uint16_t out_cpg, out_wpg;  /* channels / words per output group (of the next layer) */
     uint16_t k_bits;            /* kh * kw * (input channels per group) */
+    uint16_t cin_g;             /* input channels per group */
+    uint16_t row_words;         /* words per weight row */
+    uint8_t dense;              /* 1: a row is one bit stream (cin_g < 32), 0: [ky][kx][word] */
     const uint32_t *weights;    /* cout rows of kh * kw * in_wpg words, bit 1 = +1 */
     const int16_t *thr;         /* bit = (mismatches <= thr[j]); NULL for the head */
     const uint32_t *pad;        /* in_wpp words: a padded (+1) input pixel */

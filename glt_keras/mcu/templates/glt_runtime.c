@@ -26,6 +26,13 @@ void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out);
 #define GLT_BUILTIN_POPCOUNT 0
 #endif
 
+/* Unroll the short constant loops of the encoder (GCC >= 8). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define GLT_UNROLL _Pragma("GCC unroll 32")
+#else
+#define GLT_UNROLL
+#endif
+
 #if defined(__GNUC__)
 #define GLT_INLINE static inline __attribute__((always_inline))
 #define GLT_NOINLINE static __attribute__((noinline))
@@ -50,18 +57,21 @@ GLT_INLINE uint32_t glt_mismatches(const uint32_t *a, const uint32_t *w, uint32_
     return total;
 }
 #else
-/* 2-bit then 4-bit partial counts of one word (each nibble <= 4). */
-GLT_INLINE uint32_t glt_nibbles(uint32_t v)
-{
-    v = v - ((v >> 1) & 0x55555555u);
-    return (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
-}
+/* The SWAR masks. With GCC / Clang on ARM they are kept in registers (opaque to the
+ * optimiser), so that "(v >> 1) & m" is one AND with a shifted operand. */
+#if defined(__GNUC__) && (defined(__arm__) || defined(__thumb__))
+#define GLT_MASKS                                                   \
+    uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu; \
+    __asm__("" : "+r"(m1), "+r"(m2), "+r"(m4))
+#else
+#define GLT_MASKS const uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu
+#endif
+
+/* 2-bit then 4-bit partial counts of one word x (each nibble <= 4); t is a temporary. */
+#define GLT_NIBBLES(t, x) ((t) = (x) - (((x) >> 1) & m1), ((t) & m2) + (((t) >> 2) & m2))
 
 /* Nibble counts (each <= 15) -> byte counts. */
-GLT_INLINE uint32_t glt_bytes(uint32_t v)
-{
-    return (v & 0x0F0F0F0Fu) + ((v >> 4) & 0x0F0F0F0Fu);
-}
+#define GLT_BYTES(v) (((v) & m4) + (((v) >> 4) & m4))
 
 /* Sum of the four byte counters (each <= 240; the sum may exceed a byte). */
 GLT_INLINE uint32_t glt_fold(uint32_t v)
@@ -71,44 +81,56 @@ GLT_INLINE uint32_t glt_fold(uint32_t v)
 }
 
 /* Number of differing bits between n = 3 * triples + rem (rem < 3) activation words
- * and weight words. SWAR: the nibble counts of three words are added before widening
- * to bytes (<= 12 per nibble), and the byte counts of up to ten triples (<= 240 per
- * byte) before each fold. */
+ * and weight words. SWAR: three words are first reduced to two by a carry-save adder
+ * (ones + 2 * twos), their nibble counts combined (<= 12 per nibble) before widening to
+ * bytes, and the byte counts of up to ten triples (<= 240 per byte) summed before each
+ * fold. */
 GLT_INLINE uint32_t glt_mismatches(const uint32_t *a, const uint32_t *w, uint32_t triples, uint32_t rem)
 {
-    uint32_t total = 0, acc, v;
+    uint32_t total = 0, acc, v, t1, t2;
+    GLT_MASKS;
     while (triples > 0u) {
         uint32_t chunk = triples < 10u ? triples : 10u;
         triples -= chunk;
         acc = 0;
         do {
-            v = glt_nibbles(a[0] ^ w[0]) + glt_nibbles(a[1] ^ w[1]) + glt_nibbles(a[2] ^ w[2]);
-            acc += glt_bytes(v);
+            /* carry-save add of three words: x0 + x1 + x2 = ones + 2 * twos (bitwise) */
+            const uint32_t x0 = a[0] ^ w[0], x1 = a[1] ^ w[1], x2 = a[2] ^ w[2];
+            const uint32_t u = x0 ^ x1;
+            const uint32_t ones = u ^ x2, twos = (x0 & x1) | (u & x2);
+            v = GLT_NIBBLES(t1, ones) + (GLT_NIBBLES(t2, twos) << 1); /* <= 4 + 8 per nibble */
+            acc += GLT_BYTES(v);
             a += 3;
             w += 3;
         } while (--chunk);
         total += glt_fold(acc);
     }
     if (rem > 0u) {
-        v = glt_nibbles(a[0] ^ w[0]);
+        const uint32_t x0 = a[0] ^ w[0];
+        v = GLT_NIBBLES(t1, x0);
         if (rem > 1u) {
-            v += glt_nibbles(a[1] ^ w[1]);
+            const uint32_t x1 = a[1] ^ w[1];
+            v += GLT_NIBBLES(t2, x1);
         }
-        total += glt_fold(glt_bytes(v));
+        total += glt_fold(GLT_BYTES(v));
     }
     return total;
 }
 #endif
 
 /* Copy the receptive fields of the ph * pw conv positions pooled into output column
- * ox into a contiguous buffer laid out [group][pool position][ky][kx][word], so that
- * every weight row is one contiguous dot product. rows[r] is input row
- * (first row of this output row + r), NULL for a padding row. */
+ * ox into a contiguous buffer laid out [group][pool position][row_words], so that every
+ * weight row is one contiguous dot product. A row is [ky][kx][word] of the group's
+ * channels, or, for a "dense" layer (fewer than 32 channels per group), the
+ * kh * kw * cin_g bits as one packed stream. rows[r] is input row (first row of this
+ * output row + r), NULL for a padding row. */
 static void glt_gather(const glt_conv_t *L, const uint32_t *const *rows, uint32_t ox, uint32_t *g)
 {
-    const uint32_t groups = (uint32_t)L->in_wpp / L->in_wpg;
-    const uint32_t field = (uint32_t)L->ph * L->pw * L->kh * L->kw * L->in_wpg;
-    uint32_t dy, dx, ky, kx, gi, w, pos = 0;
+    const uint32_t *pix[GLT_MAX_WIN];
+    const uint32_t groups = (uint32_t)L->in_wpp / L->in_wpg, wpg = L->in_wpg;
+    const uint32_t kk = (uint32_t)L->kh * L->kw, nq = (uint32_t)L->ph * L->pw;
+    const uint32_t nk = L->row_words;
+    uint32_t dy, dx, ky, kx, gi, i, w, q, n = 0;
     for (dy = 0; dy < L->ph; ++dy) {
         for (dx = 0; dx < L->pw; ++dx) {
             const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
@@ -116,18 +138,39 @@ static void glt_gather(const glt_conv_t *L, const uint32_t *const *rows, uint32_
                 const uint32_t *row = rows[dy * L->sh + ky];
                 for (kx = 0; kx < L->kw; ++kx) {
                     const int32_t x = x0 + (int32_t)kx;
-                    const uint32_t *px = (row != NULL && x >= 0 && x < (int32_t)L->in_w)
-                                             ? row + (uint32_t)x * L->in_wpp
-                                             : L->pad;
-                    for (gi = 0; gi < groups; ++gi) {
-                        uint32_t *dst = g + gi * field + pos;
-                        const uint32_t *src = px + gi * L->in_wpg;
-                        for (w = 0; w < L->in_wpg; ++w) {
-                            dst[w] = src[w];
-                        }
-                    }
-                    pos += L->in_wpg;
+                    pix[n++] = (row != NULL && x >= 0 && x < (int32_t)L->in_w)
+                                   ? row + (uint32_t)x * L->in_wpp
+                                   : L->pad;
                 }
+            }
+        }
+    }
+    for (gi = 0; gi < groups; ++gi) {
+        uint32_t *dst = g + gi * nq * nk;
+        if (!L->dense) {
+            for (i = 0; i < nq * kk; ++i) {
+                const uint32_t *src = pix[i] + gi * wpg;
+                for (w = 0; w < wpg; ++w) {
+                    *dst++ = src[w];
+                }
+            }
+            continue;
+        }
+        for (q = 0; q < nq; ++q) {
+            const uint32_t bits = L->cin_g;
+            uint32_t acc = 0, off = 0;
+            for (i = 0; i < kk; ++i) {
+                const uint32_t v = pix[q * kk + i][gi];
+                acc |= v << off;
+                off += bits;
+                if (off >= 32u) {
+                    *dst++ = acc;
+                    off -= 32u;
+                    acc = off ? v >> (bits - off) : 0u;
+                }
+            }
+            if (off) {
+                *dst++ = acc;
             }
         }
     }
@@ -191,13 +234,13 @@ GLT_SPECIALIZED_NK(GLT_DEFINE_ROW)
 GLT_NOINLINE void glt_conv_row_any(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                              uint32_t *scratch)
 {
-    glt_conv_row_nk(L, rows, out, scratch, (uint32_t)L->kh * L->kw * L->in_wpg);
+    glt_conv_row_nk(L, rows, out, scratch, L->row_words);
 }
 
 static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                          uint32_t *scratch)
 {
-    const uint32_t nk = (uint32_t)L->kh * L->kw * L->in_wpg;
+    const uint32_t nk = L->row_words;
 #define GLT_CALL_ROW(N)                             \
     if (nk == N##u) {                               \
         glt_conv_row_##N(L, rows, out, scratch);    \
@@ -212,7 +255,7 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
 GLT_NOINLINE void glt_head_row(const glt_conv_t *L, const uint32_t *const *rows, int32_t *acc,
                          uint32_t *scratch)
 {
-    const uint32_t nk = (uint32_t)L->kh * L->kw * L->in_wpg;
+    const uint32_t nk = L->row_words;
     uint32_t ox, j;
     for (ox = 0; ox < L->out_w; ++ox) {
         const uint32_t *wt = L->weights;
@@ -236,41 +279,49 @@ static void glt_encode_row(const uint8_t *rgb, uint32_t y, uint32_t *dst)
 {
     const glt_conv_t *L = &glt_layers[0];
     const glt_encoding_t *E = &glt_encoding;
-    const uint32_t channels = E->channels, levels = E->levels, wpp = L->in_wpp;
-    const uint8_t *px = rgb + (size_t)y * L->in_w * channels;
+    const uint8_t *px = rgb + (size_t)y * L->in_w * GLT_ENC_CHANNELS;
     uint32_t x, c, k, w;
-    for (x = 0; x < L->in_w; ++x, px += channels, dst += wpp) {
-        for (w = 0; w < wpp; ++w) {
-            dst[w] = 0;
+    for (x = 0; x < L->in_w; ++x, px += GLT_ENC_CHANNELS, dst += GLT_ENC_WPP) {
+        uint32_t pix[GLT_ENC_WPP];
+        for (w = 0; w < GLT_ENC_WPP; ++w) {
+            pix[w] = 0;
         }
-        for (c = 0; c < channels; ++c) {
-            const uint32_t p = px[c];
-            const uint16_t *thr = E->thr + c * levels;
+        for (c = 0; c < GLT_ENC_CHANNELS; ++c) {
+            const int32_t p = px[c];
             const uint32_t place = E->chan_dst[c];
-            uint32_t code = 0;  /* bit k = plane c * levels + k */
-            if (E->mode == GLT_ENC_THERMOMETER) {
-                /* Thresholds ascend, so the +1 planes are the first n. */
-                uint32_t n = 0;
-                while (n < levels && p >= thr[n]) {
-                    ++n;
+            uint32_t code = 0; /* bit k = plane c * levels + k */
+#if GLT_ENC_MODE == GLT_ENC_THERMOMETER
+            {
+                /* Integer comparisons p >= thr; the thresholds ascend, so the +1 planes
+                 * are the first n of the channel. */
+                const uint16_t *thr = E->thr + c * GLT_ENC_LEVELS;
+                uint32_t n = GLT_ENC_LEVELS;
+                GLT_UNROLL
+                for (k = 0; k < GLT_ENC_LEVELS; ++k) {
+                    n -= (uint32_t)(p - (int32_t)thr[k]) >> 31; /* p < thr[k] */
                 }
                 code = n >= 32u ? 0xFFFFFFFFu : (1u << n) - 1u;
-            } else {
-                for (k = 0; k < levels; ++k) {
-                    code |= ((p >> (7u - k)) & 1u) << k;
-                }
             }
+#else
+            GLT_UNROLL
+            for (k = 0; k < GLT_ENC_LEVELS; ++k) {
+                code |= (((uint32_t)p >> (7u - k)) & 1u) << k;
+            }
+#endif
             if (place != GLT_ENC_SCATTER) {
                 /* the channel's planes are consecutive bits of one word */
-                dst[place >> 5] |= code << (place & 31u);
+                pix[place >> 5] |= code << (place & 31u);
             } else {
-                const uint16_t *bit = E->dst + c * levels;
+                const uint16_t *bit = E->dst + c * GLT_ENC_LEVELS;
                 for (k = 0; code != 0u; ++k, code >>= 1) {
                     if (code & 1u) {
-                        dst[bit[k] >> 5] |= 1u << (bit[k] & 31u);
+                        pix[bit[k] >> 5] |= 1u << (bit[k] & 31u);
                     }
                 }
             }
+        }
+        for (w = 0; w < GLT_ENC_WPP; ++w) {
+            dst[w] = pix[w];
         }
     }
 }

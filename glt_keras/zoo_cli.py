@@ -162,11 +162,13 @@ def cmd(args):
         for name in zoo.list_models():
             r = zoo.get_recipe(name)
             e = published.get(name)
-            acc = "not trained"
-            if e:
-                split = "test" if "test" in e["metrics"] else "val"
-                acc = f"{_pct(e['metrics'][split]['accuracy'])} ({split})"
-            size = f"{e['size']['tflite_bytes']:,}" if e else "-"
+            acc = "not trained" if e is None else "not measured"
+            metrics = (e or {}).get("metrics") or {}
+            for split in ("test", "val"):
+                if split in metrics:
+                    acc = f"{_pct(metrics[split]['accuracy'])} ({split})"
+                    break
+            size = f"{e['size']['tflite_bytes']:,}" if e and "size" in e else "-"
             print(f"| {name} | {r.task} | {'x'.join(map(str, r.input_shape))} | {acc} | {size} |")
     elif args.action == "card":
         if not args.target:

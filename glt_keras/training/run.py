@@ -74,6 +74,12 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
         return _pasted_source(spec["paste"], classes, data_dir, size_hw)
     if "folder" in spec:
         ds = load_image_folder(spec["folder"], image_size=size_hw)
+    elif "tfds" in spec:
+        if spec["tfds"] != "stl10":
+            raise ValueError(f"data source {spec}: only tfds 'stl10' is supported.")
+        from ..data import load_tfds_stl10
+
+        ds = load_tfds_stl10(spec["split"], data_dir=spec.get("data_dir"), manual_dir=spec.get("manual_dir"))
     else:
         ds = load_arrays(spec["dataset"], spec["split"], data_dir=data_dir)
     label_map = spec.get("label_map")

@@ -1,0 +1,117 @@
+"""The zoo registry: list, load with checksum checks, cards, and the command line."""
+import json
+
+import numpy as np
+import pytest
+
+from glt_keras import cli, zoo
+from glt_keras.recipe import load_recipe
+
+
+@pytest.fixture
+def fake_zoo(tmp_path, monkeypatch):
+    """A zoo folder with one published model (random weights) and one unpublished."""
+    root = tmp_path / "zoo"
+    for name, classes in (("toy_binary", ["a", "b", "c"]), ("toy_untrained", ["x", "y"])):
+        (root / name).mkdir(parents=True)
+        (root / name / "recipe.yaml").write_text(
+            f"name: {name}\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: {classes}\n"
+            "model: {topology: tiny, levels: 4}\n"
+        )
+    monkeypatch.setattr(zoo, "ZOO_DIR", root)
+    monkeypatch.setattr(zoo, "REGISTRY_PATH", root / "registry.json")
+    import glt_keras.recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "ZOO_DIR", root)
+    model = zoo.load("toy_binary", weights=None)
+    rng = np.random.default_rng(0)
+    model.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()])
+    weights = root / "toy_binary" / "toy_binary.weights.h5"
+    model.save_weights(str(weights))
+    (root / "registry.json").write_text(json.dumps({
+        "toy_binary": {"weights": "toy_binary/toy_binary.weights.h5", "sha256": zoo.sha256_of(weights),
+                       "metrics": {}, "task": "toy"}
+    }))
+    return root, model
+
+
+def test_list_models(fake_zoo):
+    assert zoo.list_models() == ["toy_binary", "toy_untrained"]
+    assert zoo.list_models(pretrained=True) == ["toy_binary"]
+
+
+def test_load_pretrained_gives_the_published_weights(fake_zoo):
+    _, original = fake_zoo
+    model = zoo.load("toy_binary")
+    x = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype("uint8")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), original.predict(x, verbose=0))
+    assert model.output_shape == (None, 3)
+    np.testing.assert_allclose(model.predict(x, verbose=0).sum(-1), 1.0, rtol=1e-5)  # softmax scores
+
+
+def test_checksum_mismatch_names_the_file(fake_zoo):
+    root, _ = fake_zoo
+    path = root / "toy_binary" / "toy_binary.weights.h5"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(zoo.WeightsError, match=r"toy_binary.weights.h5.*SHA-256"):
+        zoo.load("toy_binary")
+
+
+def test_truncated_weight_file_is_a_clear_error(fake_zoo, tmp_path):
+    root, _ = fake_zoo
+    truncated = tmp_path / "cut.weights.h5"
+    truncated.write_bytes((root / "toy_binary" / "toy_binary.weights.h5").read_bytes()[:500])
+    with pytest.raises(zoo.WeightsError, match=r"cut.weights.h5.*truncated or corrupt"):
+        zoo.load("toy_binary", weights=truncated)
+
+
+def test_untrained_model_names_the_training_command(fake_zoo):
+    with pytest.raises(zoo.WeightsError, match="glt-keras train toy_untrained"):
+        zoo.load("toy_untrained")
+    assert zoo.load("toy_untrained", weights=None).output_shape == (None, 2)
+
+
+def test_unknown_model(fake_zoo):
+    with pytest.raises(ValueError, match="Unknown zoo model 'nope'.*toy_binary"):
+        zoo.load("nope")
+
+
+def test_new_head_and_no_top_keep_the_backbone(fake_zoo):
+    _, original = fake_zoo
+    five = zoo.load("toy_binary", num_classes=5)
+    assert five.output_shape == (None, 5)
+    np.testing.assert_array_equal(five.get_layer("block2_conv").get_weights()[0],
+                                  original.get_layer("block2_conv").get_weights()[0])
+    features = zoo.load("toy_binary", include_top=False, input_shape=(32, 32, 3))
+    assert features.output_shape == (None, 8, 8, 64)
+
+
+def test_card_without_weights_says_how_to_train(fake_zoo):
+    card = zoo.card("toy_untrained")
+    assert card["classes"] == ["x", "y"]
+    assert "glt-keras train toy_untrained" in card["markdown"]
+
+
+def test_cli_zoo_list(fake_zoo, capsys):
+    assert cli.main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "| toy_binary | toy |" in out and "not trained" in out
+
+
+def test_every_shipped_recipe_builds():
+    from glt_keras.recipe import ZOO_DIR
+
+    for path in sorted(ZOO_DIR.glob("*/recipe.yaml")):
+        recipe = load_recipe(path)
+        model = recipe.build_model()
+        assert model.output_shape == (None, len(recipe.classes)), path
+        assert tuple(model.input_shape[1:]) == recipe.input_shape
+
+
+def test_shipped_registry_checksums_match():
+    """Every published weight file in the repository matches its registry SHA-256."""
+    for name in zoo.list_models(pretrained=True):
+        path = zoo.pretrained_weights(name)  # raises on a mismatch
+        assert path.exists()

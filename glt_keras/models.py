@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from .layers.binary import BinaryConv2D
-from .layers.blocks import binary_head, conv_block
+from .layers.binary import BinaryConv2D, ChannelShuffle
+from .layers.blocks import BN_MOMENTUM, binary_head, conv_block
 from .layers.encoding import get_encoding
 
 #: Named topologies. widths/groups/pools: one entry per conv block.
@@ -119,7 +119,13 @@ def glt_net(
     inputs = tf.keras.Input(input_shape, name="pixels")
     x = get_encoding(encoding, levels=levels, name="encoding", **(encoding_kwargs or {}))(inputs)
     for i, (width, group, pool, stride, kernel) in enumerate(zip(widths, groups, pools, strides, kernels)):
-        x = conv_block(
+        # A real block whose output feeds a binary layer gets no ReLU: that layer's sign is
+        # its non-linearity, and sign(ReLU(.)) would be +1 everywhere (no signal at all).
+        has_next = i + 1 < len(widths) or include_top
+        block = conv_block
+        if precisions[i] == "real" and has_next and precisions[i + 1] == "binary":
+            block = _real_block_before_binary
+        x = block(
             x,
             width,
             name=f"block{i + 1}",
@@ -139,6 +145,25 @@ def glt_net(
         )
     default_name = ("teacher_" if teacher else "") + (topology or "glt_net")
     return tf.keras.Model(inputs, x, name=name or default_name)
+
+
+def _real_block_before_binary(x, filters, *, name, kernel_size, strides, padding, groups, pool,
+                              shuffle, precision, split_groups):
+    """``conv_block(precision="real")`` without the ReLU, for a real layer feeding a binary one
+    (MixBin-style mixed networks): real conv -> BN [-> MaxPool] [-> shuffle], like a binary
+    block with an unquantized conv."""
+    conv = BinaryConv2D(
+        filters, kernel_size, groups=groups, strides=strides, padding=padding,
+        split_groups=split_groups, name=f"{name}_conv", input_quantizer=None,
+        kernel_quantizer=None, kernel_constraint=None, pad_values=0.0, lce_check=False,
+    )
+    x = conv(x)
+    x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name=f"{name}_bn")(x)
+    if pool:
+        x = tf.keras.layers.MaxPool2D(2, name=f"{name}_pool")(x)
+    if shuffle and groups > 1:
+        x = ChannelShuffle(groups, name=f"{name}_shuffle")(x)
+    return x
 
 
 def custom_objects() -> dict:

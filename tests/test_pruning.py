@@ -243,3 +243,216 @@ def test_global_allocation_and_invalid_masks():
     uneven[_block(s, 0, 0)] = True
     with pytest.raises(ValueError, match="same number"):
         P.shrink(_model(), {"block2_bn": uneven})
+
+
+# ----------------------------------------------------------------------------- step counting
+def test_step_count_from_epoch_and_batch_and_case_optimizer():
+    import larq as lq
+
+    pruning = P.BlockPruning(_model(), 0.5)
+    pruning.set_params({"steps": 5, "epochs": 4})
+    pruning.on_epoch_begin(3)
+    assert pruning._step(2) == 17  # epoch 3 of 5 steps, batch 2: resume-safe, optimizer-free
+    # Without a known epoch length: larq's CaseOptimizer counts in its inner optimizers only.
+    inner = [tf.keras.optimizers.legacy.Adam(), tf.keras.optimizers.legacy.Adam()]
+    case = lq.optimizers.CaseOptimizer((lq.optimizers.Bop.is_binary_variable, inner[0]), default_optimizer=inner[1])
+    inner[0].iterations.assign(7)
+    inner[1].iterations.assign(7)
+    assert int(case.iterations.numpy()) == 0 and P.optimizer_iterations(case) == 7
+
+
+def test_resume_mid_schedule_re_derives_the_ratio():
+    model = _randomise(_model())
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=2, end_step=10, frequency=4)
+    first = P.BlockPruning(model, 0.5, schedule=schedule, allocation="global")
+    for step in range(8):  # updates at 2 and 6, "killed" after step 7
+        first.maybe_update(step)
+    masks = {k: v.copy() for k, v in first.masks.items()}
+    # A new process: the callback finds the masks in the model and the ratio from the schedule.
+    resumed = P.BlockPruning(model, 0.5, schedule=schedule, allocation="global")
+    resumed.on_train_begin()
+    resumed.maybe_update(8)
+    assert resumed.ratio == pytest.approx(first.ratio) and 0 < resumed.ratio < 0.5
+    for name, masked in masks.items():
+        np.testing.assert_array_equal(resumed.masks[name], masked)
+    assert not resumed.at_target
+    resumed.maybe_update(10)
+    assert resumed.at_target and resumed.pruned_fraction == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- through train()
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, (lo, hi) in {"dark": (0, 110), "bright": (145, 256)}.items():
+        (root / label).mkdir()
+        for i in range(48):
+            Image.fromarray(rng.integers(lo, hi, (16, 16, 3)).astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+TINY_MODEL = {"topology": None, "widths": [64, 128], "groups": [1, 2], "pools": [True, True], "shuffle": True,
+              "levels": 4}
+
+
+def _tiny_recipe(folder, name="tiny_pruned", pruning=None, epochs=3):
+    from glt_keras.recipe import Recipe
+
+    return Recipe(
+        name=name,
+        input_shape=(16, 16, 3),
+        classes=["bright", "dark"],
+        model=dict(TINY_MODEL),
+        data={"train": {"folder": str(folder)}, "holdout": 0.25},
+        training={"epochs": epochs, "batch_size": 16, "binary_lr": 1e-2, "real_lr": 1e-2, "warmup_epochs": 0},
+        pruning=pruning,
+    )
+
+
+# 72 training images / 16 = 4 steps per epoch: the ratio grows from step 0 to step 4 (the first
+# step of epoch index 1); masks are updated at steps 0, 2 and 4; epochs 2 and 3 (1-based) end at
+# the target, epoch 1 at 0.5 * (1 - 0.5 ** 3).
+PRUNING = {"target_ratio": 0.5, "score": "bn", "allocation": "global", "start_epoch": 0, "end_epoch": 1,
+           "frequency_steps": 2}
+
+
+def _rows(run_dir):
+    import csv
+
+    with open(run_dir / "history.csv") as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+def _init_kernel(shape):
+    """Latent weights of magnitude 0.9 with a fixed sign pattern: recognisable after fine-tuning."""
+    return 0.9 * np.where(np.random.default_rng(42).random(shape) < 0.5, -1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, image_folder):
+    """A 3-epoch pruning fine-tune via train(), initialised from saved weights (a run folder:
+    ``base/best.weights.h5`` in the legacy HDF5 layout, as RunLogger and zoo publish write it)."""
+    import os
+
+    from glt_keras.training.run import train
+
+    root = tmp_path_factory.mktemp("runs")
+    recipe = _tiny_recipe(image_folder, pruning={**PRUNING, "init_weights": str(root / "base")})
+    base = recipe.build_model(classifier_activation=None)
+    for name in ("block1_conv", "block2_conv"):
+        kernel = base.get_layer(name).kernel
+        kernel.assign(_init_kernel(kernel.shape))
+    (root / "base").mkdir()
+    base.save_weights(str(root / "base" / "best.tmp.h5"))
+    os.replace(root / "base" / "best.tmp.h5", root / "base" / "best.weights.h5")
+    summary = train(recipe, out_dir=root / "pruned", verbose=0)
+    return recipe, root / "pruned", summary
+
+
+def test_train_with_pruning_block(pruned_run):
+    recipe, run, summary = pruned_run
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["pruning_ratio"] for r in rows] == pytest.approx([0.5 * (1 - 0.5**3), 0.5, 0.5])
+    fractions = [r["pruned_fraction"] for r in rows]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < 0.5 and fractions[-1] == pytest.approx(0.5)
+    for name in ("pruning.png", "best.weights.h5", "shrunk.weights.h5", "shrunk_recipe.yaml", "shrunk_model.json",
+                 "shrunk/recipe.yaml", "shrunk/best.weights.h5", "shrunk/history.csv"):
+        assert (run / name).exists(), name
+    # The best weights come from an epoch at the target only.
+    eligible = [r["val_accuracy"] for r in rows if r["pruning_ratio"] >= 0.5]
+    assert summary["best_val_accuracy"] == pytest.approx(max(eligible))
+    # Fine-tuned from init_weights: the latent weights still carry their sign pattern.
+    final = recipe.build_model(classifier_activation=None)
+    P.load_weights_file(final, run / "best.weights.h5")
+    kernel = final.get_layer("block1_conv").kernel.numpy()
+    assert np.mean(np.sign(kernel) == np.sign(_init_kernel(kernel.shape))) > 0.9
+
+
+def test_shrunk_recipe_builds_the_shrunk_model_with_equal_outputs(pruned_run, image_folder):
+    import json
+
+    from glt_keras.recipe import load_recipe
+    from glt_keras.training.run import load_splits, make_eval_dataset
+
+    recipe, run, _ = pruned_run
+    info = json.loads((run / "shrunk_model.json").read_text())
+    assert info["widths"] == [64, 64]  # block1 feeds 2 groups of 32: fixed; block2 halves
+    assert info["max_abs_difference"] < 1e-3 and info["source"] == "best.weights.h5"
+    assert info["report"]["after"]["params"] < info["report"]["before"]["params"]
+    assert "markdown" not in info["report"]
+
+    small_recipe = load_recipe(run / "shrunk_recipe.yaml")
+    assert small_recipe.model["widths"] == [64, 64] and small_recipe.model["topology"] is None
+    small = small_recipe.build_model(classifier_activation=None)
+    small.load_weights(str(run / "shrunk.weights.h5"))
+    masked = recipe.build_model(classifier_activation=None)
+    P.load_weights_file(masked, run / "best.weights.h5")  # RunLogger's file: legacy HDF5 layout
+    assert small.count_params() < masked.count_params()
+    splits = load_splits(recipe)
+    x = next(iter(make_eval_dataset(recipe, *splits.val, batch_size=32)))[0]
+    masked_logits = masked(x, training=False).numpy()
+    np.testing.assert_allclose(small(x, training=False).numpy(), masked_logits, atol=1e-3, rtol=0)
+    assert np.abs(masked_logits).max() > 0.1
+    # The publishable folder: the shrunk recipe with the shrunk weights as best weights.
+    publish = load_recipe(run / "shrunk" / "recipe.yaml").build_model()
+    publish.load_weights(str(run / "shrunk" / "best.weights.h5"))
+    # The shrunk recipe still trains the full-width network with the same pruning.
+    full = P.training_recipe(small_recipe)
+    assert full.model == recipe.model and full.pruning == {k: v for k, v in recipe.pruning.items()}
+    assert P.shrunk_recipe(recipe, [64, 64], reproducible=False).pruning is None
+
+
+def test_resumed_pruning_run_follows_the_same_schedule(tmp_path, pruned_run):
+    """Resume a copy of the reference run from its epoch-2 checkpoint: the step count comes
+    from the epoch index (larq's CaseOptimizer.iterations stays 0), the masks from the
+    checkpoint, and the shrunk artifacts are written at the end (also when a finished
+    run was killed before writing them)."""
+    import json
+    import shutil
+
+    from glt_keras.training.run import train
+
+    recipe, reference, _ = pruned_run
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for name in ("shrunk.weights.h5", "shrunk_recipe.yaml", "shrunk_model.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "shrunk")
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"epoch": 2, "path": "epoch_2"}))
+    train(recipe, out_dir=run, verbose=0, resume=True)
+    rows, expected = _rows(run), _rows(reference)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("pruning_ratio", "pruned_fraction"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected]), key
+    widths = json.loads((reference / "shrunk_model.json").read_text())["widths"]
+    assert json.loads((run / "shrunk_model.json").read_text())["widths"] == widths
+    (run / "shrunk_model.json").unlink()
+    train(recipe, out_dir=run, verbose=0, resume=True)  # already trained: only the export
+    assert json.loads((run / "shrunk_model.json").read_text())["widths"] == widths
+
+
+def test_missing_init_weights_names_the_file_and_command(tmp_path, image_folder):
+    from glt_keras.training.run import train
+
+    recipe = _tiny_recipe(image_folder, pruning={**PRUNING, "init_weights": "zoo/no_such_base/no_such_base.weights.h5"})
+    with pytest.raises(FileNotFoundError, match=r"no_such_base\.weights\.h5(.|\n)*glt-keras train no_such_base"):
+        train(recipe, out_dir=tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="unknown pruning keys"):
+        train(_tiny_recipe(image_folder, pruning={"target": 0.5}), out_dir=tmp_path / "run2", verbose=0)
+
+
+def test_shipped_pruned_recipes():
+    from glt_keras.recipe import load_recipe
+
+    for name, base in (("vww_binary_pruned", "vww_binary"), ("cifar10_binary_pruned", "cifar10_binary")):
+        recipe, base_recipe = load_recipe(name), load_recipe(base)
+        settings = P.pruning_settings(recipe)
+        assert settings["target_ratio"] == 0.5 and settings["allocation"] == "global"
+        assert settings["init_weights"] == f"zoo/{base}/{base}.weights.h5"
+        assert recipe.model == base_recipe.model and recipe.classes == base_recipe.classes
+        assert settings["end_epoch"] < recipe.training["epochs"]

@@ -110,11 +110,20 @@ __all__ = [
     "apply_masks",
     "block_structure",
     "bn_scale_scores",
+    "export_shrunk",
+    "load_weights_file",
+    "make_schedule",
     "masks_from_model",
+    "optimizer_iterations",
     "pruned_fraction",
+    "pruning_callback",
     "pruning_report",
+    "pruning_settings",
+    "resolve_init_weights",
     "select_masks",
     "shrink",
+    "shrunk_recipe",
+    "training_recipe",
     "weight_l1_scores",
 ]
 
@@ -566,6 +575,21 @@ def pruned_fraction(structures, masks: dict) -> float:
 
 
 # ============================================================================ callback
+def optimizer_iterations(optimizer) -> int | None:
+    """An optimizer's step count; for larq's ``CaseOptimizer`` (whose own ``iterations``
+    stays 0) the largest count of its inner optimizers."""
+    if optimizer is None:
+        return None
+    inner = [o for o in (getattr(optimizer, "optimizers", None) or []) if o is not None]
+    counts = [
+        int(tf.keras.backend.get_value(o.iterations)) for o in inner if getattr(o, "iterations", None) is not None
+    ]
+    if counts:
+        return max(counts)
+    iterations = getattr(optimizer, "iterations", None)
+    return None if iterations is None else int(tf.keras.backend.get_value(iterations))
+
+
 def _as_float(value) -> float:
     return float(value.numpy()) if hasattr(value, "numpy") else float(value)
 
@@ -575,8 +599,7 @@ class BlockPruning(tf.keras.callbacks.Callback):
 
     Args:
         model: the network to prune (the student, also when ``fit`` runs on a wrapper
-            such as a distiller: masks always go to this model; the step counter is
-            the fitted model's ``optimizer.iterations``).
+            such as a distiller: masks always go to this model).
         target_ratio: fraction of blocks to remove at the end of the schedule: per layer
             with ``allocation="layer"`` (``floor(ratio * blocks_per_cell)`` blocks of every
             cell), of all pruned channels with ``"global"``; never exceeded. ``None`` takes
@@ -594,8 +617,22 @@ class BlockPruning(tf.keras.callbacks.Callback):
         layers: block names (``"block3"``), BN or conv names to prune; default every
             prunable block.
         allocation: ``"layer"`` (the same fraction in every layer) or ``"global"``.
-        update: ``"batch"`` (schedule steps are optimizer steps) or ``"epoch"`` (schedule
+        update: ``"batch"`` (schedule steps are training steps) or ``"epoch"`` (schedule
             steps are epoch indices).
+
+    Steps are counted by the callback itself: ``epoch * steps_per_epoch + batch`` from
+    ``fit``'s epoch index (``initial_epoch`` on a resume) and ``self.params["steps"]``.
+    They do not depend on ``optimizer.iterations``, which larq's ``CaseOptimizer`` never
+    increments (its inner optimizers count). Only when ``fit`` does not know the epoch
+    length does the callback fall back to the optimizer's step counter (the inner
+    optimizers' for a ``CaseOptimizer``), then to its own batch counter.
+
+    Resuming: the masks live in the model (the BN marker), so a checkpoint restores
+    them; at the first batch of every ``fit`` the callback re-derives the ratio in
+    effect from the schedule (the ratio of its last update step at or before this one)
+    and re-establishes the masks at that ratio (a no-op when they came back from a
+    checkpoint), so a resumed run prunes exactly like an uninterrupted one. ``ratio`` is
+    that ratio in effect; it is logged as ``pruning_ratio``, next to ``pruned_fraction``.
 
     Masks are applied at each update and again after every training batch (the
     optimizer moves the masked BN parameters), so ``fit`` must run with
@@ -658,6 +695,9 @@ class BlockPruning(tf.keras.callbacks.Callback):
         self.masks = masks_from_model(model, self.structures)
         self.history: list[tuple[int, float, float]] = []
         self._counter = 0
+        self._epoch = None
+        self._synced = False
+        self._ratio = 0.0
 
     # -- the schedule -------------------------------------------------------------
     def ratio_at(self, step: int) -> tuple[bool, float]:
@@ -669,11 +709,49 @@ class BlockPruning(tf.keras.callbacks.Callback):
             should = True
         return should, min(_as_float(sparsity), self.target_ratio)
 
+    def last_update_step(self, step: int) -> int | None:
+        """The schedule's last update step at or before ``step`` (``None``: none yet).
+
+        Computed from ``begin_step`` / ``end_step`` / ``frequency`` for tfmot schedules,
+        by searching backwards (at most 100,000 steps) for any other callable.
+        """
+        step = int(step)
+        begin = getattr(self.schedule, "begin_step", None)
+        end = getattr(self.schedule, "end_step", None)
+        frequency = getattr(self.schedule, "frequency", None)
+        if begin is not None and end is not None and frequency:
+            begin, end, frequency = int(begin), int(end), int(frequency)
+            if step < begin:
+                return None
+            if end >= 0 and step >= end:
+                return end
+            return begin + ((step - begin) // frequency) * frequency
+        for candidate in range(step, max(-1, step - 100_000), -1):
+            if self.ratio_at(candidate)[0]:
+                return candidate
+        return None
+
+    def ratio_in_effect(self, step: int) -> float:
+        """The ratio the masks have after the schedule's updates up to ``step`` included."""
+        last = self.last_update_step(step)
+        return 0.0 if last is None else self.ratio_at(last)[1]
+
+    @property
+    def ratio(self) -> float:
+        """The pruning ratio in effect (the schedule's ratio at the last update)."""
+        return self._ratio
+
+    @property
+    def at_target(self) -> bool:
+        """Whether the schedule has reached ``target_ratio`` (masks are final)."""
+        return self._ratio >= self.target_ratio - 1e-6
+
     def update_masks(self, step: int | None = None, ratio: float | None = None) -> dict:
         """Recompute scores and masks (at ``ratio``, or the schedule's ratio at ``step``) and apply."""
         if ratio is None:
             _, ratio = self.ratio_at(step or 0)
         ratio = min(float(ratio), self.target_ratio)
+        self._ratio = max(self._ratio, ratio)
         self.masks = select_masks(
             self.pruned_model,
             self.structures,
@@ -697,12 +775,14 @@ class BlockPruning(tf.keras.callbacks.Callback):
         return pruned_fraction(self.structures, self.masks)
 
     # -- Keras hooks --------------------------------------------------------------
-    def _step(self) -> int:
+    def _step(self, batch: int) -> int:
+        steps = (self.params or {}).get("steps")
+        if steps and self._epoch is not None:
+            return int(self._epoch) * int(steps) + int(batch)
         for candidate in (self.model, self.pruned_model):
-            optimizer = getattr(candidate, "optimizer", None)
-            iterations = getattr(optimizer, "iterations", None) if optimizer is not None else None
+            iterations = optimizer_iterations(getattr(candidate, "optimizer", None))
             if iterations is not None:
-                return int(tf.keras.backend.get_value(iterations))
+                return iterations
         return self._counter
 
     def on_train_begin(self, logs=None):
@@ -714,21 +794,34 @@ class BlockPruning(tf.keras.callbacks.Callback):
         for name, masked in found.items():
             self.masks[name] = masked | self.masks.get(name, np.zeros_like(masked))
         self.apply_masks()
+        self._synced = False
 
     def maybe_update(self, step: int) -> bool:
         """What the callback does at a schedule step: update the masks if the schedule says so."""
         should, ratio = self.ratio_at(step)
         if should:
             self.update_masks(step, ratio)
+        elif not self._synced:
+            # First step of this fit (a fresh start or a resume): the ratio in effect is the
+            # one of the schedule's last update; re-establish it (masks only grow, so masks
+            # restored from a checkpoint at that ratio stay exactly as they are).
+            last = self.last_update_step(step)
+            if last is not None:
+                ratio = self.ratio_at(last)[1]
+                if ratio > 0:
+                    self.update_masks(last, ratio)
+                self._ratio = max(self._ratio, ratio)
+        self._synced = True
         return should
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
         if self.update == "epoch":
             self.maybe_update(epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.update == "batch":
-            self.maybe_update(self._step())
+            self.maybe_update(self._step(batch))
 
     def on_train_batch_end(self, batch, logs=None):
         self._counter += 1
@@ -737,6 +830,7 @@ class BlockPruning(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["pruned_fraction"] = self.pruned_fraction
+            logs["pruning_ratio"] = self.ratio
 
     def on_train_end(self, logs=None):
         self.apply_masks()
@@ -962,3 +1056,328 @@ def pruning_report(before, after, *, tflite_bytes=None) -> dict:
         lines.append("Widths: " + (", ".join(changed) if changed else "unchanged"))
     report["markdown"] = "\n".join(lines)
     return report
+
+
+# ============================================================================ recipes
+#: ``pruning:`` keys of a recipe, with their defaults (see :func:`pruning_settings`).
+PRUNING_DEFAULTS = {
+    "target_ratio": 0.5,
+    "score": "bn",
+    "allocation": "global",
+    "start_epoch": 0,
+    "end_epoch": None,
+    "frequency_steps": 100,
+    "block_size": 32,
+    "layers": None,
+    "init_weights": None,
+    "full_model": None,
+}
+
+#: The architecture keys of a recipe's ``model`` block that :func:`shrunk_recipe` makes explicit.
+_ARCH_KEYS = ("widths", "groups", "pools", "strides", "kernels", "shuffle")
+
+
+def pruning_settings(recipe) -> dict | None:
+    """A recipe's ``pruning`` block with defaults filled in, or ``None`` without one.
+
+    Keys: ``target_ratio``, ``score`` (``bn`` / ``l1``), ``allocation`` (``global`` /
+    ``layer``), ``start_epoch`` and ``end_epoch`` (0-based epoch indices: the ratio
+    grows from 0 at the first step of ``start_epoch`` to the target at the first step
+    of ``end_epoch``; default ``end_epoch = start_epoch``: one-shot), ``frequency_steps``,
+    ``block_size``, ``layers``, ``init_weights`` (weights to fine-tune from) and
+    ``full_model`` (see :func:`shrunk_recipe`).
+    """
+    spec = getattr(recipe, "pruning", None)
+    if not spec:
+        return None
+    unknown = set(spec) - set(PRUNING_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"recipe {recipe.name}: unknown pruning keys {sorted(unknown)}; known: {sorted(PRUNING_DEFAULTS)}."
+        )
+    settings = {**PRUNING_DEFAULTS, **spec}
+    if settings["end_epoch"] is None:
+        settings["end_epoch"] = settings["start_epoch"]
+    if not 0.0 <= float(settings["target_ratio"]) < 1.0:
+        raise ValueError(f"recipe {recipe.name}: pruning.target_ratio must be in [0, 1).")
+    if not 0 <= int(settings["start_epoch"]) <= int(settings["end_epoch"]):
+        raise ValueError(f"recipe {recipe.name}: pruning needs 0 <= start_epoch <= end_epoch.")
+    return settings
+
+
+def training_recipe(recipe):
+    """The recipe that is actually trained: for a shrunk recipe (``pruning.full_model``
+    set, see :func:`shrunk_recipe`), the full-width network to fine-tune and prune."""
+    from ..recipe import Recipe
+
+    settings = pruning_settings(recipe)
+    if not settings or not settings.get("full_model"):
+        return recipe
+    d = recipe.to_dict()
+    d["model"] = dict(settings["full_model"])
+    d["pruning"] = {k: v for k, v in recipe.pruning.items() if k != "full_model"}
+    return Recipe(**d, path=recipe.path)
+
+
+def resolved_architecture(model_block: dict) -> dict:
+    """widths / groups / pools / strides / kernels / shuffle of a recipe ``model`` block,
+    with its topology resolved (what :func:`glt_keras.models.glt_net` builds)."""
+    from ..models import TOPOLOGIES
+
+    topology = model_block.get("topology", "glt96")
+    spec = dict(TOPOLOGIES[topology]) if topology else {}
+    for key in _ARCH_KEYS:
+        if model_block.get(key) is not None:
+            spec[key] = model_block[key]
+    widths = [int(w) for w in spec.get("widths", ())]
+    n = len(widths)
+    return {
+        "widths": widths,
+        "groups": [int(v) for v in spec.get("groups", [1] * n)],
+        "pools": [bool(v) for v in spec.get("pools", [False] * n)],
+        "strides": [int(v) for v in spec.get("strides", [1] * n)],
+        "kernels": [int(v) for v in spec.get("kernels", [int(model_block.get("kernel_size", 3))] * n)],
+        "shuffle": bool(spec.get("shuffle")),
+    }
+
+
+def shrunk_recipe(recipe, widths, *, reproducible: bool = True):
+    """The recipe of the physically shrunk network: ``model`` gives the new ``widths``
+    explicitly (topology resolved into explicit groups / pools / strides / kernels /
+    shuffle, so later changes to a named topology cannot change it), everything else as
+    in ``recipe``.
+
+    ``recipe``: the recipe trained with pruning (full-width ``model``). With
+    ``reproducible=True`` (default) the pruning block stays, plus
+    ``pruning.full_model`` = the full-width ``model`` block: ``Recipe.build_model()`` and
+    the zoo build the shrunk network, while :func:`glt_keras.training.run.train`
+    trains the full-width one with pruning again (so ``glt-keras train <name>``
+    still reproduces the published weights). ``reproducible=False`` drops pruning.
+
+    Example:
+        >>> small = shrunk_recipe(recipe, [64, 96, 128])  # doctest: +SKIP
+        >>> small.build_model().count_params() < recipe.build_model().count_params()  # doctest: +SKIP
+        True
+    """
+    from ..recipe import Recipe
+
+    recipe = training_recipe(recipe)
+    arch = resolved_architecture(recipe.model)
+    widths = [int(w) for w in widths]
+    if len(widths) != len(arch["widths"]):
+        raise ValueError(f"{len(widths)} widths given for a network of {len(arch['widths'])} blocks.")
+    model = {k: v for k, v in recipe.model.items() if k not in _ARCH_KEYS and k != "kernel_size"}
+    model.update(topology=None, **{**arch, "widths": widths})
+    d = recipe.to_dict()
+    d["model"] = model
+    changed = [f"block{i + 1} {a}->{b}" for i, (a, b) in enumerate(zip(arch["widths"], widths)) if a != b]
+    note = f"Shrunk by structured block pruning: {', '.join(changed) or 'no width changed'}."
+    if recipe.pruning and reproducible:
+        settings = {k: v for k, v in recipe.pruning.items() if k != "full_model"}
+        d["pruning"] = {**settings, "full_model": copy_model_block(recipe.model)}
+        note += " `pruning.full_model` is the full-width network it was fine-tuned and pruned from."
+    else:
+        d["pruning"] = None
+    kept = [line for line in (recipe.description or "").rstrip().splitlines()
+            if not line.startswith("Shrunk by structured block pruning")]
+    d["description"] = "\n".join(kept + [note]) if kept else note
+    return Recipe(**d, path=None)
+
+
+def copy_model_block(block: dict) -> dict:
+    """A YAML-safe deep copy of a ``model`` block (tuples -> lists)."""
+    import copy as _copy
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return plain(_copy.deepcopy(block))
+
+
+def make_schedule(settings: dict, steps_per_epoch: int, epochs: int, *, verbose: int = 1):
+    """The tfmot schedule of a recipe's pruning block over ``epochs`` of ``steps_per_epoch``.
+
+    ``PolynomialDecay(0 -> target_ratio)`` from the first step of ``start_epoch`` to the
+    first step of ``end_epoch``, updating every ``frequency_steps``; ``ConstantSparsity``
+    (one-shot) when they coincide. A schedule that would end after the last step (a
+    run shortened with ``--epochs``) is clamped to it, with a warning.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    n, total = int(steps_per_epoch), int(steps_per_epoch) * int(epochs)
+    begin = int(settings["start_epoch"]) * n
+    end = int(settings["end_epoch"]) * n
+    if end > total - 1:
+        clamped_end, clamped_begin = total - 1, min(begin, total - 1)
+        if verbose:
+            print(
+                f"pruning: the schedule (epochs {settings['start_epoch']}..{settings['end_epoch']}, steps "
+                f"{begin}..{end}) does not fit {epochs} epochs of {n} steps: clamped to steps "
+                f"{clamped_begin}..{clamped_end}."
+            )
+        begin, end = clamped_begin, clamped_end
+    target = float(settings["target_ratio"])
+    frequency = max(1, int(settings["frequency_steps"]))
+    if end <= begin:
+        return tfmot.sparsity.keras.ConstantSparsity(target, begin_step=begin, end_step=begin, frequency=1)
+    return tfmot.sparsity.keras.PolynomialDecay(0.0, target, begin_step=begin, end_step=end, frequency=frequency)
+
+
+def pruning_callback(model, settings: dict, steps_per_epoch: int, epochs: int, *, verbose: int = 1) -> BlockPruning:
+    """The :class:`BlockPruning` callback of a recipe's pruning block."""
+    return BlockPruning(
+        model,
+        float(settings["target_ratio"]),
+        schedule=make_schedule(settings, steps_per_epoch, epochs, verbose=verbose),
+        score=settings["score"],
+        block_size=int(settings["block_size"]),
+        layers=settings["layers"],
+        allocation=settings["allocation"],
+        update="batch",
+        verbose=1 if verbose and verbose > 1 else 0,
+    )
+
+
+def resolve_init_weights(spec, root=None):
+    """``pruning.init_weights`` -> an existing weight file (a path relative to the project
+    root or absolute; a run folder means its ``best.weights.h5``). Raises a
+    FileNotFoundError naming the file and the command that produces it."""
+    from pathlib import Path
+
+    from ..recipe import ZOO_DIR
+
+    root = Path(root) if root is not None else ZOO_DIR.parent
+    path = Path(spec)
+    if not path.is_absolute():
+        path = root / path
+    if path.is_dir() or (not path.suffix and not path.exists()):
+        path = path / "best.weights.h5"
+    if path.exists():
+        return path
+    zoo_dir = ZOO_DIR.resolve()
+    if path.parent.parent.resolve() == zoo_dir:
+        base = path.parent.name
+        how = (
+            f"it holds the published {base} zoo model. Produce it with:\n"
+            f"  glt-keras train {base} && glt-keras zoo publish runs/{base}"
+        )
+    elif path.name == "best.weights.h5":
+        how = f"it is written by a training run: glt-keras train <recipe> --out {path.parent}"
+    else:
+        how = "train and save the model it names first"
+    raise FileNotFoundError(f"pruning.init_weights: {path} does not exist; {how}")
+
+
+def load_weights_file(model, path) -> None:
+    """``model.load_weights(path)`` for either HDF5 weight layout.
+
+    tf_keras sends every ``*.weights.h5`` name to its Keras-v3 loader, but a file saved
+    under another name (e.g. ``best.weights.tmp.h5``, then renamed) has the legacy
+    layout (root attribute ``layer_names``); such a file is loaded through a temporary
+    link with a plain ``.h5`` name.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import h5py
+
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        legacy = "layer_names" in f.attrs
+    if not (legacy and path.name.endswith(".weights.h5")):
+        model.load_weights(str(path))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "legacy.h5"
+        try:
+            os.symlink(path.resolve(), link)
+        except OSError:
+            shutil.copyfile(path, link)
+        model.load_weights(str(link))
+
+
+def _model_widths(model, n_blocks: int) -> list[int]:
+    return [int(model.get_layer(f"block{i + 1}_conv").filters) for i in range(n_blocks)]
+
+
+def export_shrunk(recipe, masked_model, run_dir, *, check_inputs=None, source="", verbose=1) -> dict:
+    """Shrink a trained masked model and write the run's shrunk artifacts.
+
+    Writes into ``run_dir``: ``shrunk.weights.h5`` (the shrunk network's weights),
+    ``shrunk_recipe.yaml`` (:func:`shrunk_recipe`), ``shrunk_model.json``
+    (``{"widths", "report", "source", "max_abs_difference"}``: the
+    :func:`pruning_report` without markdown, the weights shrunk and the largest output
+    difference masked vs. shrunk on ``check_inputs``), and ``shrunk/``, a folder that
+    ``glt-keras zoo publish`` accepts (``recipe.yaml`` = the shrunk recipe,
+    ``best.weights.h5`` = the shrunk weights, copies of the run's logs and plots).
+    Prints the markdown report. Returns the ``shrunk_model.json`` dict.
+    """
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    recipe = training_recipe(recipe)
+    n_blocks = len(resolved_architecture(recipe.model)["widths"])
+    small = shrink(masked_model)
+    widths = _model_widths(small, n_blocks)
+    new_recipe = shrunk_recipe(recipe, widths)
+    # Rebuild from the recipe (what the zoo will do) and move the weights in: this fails
+    # loudly if the recipe does not describe the shrunk network.
+    rebuilt = new_recipe.build_model(classifier_activation=None)
+    rebuilt.set_weights(small.get_weights())
+    difference = None
+    if check_inputs is not None:
+        x = tf.convert_to_tensor(check_inputs)
+        difference = float(
+            np.abs(rebuilt(x, training=False).numpy() - masked_model(x, training=False).numpy()).max()
+        )
+    report = pruning_report(masked_model, rebuilt)
+    if verbose:
+        print(f"Pruned {recipe.name}: widths {resolved_architecture(recipe.model)['widths']} -> {widths}")
+        print(report["markdown"])
+        if difference is not None:
+            print(f"largest output difference masked vs. shrunk: {difference:.2e}")
+    info = {
+        "widths": widths,
+        "report": {k: v for k, v in report.items() if k != "markdown"},
+        "source": source,
+        "max_abs_difference": difference,
+    }
+    info["report"]["widths"] = {k: list(v) for k, v in info["report"]["widths"].items()}
+
+    def atomic_text(path, text):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def atomic_weights(path):
+        # The temporary name also ends in .weights.h5: the file gets the layout its final
+        # name implies (Keras v3), which ``load_weights`` (e.g. in zoo publish) expects.
+        tmp = path.with_name(path.name[: -len(".weights.h5")] + ".tmp.weights.h5")
+        rebuilt.save_weights(str(tmp))
+        os.replace(tmp, path)
+
+    recipe_text = yaml.safe_dump(new_recipe.to_dict(), sort_keys=False)
+    atomic_weights(run_dir / "shrunk.weights.h5")
+    atomic_text(run_dir / "shrunk_recipe.yaml", recipe_text)
+    publish_dir = run_dir / "shrunk"
+    publish_dir.mkdir(exist_ok=True)
+    atomic_text(publish_dir / "recipe.yaml", recipe_text)
+    shutil.copyfile(run_dir / "shrunk.weights.h5", publish_dir / "best.weights.h5")
+    for name in ("history.csv", "summary.json", "curves.png", "pruning.png", "thresholds.png", "thresholds.json"):
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, publish_dir / name)
+    atomic_text(run_dir / "shrunk_model.json", json.dumps(info, indent=2))
+    return info

@@ -12,6 +12,15 @@ A run folder holds everything of one training run::
       tensorboard/           TensorBoard logs
       curves.png, thermometer.png, thresholds.png, pruning.png   plots
       summary.json           wall time, epochs, throughput, best validation metrics
+
+    with a ``pruning:`` block in the recipe (see :mod:`glt_keras.training.pruning`), also:
+      shrunk.weights.h5      the physically shrunk network (from best.weights.h5)
+      shrunk_recipe.yaml     its recipe (explicit shrunk widths; pruning.full_model = the
+                             full-width network trained here)
+      shrunk_model.json      {"widths", "report" (before / after sizes), ...}
+      shrunk/                recipe.yaml + best.weights.h5 of the shrunk network, logs:
+                             ``glt-keras zoo publish runs/<name>/shrunk``
+    (best.weights.h5 stays the masked full-width network: ``glt-keras eval run_dir`` works.)
 """
 from __future__ import annotations
 
@@ -285,8 +294,11 @@ class RunLogger(tf.keras.callbacks.Callback):
     """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
-                 *, recipe_name="", planned_epochs=0, images_per_epoch=0):
+                 *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None):
+        """``extra()``: more values for every history row. ``best_if(row)``: whether an
+        epoch's row may become the best weights (default: every epoch)."""
         super().__init__()
+        self.best_if = best_if or (lambda row: True)
         self.recipe_name = recipe_name
         self.planned_epochs = planned_epochs
         self.images_per_epoch = images_per_epoch
@@ -296,7 +308,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.extra = extra or (lambda: {})
         self.history_path = self.run_dir / "history.csv"
         self.rows = _read_history(self.history_path, before_epoch=start_epoch)
-        self.best = max((r.get(monitor, -np.inf) for r in self.rows), default=-np.inf)
+        self.best = max((r.get(monitor, -np.inf) for r in self.rows if self.best_if(r)), default=-np.inf)
         self.threshold_path = self.run_dir / "thresholds.json"
         self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
         self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
@@ -329,15 +341,14 @@ class RunLogger(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row.update(self.extra())
-        lr = getattr(self.model.optimizer, "default_optimizer", self.model.optimizer)
-        try:
-            row["lr"] = float(lr._decayed_lr(tf.float32))
-        except Exception:
-            pass
+        # larq's CaseOptimizer keeps one optimizer per predicate: log each one's rate.
+        optimizer = self.model.optimizer
+        for i, inner in enumerate(getattr(optimizer, "optimizers", None) or [optimizer]):
+            row[f"lr_{i}" if hasattr(optimizer, "optimizers") else "lr"] = float(inner._decayed_lr(tf.float32))
         self.rows.append(row)
         _write_history(self.history_path, self.rows)
         self.write_summary()
-        if row.get(self.monitor, -np.inf) > self.best:
+        if self.best_if(row) and row.get(self.monitor, -np.inf) > self.best:
             self.best = row[self.monitor]
             tmp = self.run_dir / "best.weights.tmp.h5"
             self.student.save_weights(str(tmp))
@@ -489,6 +500,11 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    from . import pruning as pruning_lib
+
+    # A shrunk recipe (pruning.full_model) trains its full-width network with pruning.
+    recipe = pruning_lib.training_recipe(recipe)
+    prune = pruning_lib.pruning_settings(recipe)
     if epochs is not None:
         recipe = recipe.with_changes(training={"epochs": int(epochs)})
     if batch_size is not None:
@@ -500,6 +516,10 @@ def train(
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out."
         )
+    resuming = resume and (ckpt_dir / "last.json").exists()
+    init_weights = None
+    if prune and prune.get("init_weights") and not resuming:
+        init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])  # before any output
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -507,6 +527,11 @@ def train(
     splits = load_splits(recipe, data_dir=data_dir, subset=subset)
     strategy_obj = get_strategy(strategy)
     global_batch = cfg["batch_size"]
+    if len(splits.train[1]) < global_batch:
+        raise ValueError(
+            f"recipe {recipe.name}: the training set has {len(splits.train[1])} images, fewer than "
+            f"one batch of {global_batch}; lower --batch-size or add data."
+        )
     train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch)
     # data.epoch_images: a shorter "epoch" than one pass (checkpoints and validation
     # more often on big sets; a defined length for class-balanced sampling).
@@ -516,13 +541,19 @@ def train(
 
     with strategy_obj.scope():
         model = recipe.build_model(classifier_activation=None)
+        if init_weights is not None:
+            pruning_lib.load_weights_file(model, init_weights)
+            if verbose:
+                print(f"{recipe.name}: fine-tuning from {init_weights}.")
         thermometer = _thermometer(model)
-        if thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume:
+        if (thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume
+                and init_weights is None):
             thermometer.init_from_data(splits.train[0][:2000])
         optimizer = make_optimizer(cfg, n_steps, cfg["epochs"])
         teacher = teacher_model
         if teacher is None and recipe.kd.get("teacher"):
-            teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose)
+            teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose, subset=subset,
+                                   steps_per_epoch=steps_per_epoch, run_root=run_dir.parent)
         trainer = _compile(model, optimizer, recipe, teacher)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
@@ -538,11 +569,23 @@ def train(
     if start_epoch >= cfg["epochs"]:
         if verbose:
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
+        if prune and not (run_dir / "shrunk_model.json").exists():
+            _export_pruned(recipe, model, run_dir, splits, verbose)  # killed before the export
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
+    pruning_cb, extra, best_if = None, None, None
+    if prune:
+        pruning_cb = pruning_lib.pruning_callback(model, prune, n_steps, cfg["epochs"], verbose=verbose)
+        extra = lambda: {"pruned_fraction": pruning_cb.pruned_fraction, "pruning_ratio": pruning_cb.ratio}  # noqa: E731
+        target = float(prune["target_ratio"])
+        # Best weights only once pruning has reached its target (an unpruned epoch would win).
+        best_if = lambda row: row.get("pruning_ratio", -1.0) >= target - 1e-6  # noqa: E731
     logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
-                       recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch)
+                       recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
+                       extra=extra, best_if=best_if)
     all_callbacks = [
+        # Pruning first: its masks are in place before the checkpoint and the logger run.
+        *([pruning_cb] if pruning_cb is not None else []),
         EpochCheckpoint(ckpt_dir, checkpoint, epoch_var),
         logger,
         tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
@@ -568,12 +611,37 @@ def train(
         train_images=int(len(splits.train[1])),
         val_images=int(len(splits.val[1])) if splits.val is not None else 0,
     )
+    if prune:
+        _export_pruned(recipe, model, run_dir, splits, verbose)
     return summary
 
 
-def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1):
+def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose=1) -> dict:
+    """Shrink the best (else the final) masked weights of a pruning run: shrunk.weights.h5,
+    shrunk_recipe.yaml, shrunk_model.json and shrunk/ (see the module docstring)."""
+    from . import pruning as pruning_lib
+
+    best = run_dir / "best.weights.h5"
+    masked = recipe.build_model(classifier_activation=None)
+    if best.exists():
+        pruning_lib.load_weights_file(masked, best)
+        source = "best.weights.h5"
+    else:
+        if verbose:
+            print(f"{recipe.name}: no epoch reached the pruning target with a best score; "
+                  "shrinking the final weights.")
+        masked.set_weights(model.get_weights())
+        source = "final weights"
+    pair = splits.val if splits.val is not None else splits.train
+    check = next(iter(make_eval_dataset(recipe, pair[0][:16], pair[1][:16], batch_size=16)))[0]
+    return pruning_lib.export_shrunk(recipe, masked, run_dir, check_inputs=check, source=source,
+                                     verbose=verbose)
+
+
+def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1, subset=None, steps_per_epoch=None, run_root="runs"):
     """The recipe's real-valued teacher (``kd.teacher``): a run folder with best weights,
-    or ``"twin"`` to train the real-valued twin of the student now (cached in runs/)."""
+    or ``"twin"`` to train the real-valued twin of the student now (cached as
+    ``<run_root>/<recipe>_teacher``, reused by every student of the same recipe name)."""
     spec = recipe.kd["teacher"]
     teacher_recipe = recipe.with_changes(
         name=f"{recipe.name}_teacher",
@@ -582,12 +650,13 @@ def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1):
         training={"epochs": recipe.kd.get("teacher_epochs", 20)},
         pruning=None,
     )
-    run_dir = Path(spec) if spec != "twin" else Path("runs") / teacher_recipe.name
+    run_dir = Path(spec) if spec != "twin" else Path(run_root) / teacher_recipe.name
     weights = run_dir / "best.weights.h5"
-    if not weights.exists():
-        if spec != "twin":
-            raise FileNotFoundError(f"Teacher weights {weights} not found.")
-        train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose)
+    if spec != "twin" and not weights.exists():
+        raise FileNotFoundError(f"Teacher weights {weights} not found.")
+    if spec == "twin":  # resumes an unfinished teacher; a finished one returns at once
+        train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose,
+              subset=subset, steps_per_epoch=steps_per_epoch)
     teacher = teacher_recipe.build_model(classifier_activation=None)
     teacher.load_weights(str(weights))
     teacher.trainable = False

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""MixBin table: accuracy vs .tflite bytes vs MACs for budgets x layer-selection methods.
+
+For a recipe, every (budget, method) pair selects the real-valued layers
+(``glt_keras.training.mixbin.select_layers``), the chosen network is trained with the
+recipe (``glt_keras.training.run.train``), evaluated on the recipe's test split (else
+validation), converted with LCE and verified. Networks with the same real layers are
+trained once (budget 0 is the fully binary network for every method). Results are
+written after every row to ``OUT/results.json`` and ``OUT/table.md``; a rerun with the same
+``--out`` skips what is done (and ``--resume`` continues an interrupted training).
+
+    # smoke run (minutes): tiny subset, 1 short epoch
+    python benchmarks/mixbin_table.py --recipe cifar10_binary --subset 256 --epochs 1 \\
+        --steps-per-epoch 2 --search-steps 4 --out /tmp/mixbin_smoke
+    # the real table (hours: see the estimate printed at the start)
+    python benchmarks/mixbin_table.py --recipe cifar10_binary --epochs 8 --search-steps 300 \\
+        --out out/mixbin_cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import glt_keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+DEFAULT_BUDGETS = (0.0, 0.05, 0.10, 0.20)
+
+
+def parse_args(argv=None):
+    from glt_keras.training.mixbin import BY, METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="cifar10_binary", help="zoo recipe name or recipe .yaml")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--by", choices=BY, default="macs")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs per network (default 3)")
+    p.add_argument("--steps-per-epoch", type=int, help="default: the recipe's epoch length")
+    p.add_argument("--subset", type=int, help="at most this many images per split (smoke runs)")
+    p.add_argument("--search-steps", type=int, default=200, help="gated / greedy search steps")
+    p.add_argument("--finetune-steps", type=int, help="greedy fine-tuning steps per variant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", help="run folder of a real-valued teacher for KD (default: none)")
+    p.add_argument("--verify-images", type=int, default=8)
+    p.add_argument("--no-int8", action="store_true", help="skip the int8-real-layer flatbuffer")
+    p.add_argument("--out", default="out/mixbin_table", help="folder for runs, results.json, table.md")
+    p.add_argument("--data-dir")
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def markdown(rows, meta) -> str:
+    lines = [
+        f"# MixBin: {meta['recipe']} (budget by {meta['by']}, {meta['epochs']} epochs"
+        + (f", subset {meta['subset']}" if meta.get("subset") else "") + ")", "",
+        "Real layers chosen per budget and method, then trained with the recipe. Cost: fraction of "
+        f"{meta['by']} that is real-valued (real weights counted at 8 bits, binary at 1). "
+        "`.tflite (f32 real)`: real layers in float32, checked against Keras (verified); `int8`: real layers "
+        "int8 (BN folded, post-training ranges), accuracy measured in the LCE interpreter.", "",
+        "| budget | method | real layers | cost | accuracy | best val acc | .tflite bytes (f32 real) | "
+        "int8 .tflite bytes | int8 accuracy | weight bytes (int8 count) | MACs (real) | "
+        "LceBconv2d / CONV_2D | verified |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        t = r.get("result", {})
+        acc = t.get("accuracy")
+        val = t.get("best_val_accuracy")
+        verified = str(t.get("verification", "")).startswith("verification passed")
+        lines.append(
+            f"| {r['budget']:g} | {r['method']} | {', '.join(r['layers']) or '(binary)'} | {r['cost']:.4f} | "
+            f"{'' if acc is None else f'{acc:.4f}'} | {'' if val is None else f'{val:.4f}'} | "
+            f"{t.get('tflite_bytes', '')} | {t.get('int8_tflite_bytes', '')} | "
+            f"{_num(t.get('int8_accuracy'))} | "
+            f"{t.get('weight_bytes_int8', '')} | "
+            f"{t.get('macs', '')} ({t.get('real_macs', '')}) | "
+            f"{t.get('lce_bconv2d', '')} / {len(t.get('float_convs', []))} | {'yes' if verified else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        from glt_keras.training.cli import _threads
+
+        _threads(args.threads)
+    from glt_keras.recipe import load_recipe
+    from glt_keras.training import mixbin
+    from glt_keras.training.run import load_splits
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    state = json.loads(results_path.read_text()) if results_path.exists() else {}
+    meta = {"recipe": recipe.name, "by": args.by, "epochs": args.epochs, "subset": args.subset,
+            "steps_per_epoch": args.steps_per_epoch, "search_steps": args.search_steps, "seed": args.seed}
+    if state.get("meta", meta) != meta:
+        print(f"error: {results_path} was made with other settings {state['meta']}; use another --out.",
+              file=sys.stderr)
+        return 2
+    state["meta"] = meta
+    selections = state.setdefault("selections", {})  # "method/budget" -> selection dict
+    trained = state.setdefault("trained", {})  # "layer,layer" -> result
+
+    def save():
+        rows = []
+        for key, sel in selections.items():
+            layers_key = ",".join(sel["layers"])
+            rows.append({"budget": sel["budget"], "method": sel["method"], "layers": sel["layers"],
+                         "cost": sel["cost"], "result": trained.get(layers_key, {})})
+        rows.sort(key=lambda r: (r["budget"], r["method"]))
+        state["rows"] = rows
+        results_path.write_text(json.dumps(mixbin._json_safe(state), indent=2))
+        (out / "table.md").write_text(markdown(rows, meta))
+
+    splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)
+    eval_pair = splits.test if splits.test is not None else splits.val
+    cands = mixbin.candidates(recipe)
+    print(f"{recipe.name}: {len(cands)} candidate layers; costs ({args.by}):",
+          ", ".join(f"{c.name} {mixbin.budget_cost(cands, [c.name], by=args.by):.3f}" for c in cands))
+
+    greedy_cache = None
+    t0 = time.time()
+    for budget in args.budgets:
+        for method in args.methods:
+            key = f"{method}/{budget:g}"
+            if key not in selections:
+                common = dict(by=args.by, seed=args.seed, steps=args.search_steps, data=splits.train,
+                              val_data=splits.val, subset=args.subset, data_dir=args.data_dir)
+                if method == "greedy" and greedy_cache is not None:  # scores do not depend on the budget
+                    sel = mixbin.select_from_scores(cands, greedy_cache[0], budget, by=args.by, rule="greedy",
+                                                    method="greedy", details=greedy_cache[1])
+                else:
+                    sel = mixbin.select_layers(recipe, budget, method=method,
+                                               finetune_steps=args.finetune_steps, **common)
+                    if method == "greedy" and "loss_binary" in sel.details:
+                        greedy_cache = (sel.scores, sel.details)
+                selections[key] = sel.to_dict()
+                save()
+                print(f"[{time.time() - t0:7.0f} s] {key}: {sel.layers or 'binary'} (cost {sel.cost:.4f})")
+            layers = selections[key]["layers"]
+            layers_key = ",".join(layers)
+            if layers_key in trained:
+                continue
+            run_dir = out / "runs" / (("real_" + "_".join(layers)) if layers else "binary")
+            resume = (run_dir / "checkpoints" / "last.json").exists()
+            result = mixbin.train_selection(
+                recipe, layers, out_dir=run_dir, epochs=args.epochs, subset=args.subset,
+                steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
+                verify_images=args.verify_images, resume=resume, verbose=0, eval_images=eval_pair,
+                int8=not args.no_int8, calibration=splits.train[0][:256],
+                name=f"{recipe.name}_mixbin_{run_dir.name}",
+            )
+            trained[layers_key] = result
+            save()
+            print(f"[{time.time() - t0:7.0f} s] trained {layers or 'binary'}: accuracy {result['accuracy']:.4f}, "
+                  f"{result.get('tflite_bytes')} bytes (int8 real: {result.get('int8_tflite_bytes')}, "
+                  f"accuracy {result.get('int8_accuracy')}), {result.get('lce_bconv2d')} LceBconv2d, "
+                  f"float convs {result.get('float_convs')}")
+    save()
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

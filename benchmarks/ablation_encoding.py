@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import glt_keras  # noqa: F401  (Keras flavour first)
-    from glt_keras.models import model_summary
+    from glt_keras.models import load_weights, model_summary
     from glt_keras.recipe import load_recipe
     from glt_keras.training.run import evaluate, load_splits, train
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         train(recipe, out_dir=run_dir, resume=True, data_dir=args.data_dir, subset=args.subset,
               steps_per_epoch=args.steps_per_epoch, verbose=2)
         model = recipe.build_model()
-        model.load_weights(str(run_dir / "best.weights.h5"))
+        load_weights(model, run_dir / "best_weights.h5")
         splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)
         row = {"variant": variant, "encoding": recipe.model.get("encoding"),
                "kd": bool(recipe.kd.get("teacher")), "epochs": args.epochs,

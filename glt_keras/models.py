@@ -2,7 +2,10 @@
 per-layer precision, the export form, and size / MAC accounting."""
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -84,7 +87,8 @@ def glt_net(
         encoding: ``glt`` (learned thermometer), ``fixed``, ``binary_planes`` or ``real``.
         real_layers: blocks kept real-valued (``"block3"``, 1-based, ``"head"``, or
             0-based indices; index ``len(widths)`` is the head): MixBin-style partial
-            binarization. Nothing else changes.
+            binarization. Nothing else changes, except that a real block feeding a binary
+            layer has no ReLU (that layer's sign is its non-linearity).
         teacher: the real-valued twin: real input and every layer real.
         split_groups: grouped convs as per-group convs (fast training); ``False`` gives
             the native grouped form that LCE converts (see :func:`for_export`).
@@ -250,3 +254,40 @@ def model_summary(model: tf.keras.Model) -> dict:
         "binary_macs": sum(c.macs for c in costs if c.precision == "binary"),
         "real_macs": sum(c.macs for c in costs if c.precision == "real"),
     }
+
+
+def save_weights(model: tf.keras.Model, path) -> Path:
+    """Save weights in the HDF5 layout that loads by layer name (temp file, then rename).
+
+    The name must not end in ``.weights.h5``: tf-keras sends such names to its Keras-v3
+    format, which cannot load by name (a new head, ``include_top=False``).
+    """
+    path = Path(path)
+    if path.name.endswith(".weights.h5") or path.suffix != ".h5":
+        raise ValueError(f"{path}: use a name ending in '_weights.h5' (HDF5, loads by layer name).")
+    tmp = path.with_name(path.stem + ".partial.h5")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(model: tf.keras.Model, path, *, by_name: bool = False) -> None:
+    """Load an HDF5 weight file; ``by_name=True`` loads the layers whose names and shapes
+    match and skips the rest. Raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Weight file {path} does not exist.")
+    try:
+        if path.name.endswith(".weights.h5"):
+            # Files of runs started before the rename: legacy layout under a v3 name.
+            with tempfile.TemporaryDirectory() as tmp:
+                link = Path(tmp) / "legacy.h5"
+                os.symlink(path.resolve(), link)
+                model.load_weights(str(link), by_name=by_name, skip_mismatch=by_name)
+        else:
+            model.load_weights(str(path), by_name=by_name, skip_mismatch=by_name)
+    except Exception as err:  # h5py and Keras raise several types for bad files
+        raise ValueError(
+            f"Could not load weight file {path} into {model.name}: {type(err).__name__}: {err}. "
+            "The file is truncated or corrupt, or it belongs to another architecture."
+        ) from err

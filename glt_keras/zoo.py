@@ -111,17 +111,12 @@ def load(
     path = pretrained_weights(name) if weights == "pretrained" else Path(weights)
     if not path.exists():
         raise WeightsError(f"Weight file {path} does not exist.")
-    partial = new_head or not include_top
+    from .models import load_weights
+
     try:
-        if partial:
-            model.load_weights(str(path), by_name=True, skip_mismatch=True)
-        else:
-            model.load_weights(str(path))
-    except Exception as err:  # h5py / Keras raise several types for bad files
-        raise WeightsError(
-            f"Could not load weight file {path} into {name}: {type(err).__name__}: {err}. "
-            "The file is truncated or corrupt, or it belongs to another architecture."
-        ) from err
+        load_weights(model, path, by_name=new_head or not include_top)
+    except ValueError as err:
+        raise WeightsError(str(err)) from err
     return model
 
 

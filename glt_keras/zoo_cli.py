@@ -29,7 +29,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
 
     from .bench import keras_entry, reference_entries, anchors_dir, run_bench, TASKS
     from .layers.encoding import plot_transfer_curve
-    from .models import model_summary
+    from .models import load_weights, model_summary, save_weights
     from .training.run import _thermometer, evaluate, load_splits
 
     run_dir = Path(run_dir)
@@ -37,16 +37,14 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     name = name or recipe.name
     if name not in zoo.list_models():
         raise ValueError(f"{name} has no recipe under {ZOO_DIR}; add zoo/{name}/recipe.yaml first.")
-    best = run_dir / "best.weights.h5"
+    best = run_dir / "best_weights.h5"
     if not best.exists():
         raise FileNotFoundError(f"{best} not found: has the run finished an epoch?")
     model = recipe.build_model()
-    model.load_weights(str(best))
+    load_weights(model, best)
     out_dir = ZOO_DIR / name
-    weights_file = out_dir / f"{name}.weights.h5"
-    tmp = out_dir / f"{name}.weights.tmp.h5"
-    model.save_weights(str(tmp))
-    os.replace(tmp, weights_file)
+    weights_file = out_dir / f"{name}_weights.h5"
+    save_weights(model, weights_file)
 
     splits = load_splits(recipe, data_dir=data_dir)
     metrics = {}
@@ -56,6 +54,16 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
             metrics[split_name] = {k: result[k] for k in ("images", "accuracy", "mean_per_class_accuracy", "loss")}
             metrics[split_name]["dataset"] = (recipe.data.get(split_name) or {}).get("dataset", "holdout of train")
             metrics[split_name]["confusion"] = result["confusion"]
+
+    # Extra evaluation sets named by the recipe (e.g. the in-domain held-out split).
+    from .training.run import _load_source
+
+    for spec in zoo.get_recipe(name).data.get("extra_eval") or []:
+        x, y = _load_source(spec, recipe.classes, data_dir, recipe.input_shape[:2])
+        result = evaluate(model, x, y, class_names=recipe.classes, image_size=recipe.input_shape[:2])
+        key = f"{spec['dataset']}:{spec['split']}"
+        metrics[key] = {k: result[k] for k in ("images", "accuracy", "mean_per_class_accuracy", "loss")}
+        metrics[key].update(dataset=key, confusion=result["confusion"])
 
     entry = keras_entry(model, name)
     task = entry.task

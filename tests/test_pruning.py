@@ -1,6 +1,8 @@
 """Structured block pruning: structure rule, scores, schedule, exact masks, shrink, LCE export."""
 import numpy as np
 import pytest
+
+from glt_keras.models import load_weights
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
@@ -334,7 +336,7 @@ def _init_kernel(shape):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory, image_folder):
     """A 3-epoch pruning fine-tune via train(), initialised from saved weights (a run folder:
-    ``base/best.weights.h5`` in the legacy HDF5 layout, as RunLogger and zoo publish write it)."""
+    ``base/best_weights.h5`` in the legacy HDF5 layout, as RunLogger and zoo publish write it)."""
     import os
 
     from glt_keras.training.run import train
@@ -347,7 +349,7 @@ def pruned_run(tmp_path_factory, image_folder):
         kernel.assign(_init_kernel(kernel.shape))
     (root / "base").mkdir()
     base.save_weights(str(root / "base" / "best.tmp.h5"))
-    os.replace(root / "base" / "best.tmp.h5", root / "base" / "best.weights.h5")
+    os.replace(root / "base" / "best.tmp.h5", root / "base" / "best_weights.h5")
     summary = train(recipe, out_dir=root / "pruned", verbose=0)
     return recipe, root / "pruned", summary
 
@@ -359,15 +361,15 @@ def test_train_with_pruning_block(pruned_run):
     assert [r["pruning_ratio"] for r in rows] == pytest.approx([0.5 * (1 - 0.5**3), 0.5, 0.5])
     fractions = [r["pruned_fraction"] for r in rows]
     assert fractions == sorted(fractions) and 0 < fractions[0] < 0.5 and fractions[-1] == pytest.approx(0.5)
-    for name in ("pruning.png", "best.weights.h5", "shrunk.weights.h5", "shrunk_recipe.yaml", "shrunk_model.json",
-                 "shrunk/recipe.yaml", "shrunk/best.weights.h5", "shrunk/history.csv"):
+    for name in ("pruning.png", "best_weights.h5", "shrunk_weights.h5", "shrunk_recipe.yaml", "shrunk_model.json",
+                 "shrunk/recipe.yaml", "shrunk/best_weights.h5", "shrunk/history.csv"):
         assert (run / name).exists(), name
     # The best weights come from an epoch at the target only.
     eligible = [r["val_accuracy"] for r in rows if r["pruning_ratio"] >= 0.5]
     assert summary["best_val_accuracy"] == pytest.approx(max(eligible))
     # Fine-tuned from init_weights: the latent weights still carry their sign pattern.
     final = recipe.build_model(classifier_activation=None)
-    P.load_weights_file(final, run / "best.weights.h5")
+    load_weights(final, run / "best_weights.h5")
     kernel = final.get_layer("block1_conv").kernel.numpy()
     assert np.mean(np.sign(kernel) == np.sign(_init_kernel(kernel.shape))) > 0.9
 
@@ -381,16 +383,16 @@ def test_shrunk_recipe_builds_the_shrunk_model_with_equal_outputs(pruned_run, im
     recipe, run, _ = pruned_run
     info = json.loads((run / "shrunk_model.json").read_text())
     assert info["widths"] == [64, 64]  # block1 feeds 2 groups of 32: fixed; block2 halves
-    assert info["max_abs_difference"] < 1e-3 and info["source"] == "best.weights.h5"
+    assert info["max_abs_difference"] < 1e-3 and info["source"] == "best_weights.h5"
     assert info["report"]["after"]["params"] < info["report"]["before"]["params"]
     assert "markdown" not in info["report"]
 
     small_recipe = load_recipe(run / "shrunk_recipe.yaml")
     assert small_recipe.model["widths"] == [64, 64] and small_recipe.model["topology"] is None
     small = small_recipe.build_model(classifier_activation=None)
-    small.load_weights(str(run / "shrunk.weights.h5"))
+    small.load_weights(str(run / "shrunk_weights.h5"))
     masked = recipe.build_model(classifier_activation=None)
-    P.load_weights_file(masked, run / "best.weights.h5")  # RunLogger's file: legacy HDF5 layout
+    load_weights(masked, run / "best_weights.h5")
     assert small.count_params() < masked.count_params()
     splits = load_splits(recipe)
     x = next(iter(make_eval_dataset(recipe, *splits.val, batch_size=32)))[0]
@@ -399,7 +401,7 @@ def test_shrunk_recipe_builds_the_shrunk_model_with_equal_outputs(pruned_run, im
     assert np.abs(masked_logits).max() > 0.1
     # The publishable folder: the shrunk recipe with the shrunk weights as best weights.
     publish = load_recipe(run / "shrunk" / "recipe.yaml").build_model()
-    publish.load_weights(str(run / "shrunk" / "best.weights.h5"))
+    publish.load_weights(str(run / "shrunk" / "best_weights.h5"))
     # The shrunk recipe still trains the full-width network with the same pruning.
     full = P.training_recipe(small_recipe)
     assert full.model == recipe.model and full.pruning == {k: v for k, v in recipe.pruning.items()}
@@ -419,7 +421,7 @@ def test_resumed_pruning_run_follows_the_same_schedule(tmp_path, pruned_run):
     recipe, reference, _ = pruned_run
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    for name in ("shrunk.weights.h5", "shrunk_recipe.yaml", "shrunk_model.json"):
+    for name in ("shrunk_weights.h5", "shrunk_recipe.yaml", "shrunk_model.json"):
         (run / name).unlink()
     shutil.rmtree(run / "shrunk")
     (run / "checkpoints" / "last.json").write_text(json.dumps({"epoch": 2, "path": "epoch_2"}))
@@ -438,8 +440,8 @@ def test_resumed_pruning_run_follows_the_same_schedule(tmp_path, pruned_run):
 def test_missing_init_weights_names_the_file_and_command(tmp_path, image_folder):
     from glt_keras.training.run import train
 
-    recipe = _tiny_recipe(image_folder, pruning={**PRUNING, "init_weights": "zoo/no_such_base/no_such_base.weights.h5"})
-    with pytest.raises(FileNotFoundError, match=r"no_such_base\.weights\.h5(.|\n)*glt-keras train no_such_base"):
+    recipe = _tiny_recipe(image_folder, pruning={**PRUNING, "init_weights": "zoo/no_such_base/no_such_base_weights.h5"})
+    with pytest.raises(FileNotFoundError, match=r"no_such_base_weights\.h5(.|\n)*glt-keras train no_such_base"):
         train(recipe, out_dir=tmp_path / "run", verbose=0)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="unknown pruning keys"):
@@ -453,6 +455,6 @@ def test_shipped_pruned_recipes():
         recipe, base_recipe = load_recipe(name), load_recipe(base)
         settings = P.pruning_settings(recipe)
         assert settings["target_ratio"] == 0.5 and settings["allocation"] == "global"
-        assert settings["init_weights"] == f"zoo/{base}/{base}.weights.h5"
+        assert settings["init_weights"] == f"zoo/{base}/{base}_weights.h5"
         assert recipe.model == base_recipe.model and recipe.classes == base_recipe.classes
         assert settings["end_epoch"] < recipe.training["epochs"]

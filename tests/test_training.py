@@ -109,7 +109,7 @@ def _history(run_dir):
 def test_tiny_recipe_trains_end_to_end(tmp_path, image_folder):
     summary = train(tiny_recipe(image_folder, epochs=4), out_dir=tmp_path / "run", verbose=0)
     run = tmp_path / "run"
-    for name in ("best.weights.h5", "history.csv", "curves.png", "thermometer.png", "thresholds.png",
+    for name in ("best_weights.h5", "history.csv", "curves.png", "thermometer.png", "thresholds.png",
                  "summary.json", "recipe.yaml", "checkpoints/last.json"):
         assert (run / name).exists(), name
     assert _history(run) == [1, 2, 3, 4]

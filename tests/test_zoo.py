@@ -26,10 +26,10 @@ def fake_zoo(tmp_path, monkeypatch):
     model = zoo.load("toy_binary", weights=None)
     rng = np.random.default_rng(0)
     model.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()])
-    weights = root / "toy_binary" / "toy_binary.weights.h5"
+    weights = root / "toy_binary" / "toy_binary_weights.h5"
     model.save_weights(str(weights))
     (root / "registry.json").write_text(json.dumps({
-        "toy_binary": {"weights": "toy_binary/toy_binary.weights.h5", "sha256": zoo.sha256_of(weights),
+        "toy_binary": {"weights": "toy_binary/toy_binary_weights.h5", "sha256": zoo.sha256_of(weights),
                        "metrics": {}, "task": "toy"}
     }))
     return root, model
@@ -51,19 +51,19 @@ def test_load_pretrained_gives_the_published_weights(fake_zoo):
 
 def test_checksum_mismatch_names_the_file(fake_zoo):
     root, _ = fake_zoo
-    path = root / "toy_binary" / "toy_binary.weights.h5"
+    path = root / "toy_binary" / "toy_binary_weights.h5"
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(zoo.WeightsError, match=r"toy_binary.weights.h5.*SHA-256"):
+    with pytest.raises(zoo.WeightsError, match=r"toy_binary_weights.h5.*SHA-256"):
         zoo.load("toy_binary")
 
 
 def test_truncated_weight_file_is_a_clear_error(fake_zoo, tmp_path):
     root, _ = fake_zoo
-    truncated = tmp_path / "cut.weights.h5"
-    truncated.write_bytes((root / "toy_binary" / "toy_binary.weights.h5").read_bytes()[:500])
-    with pytest.raises(zoo.WeightsError, match=r"cut.weights.h5.*truncated or corrupt"):
+    truncated = tmp_path / "cut_weights.h5"
+    truncated.write_bytes((root / "toy_binary" / "toy_binary_weights.h5").read_bytes()[:500])
+    with pytest.raises(zoo.WeightsError, match=r"cut_weights.h5.*truncated or corrupt"):
         zoo.load("toy_binary", weights=truncated)
 
 

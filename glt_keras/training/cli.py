@@ -67,7 +67,7 @@ def _load_model(name_or_recipe, weights=None):
     path = Path(name_or_recipe)
     if path.is_dir() and (path / "recipe.yaml").exists():
         recipe = load_recipe(path / "recipe.yaml")
-        weights = weights or path / "best.weights.h5"
+        weights = weights or path / "best_weights.h5"
     else:
         try:
             from .. import zoo
@@ -80,7 +80,9 @@ def _load_model(name_or_recipe, weights=None):
     model = recipe.build_model()
     if weights is None:
         raise FileNotFoundError(f"No weights for {name_or_recipe}: pass --weights FILE.")
-    model.load_weights(str(weights))
+    from ..models import load_weights
+
+    load_weights(model, weights)
     return model, recipe
 
 

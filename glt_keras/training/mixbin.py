@@ -60,17 +60,17 @@ All four score each candidate layer, then pick a set within the budget:
   network as the loss it saves when real: ``L(g_l = 0) - L(g_l = 1)`` on held-out images,
   the other gates at their learned values and every BatchNorm's statistics re-estimated
   for the toggled network (a finite-difference sensitivity in the budgeted context, where
-  both paths of every layer are trained). A layer is only taken if its score is positive.
-  The set is the exact
-  0/1 **knapsack** solution: the largest total score whose cost fits the budget.
+  both paths of every layer are trained). The set is the exact 0/1 **knapsack**
+  solution: the largest total score whose cost fits the budget (a layer with a score
+  <= 0 is never taken, so a budget may be left partly unused).
 - ``"greedy"``: one-at-a-time sensitivity by brief fine-tuning. The binary network
   trains ``steps`` steps; from there, the binary network and each single-layer-real
   variant fine-tune ``finetune_steps`` steps; the score is the held-out loss drop of that
   variant (BatchNorm statistics re-estimated after the switch and after the fine-tuning,
   as for the toggles of ``gated``). Layers are added in decreasing score per unit cost
-  while they fit (the
-  classic greedy rule for a knapsack, as in sensitivity-based mixed-precision searches).
-  ``n + 1`` fine-tunes: the most expensive method.
+  while they fit (the classic greedy rule for a knapsack, as in sensitivity-based
+  mixed-precision searches). ``n + 1`` fine-tunes: the most expensive method. Its scores
+  do not depend on the budget (``benchmarks/mixbin_table.py`` reuses them).
 - ``"first_last"``: the usual practice: the first and the last layer stay real (both if
   they fit, else the one that fits; knapsack with score 1 for them, 0 for the rest).
 - ``"random"``: seeded uniform random scores, knapsack: a random set that uses the budget.
@@ -924,31 +924,6 @@ def variant_recipe(recipe, layers, *, name: Optional[str] = None) -> Recipe:
     return recipe.with_changes(name=name or recipe.name, model={"real_layers": layers})
 
 
-def _load_weights(model, path) -> None:
-    """``load_weights`` for a run's ``best.weights.h5``, which has the legacy HDF5 layout
-    (saved as ``best.weights.tmp.h5``, then renamed) that tf_keras's ``*.weights.h5``
-    loader rejects: such a file is loaded through a link with a plain ``.h5`` name."""
-    import os
-    import shutil
-    import tempfile
-
-    import h5py
-
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        legacy = "layer_names" in f.attrs
-    if not (legacy and path.name.endswith(".weights.h5")):
-        model.load_weights(str(path))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        link = Path(tmp) / "legacy.h5"
-        try:
-            os.symlink(path.resolve(), link)
-        except OSError:
-            shutil.copyfile(path, link)
-        model.load_weights(str(link))
-
-
 def evaluate_variant(recipe: Recipe, run_dir, *, images=None, convert: bool = True, verify_images: int = 8,
                      int8: bool = True, calibration=None, data_dir=None, subset: Optional[int] = None) -> dict:
     """Held-out accuracy of a trained variant's best weights, its .tflite bytes and op census.
@@ -964,7 +939,7 @@ def evaluate_variant(recipe: Recipe, run_dir, *, images=None, convert: bool = Tr
 
     run_dir = Path(run_dir)
     model = recipe.build_model(classifier_activation=None)
-    _load_weights(model, run_dir / "best.weights.h5")
+    models.load_weights(model, run_dir / "best_weights.h5")
     real_layers = recipe.model.get("real_layers") or ()
     splits = None
     if images is None or (convert and int8 and real_layers and calibration is None):
@@ -1026,7 +1001,7 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
                     eval_images=None, int8: bool = True, calibration=None) -> dict:
     """Train the recipe with the selection's real layers; evaluate, convert, and summarise.
 
-    ``teacher``: a run folder with ``best.weights.h5`` of the real-valued twin, or a Keras
+    ``teacher``: a run folder with ``best_weights.h5`` of the real-valued twin, or a Keras
     model (logits), for knowledge distillation with the recipe's ``kd`` settings.
     ``eval_images``: ``(x, y)`` for the accuracy (default the recipe's test split, else
     validation); ``int8`` / ``calibration``: see :func:`evaluate_variant`. Writes

@@ -35,7 +35,8 @@ def cmd_mixbin(args):
         )
         result["training"] = {k: v for k, v in trained.items() if k != "selection"}
         keys = ("best_val_accuracy", "accuracy", "eval_images", "tflite_bytes", "lce_bconv2d", "float_convs",
-                "macs", "real_macs", "weight_bytes_int8", "verification")
+                "int8_tflite_bytes", "int8_accuracy", "int8_agreement", "macs", "real_macs", "weight_bytes_int8",
+                "verification")
         for key in keys:
             if key in trained:
                 print(f"- {key}: {trained[key]}")
@@ -62,7 +63,7 @@ def register(subparsers):
     p.add_argument("--train", action="store_true", help="then train the chosen network with the recipe")
     p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
     p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--teacher", help="run folder with best.weights.h5 of a real-valued teacher (KD)")
+    p.add_argument("--teacher", help="run folder with best_weights.h5 of a real-valued teacher (KD)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --train run")
     p.add_argument("--out", help="run folder (default runs/<recipe>_mixbin_<method>_<by><budget>)")
     p.add_argument("--json", help="write the selection (and the training result) as JSON")

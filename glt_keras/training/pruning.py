@@ -111,7 +111,6 @@ __all__ = [
     "block_structure",
     "bn_scale_scores",
     "export_shrunk",
-    "load_weights_file",
     "make_schedule",
     "masks_from_model",
     "optimizer_iterations",
@@ -1246,7 +1245,7 @@ def pruning_callback(model, settings: dict, steps_per_epoch: int, epochs: int, *
 
 def resolve_init_weights(spec, root=None):
     """``pruning.init_weights`` -> an existing weight file (a path relative to the project
-    root or absolute; a run folder means its ``best.weights.h5``). Raises a
+    root or absolute; a run folder means its ``best_weights.h5``). Raises a
     FileNotFoundError naming the file and the command that produces it."""
     from pathlib import Path
 
@@ -1257,7 +1256,7 @@ def resolve_init_weights(spec, root=None):
     if not path.is_absolute():
         path = root / path
     if path.is_dir() or (not path.suffix and not path.exists()):
-        path = path / "best.weights.h5"
+        path = path / "best_weights.h5"
     if path.exists():
         return path
     zoo_dir = ZOO_DIR.resolve()
@@ -1267,41 +1266,11 @@ def resolve_init_weights(spec, root=None):
             f"it holds the published {base} zoo model. Produce it with:\n"
             f"  glt-keras train {base} && glt-keras zoo publish runs/{base}"
         )
-    elif path.name == "best.weights.h5":
+    elif path.name == "best_weights.h5":
         how = f"it is written by a training run: glt-keras train <recipe> --out {path.parent}"
     else:
         how = "train and save the model it names first"
     raise FileNotFoundError(f"pruning.init_weights: {path} does not exist; {how}")
-
-
-def load_weights_file(model, path) -> None:
-    """``model.load_weights(path)`` for either HDF5 weight layout.
-
-    tf_keras sends every ``*.weights.h5`` name to its Keras-v3 loader, but a file saved
-    under another name (e.g. ``best.weights.tmp.h5``, then renamed) has the legacy
-    layout (root attribute ``layer_names``); such a file is loaded through a temporary
-    link with a plain ``.h5`` name.
-    """
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import h5py
-
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        legacy = "layer_names" in f.attrs
-    if not (legacy and path.name.endswith(".weights.h5")):
-        model.load_weights(str(path))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        link = Path(tmp) / "legacy.h5"
-        try:
-            os.symlink(path.resolve(), link)
-        except OSError:
-            shutil.copyfile(path, link)
-        model.load_weights(str(link))
 
 
 def _model_widths(model, n_blocks: int) -> list[int]:
@@ -1311,13 +1280,13 @@ def _model_widths(model, n_blocks: int) -> list[int]:
 def export_shrunk(recipe, masked_model, run_dir, *, check_inputs=None, source="", verbose=1) -> dict:
     """Shrink a trained masked model and write the run's shrunk artifacts.
 
-    Writes into ``run_dir``: ``shrunk.weights.h5`` (the shrunk network's weights),
+    Writes into ``run_dir``: ``shrunk_weights.h5`` (the shrunk network's weights),
     ``shrunk_recipe.yaml`` (:func:`shrunk_recipe`), ``shrunk_model.json``
     (``{"widths", "report", "source", "max_abs_difference"}``: the
     :func:`pruning_report` without markdown, the weights shrunk and the largest output
     difference masked vs. shrunk on ``check_inputs``), and ``shrunk/``, a folder that
     ``glt-keras zoo publish`` accepts (``recipe.yaml`` = the shrunk recipe,
-    ``best.weights.h5`` = the shrunk weights, copies of the run's logs and plots).
+    ``best_weights.h5`` = the shrunk weights, copies of the run's logs and plots).
     Prints the markdown report. Returns the ``shrunk_model.json`` dict.
     """
     import json
@@ -1363,19 +1332,17 @@ def export_shrunk(recipe, masked_model, run_dir, *, check_inputs=None, source=""
         os.replace(tmp, path)
 
     def atomic_weights(path):
-        # The temporary name also ends in .weights.h5: the file gets the layout its final
-        # name implies (Keras v3), which ``load_weights`` (e.g. in zoo publish) expects.
-        tmp = path.with_name(path.name[: -len(".weights.h5")] + ".tmp.weights.h5")
-        rebuilt.save_weights(str(tmp))
-        os.replace(tmp, path)
+        from ..models import save_weights
+
+        save_weights(rebuilt, path)
 
     recipe_text = yaml.safe_dump(new_recipe.to_dict(), sort_keys=False)
-    atomic_weights(run_dir / "shrunk.weights.h5")
+    atomic_weights(run_dir / "shrunk_weights.h5")
     atomic_text(run_dir / "shrunk_recipe.yaml", recipe_text)
     publish_dir = run_dir / "shrunk"
     publish_dir.mkdir(exist_ok=True)
     atomic_text(publish_dir / "recipe.yaml", recipe_text)
-    shutil.copyfile(run_dir / "shrunk.weights.h5", publish_dir / "best.weights.h5")
+    shutil.copyfile(run_dir / "shrunk_weights.h5", publish_dir / "best_weights.h5")
     for name in ("history.csv", "summary.json", "curves.png", "pruning.png", "thresholds.png", "thresholds.json"):
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, publish_dir / name)

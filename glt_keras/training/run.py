@@ -6,7 +6,7 @@ A run folder holds everything of one training run::
       recipe.yaml            the recipe as run (with CLI overrides)
       checkpoints/last.json  pointer to the last complete epoch checkpoint
       checkpoints/epoch_K/   model + optimizer state after epoch K (written atomically)
-      best.weights.h5        best weights on the validation split
+      best_weights.h5        best weights on the validation split
       history.csv            one row per epoch, no gaps across resumes
       thresholds.json        the thermometer's thresholds after every epoch
       tensorboard/           TensorBoard logs
@@ -14,13 +14,13 @@ A run folder holds everything of one training run::
       summary.json           wall time, epochs, throughput, best validation metrics
 
     with a ``pruning:`` block in the recipe (see :mod:`glt_keras.training.pruning`), also:
-      shrunk.weights.h5      the physically shrunk network (from best.weights.h5)
+      shrunk_weights.h5      the physically shrunk network (from best_weights.h5)
       shrunk_recipe.yaml     its recipe (explicit shrunk widths; pruning.full_model = the
                              full-width network trained here)
       shrunk_model.json      {"widths", "report" (before / after sizes), ...}
-      shrunk/                recipe.yaml + best.weights.h5 of the shrunk network, logs:
+      shrunk/                recipe.yaml + best_weights.h5 of the shrunk network, logs:
                              ``glt-keras zoo publish runs/<name>/shrunk``
-    (best.weights.h5 stays the masked full-width network: ``glt-keras eval run_dir`` works.)
+    (best_weights.h5 stays the masked full-width network: ``glt-keras eval run_dir`` works.)
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import tensorflow as tf
 import yaml
 
 from ..layers.encoding import LearnedThermometer, plot_transfer_curve
+from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
 
 
@@ -350,9 +351,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.write_summary()
         if self.best_if(row) and row.get(self.monitor, -np.inf) > self.best:
             self.best = row[self.monitor]
-            tmp = self.run_dir / "best.weights.tmp.h5"
-            self.student.save_weights(str(tmp))
-            os.replace(tmp, self.run_dir / "best.weights.h5")
+            save_weights(self.student, self.run_dir / "best_weights.h5")
         thermometer = _thermometer(self.student)
         if thermometer is not None:
             self.thresholds[str(epoch + 1)] = np.round(thermometer.thresholds(), 3).tolist()
@@ -542,7 +541,7 @@ def train(
     with strategy_obj.scope():
         model = recipe.build_model(classifier_activation=None)
         if init_weights is not None:
-            pruning_lib.load_weights_file(model, init_weights)
+            load_weights(model, init_weights)
             if verbose:
                 print(f"{recipe.name}: fine-tuning from {init_weights}.")
         thermometer = _thermometer(model)
@@ -617,15 +616,15 @@ def train(
 
 
 def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose=1) -> dict:
-    """Shrink the best (else the final) masked weights of a pruning run: shrunk.weights.h5,
+    """Shrink the best (else the final) masked weights of a pruning run: shrunk_weights.h5,
     shrunk_recipe.yaml, shrunk_model.json and shrunk/ (see the module docstring)."""
     from . import pruning as pruning_lib
 
-    best = run_dir / "best.weights.h5"
+    best = run_dir / "best_weights.h5"
     masked = recipe.build_model(classifier_activation=None)
     if best.exists():
-        pruning_lib.load_weights_file(masked, best)
-        source = "best.weights.h5"
+        load_weights(masked, best)
+        source = "best_weights.h5"
     else:
         if verbose:
             print(f"{recipe.name}: no epoch reached the pruning target with a best score; "
@@ -651,14 +650,14 @@ def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1, subset=None, steps
         pruning=None,
     )
     run_dir = Path(spec) if spec != "twin" else Path(run_root) / teacher_recipe.name
-    weights = run_dir / "best.weights.h5"
+    weights = run_dir / "best_weights.h5"
     if spec != "twin" and not weights.exists():
         raise FileNotFoundError(f"Teacher weights {weights} not found.")
     if spec == "twin":  # resumes an unfinished teacher; a finished one returns at once
         train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose,
               subset=subset, steps_per_epoch=steps_per_epoch)
     teacher = teacher_recipe.build_model(classifier_activation=None)
-    teacher.load_weights(str(weights))
+    load_weights(teacher, weights)
     teacher.trainable = False
     return teacher
 

@@ -283,17 +283,6 @@ def test_resume_mid_schedule_re_derives_the_ratio():
 
 
 # ----------------------------------------------------------------------------- through train()
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label, (lo, hi) in {"dark": (0, 110), "bright": (145, 256)}.items():
-        (root / label).mkdir()
-        for i in range(48):
-            Image.fromarray(rng.integers(lo, hi, (16, 16, 3)).astype(np.uint8)).save(root / label / f"{i:03d}.png")
-    return root
 
 
 TINY_MODEL = {"topology": None, "widths": [64, 128], "groups": [1, 2], "pools": [True, True], "shuffle": True,

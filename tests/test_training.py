@@ -9,7 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from glt_keras import models
 from glt_keras.recipe import Recipe
@@ -64,17 +63,6 @@ def test_distiller_trains_student_only():
 
 
 # ----------------------------------------------------------------------------- fit loop
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Two easy classes (dark / bright scenes) as an ordinary image-folder tree."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label, (lo, hi) in {"dark": (0, 110), "bright": (145, 256)}.items():
-        (root / label).mkdir()
-        for i in range(48):
-            img = rng.integers(lo, hi, (16, 16, 3)).astype(np.uint8)
-            Image.fromarray(img).save(root / label / f"{i:03d}.png")
-    return root
 
 
 def tiny_recipe(folder, **training):

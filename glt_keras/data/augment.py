@@ -18,17 +18,10 @@ import numpy as np
 
 __all__ = ["make_dataset", "paste_augment"]
 
+from .sources import _as_hw  # noqa: E402  (one definition of image sizes)
+
 CROPS = ("none", "pad", "random_resized")
 ImageSize = Union[int, Tuple[int, int], None]
-
-
-def _as_hw(image_size) -> Optional[Tuple[int, int]]:
-    if image_size is None:
-        return None
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    h, w = image_size
-    return int(h), int(w)
 
 
 def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize = None,

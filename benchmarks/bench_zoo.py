@@ -7,22 +7,15 @@
 Same as ``glt-keras bench`` (see ``--help``); the timing loop is
 ``glt_keras.bench.time_models``.
 """
-import argparse
 import sys
 
 import glt_keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from glt_keras.cli import run_script
 from glt_keras.bench import add_arguments, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"bench_zoo: error: {err}", file=sys.stderr)
-        return 2
+    return run_script("bench_zoo", __doc__.splitlines()[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

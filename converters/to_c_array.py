@@ -4,12 +4,12 @@
     python converters/to_c_array.py model.tflite -o firmware/src --name person_model
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import glt_keras  # noqa: F401
 from glt_keras.convert import write_c_array
+from glt_keras.convert.cli import c_identifier
 
 
 def main(argv=None) -> int:
@@ -18,9 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--out-dir", default=".", help="folder for NAME.h / NAME.cc (default: .)")
     parser.add_argument("--name", help="C identifier (default: from the file name)")
     args = parser.parse_args(argv)
-    name = args.name or re.sub(r"[^A-Za-z0-9_]", "_", Path(args.tflite).stem)
-    if name[:1].isdigit():
-        name = f"m_{name}"
+    name = args.name or c_identifier(Path(args.tflite).stem)
     try:
         h, cc = write_c_array(args.tflite, args.out_dir, name=name)
     except (ValueError, FileNotFoundError) as err:

@@ -50,3 +50,16 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_script(prog: str, description: str, add_arguments, run, argv=None) -> int:
+    """Entry point of the thin scripts in converters/ and benchmarks/: one command's
+    arguments and function, with the same clear-error handling as ``glt-keras``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2

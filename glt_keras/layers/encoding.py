@@ -44,9 +44,10 @@ class LearnedThermometer(tf.keras.layers.Layer):
     the pixel: a learned global tone curve in place of the ADC's natural binary code.
 
     Ordering and range hold by construction: the thresholds are the cumulative sum
-    of ``M + 1`` positive increments ``MIN_GAP + (255 - (M + 1) * MIN_GAP) *
-    softmax(logits)`` (the last one is the room above ``t_M``), so they are strictly
-    increasing, at least ``MIN_GAP`` apart and strictly inside ``(0, 255)`` whatever
+    of ``M + 1`` positive increments ``min_gap + (255 - (M + 1) * min_gap) *
+    softmax(logits)`` (the last one is the room above ``t_M``; ``min_gap`` defaults to
+    ``MIN_GAP`` = 0.25 px), so they are strictly increasing, at least ``min_gap`` apart
+    and strictly inside ``(0, 255)`` whatever
     the optimizer does; nothing is clipped after the fact.
 
     Gradient: the forward pass is ``sign(pixel - t_k)``; the backward pass uses the
@@ -83,6 +84,7 @@ class LearnedThermometer(tf.keras.layers.Layer):
         ste_window: float | None = None,
         threshold_lr_multiplier: float = 1.0,
         initial_thresholds=None,
+        min_gap: float = MIN_GAP,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,6 +96,10 @@ class LearnedThermometer(tf.keras.layers.Layer):
             )
         self.levels = int(levels)
         self.per_channel = bool(per_channel)
+        if not 0.0 <= min_gap < PIXEL_MAX / (self.levels + 1):
+            raise ValueError(f"{self.name}: min_gap must be in [0, {PIXEL_MAX / (self.levels + 1):.2f}), got {min_gap}.")
+        # 0 gives the plain softmax parameterisation (runs trained before MIN_GAP existed).
+        self.min_gap = float(min_gap)
         # Half of the initial uniform spacing: every pixel informs its nearest threshold.
         self.ste_window = float(ste_window) if ste_window else PIXEL_MAX / (self.levels + 1) / 2
         self.threshold_lr_multiplier = float(threshold_lr_multiplier)
@@ -102,22 +108,21 @@ class LearnedThermometer(tf.keras.layers.Layer):
         )
 
     # -- parameterisation ---------------------------------------------------------
-    @staticmethod
-    def _logits_from_thresholds(thresholds: np.ndarray) -> np.ndarray:
+    def _logits_from_thresholds(self, thresholds: np.ndarray) -> np.ndarray:
         """Inverse of the softmax/cumsum map, for rows of strictly increasing thresholds."""
         t = np.asarray(thresholds, dtype="float64")
         edges = np.concatenate(
             [np.zeros(t.shape[:-1] + (1,)), t, np.full(t.shape[:-1] + (1,), PIXEL_MAX)], -1
         )
         gaps = np.diff(edges, axis=-1)
-        if np.any(gaps <= MIN_GAP):
+        if np.any(gaps <= self.min_gap):
             raise ValueError(
                 "thresholds must be strictly increasing, more than "
-                f"{MIN_GAP} apart and inside ({MIN_GAP}, {PIXEL_MAX - MIN_GAP}), "
+                f"{self.min_gap} apart and inside ({self.min_gap}, {PIXEL_MAX - self.min_gap}), "
                 f"got {np.round(t, 2).tolist()}"
             )
-        room = PIXEL_MAX - gaps.shape[-1] * MIN_GAP
-        logits = np.log((gaps - MIN_GAP) / room)
+        room = PIXEL_MAX - gaps.shape[-1] * self.min_gap
+        logits = np.log((gaps - self.min_gap) / room)
         return (logits - logits.mean(-1, keepdims=True)).astype("float32")
 
     def _uniform_thresholds(self, rows: int) -> np.ndarray:
@@ -150,7 +155,7 @@ class LearnedThermometer(tf.keras.layers.Layer):
 
     def _thresholds_tensor(self):
         shares = tf.nn.softmax(self.threshold_logits * self.threshold_lr_multiplier, axis=-1)
-        increments = MIN_GAP + (PIXEL_MAX - (self.levels + 1) * MIN_GAP) * shares
+        increments = self.min_gap + (PIXEL_MAX - (self.levels + 1) * self.min_gap) * shares
         return tf.cumsum(increments, axis=-1)[:, : self.levels]
 
     def thresholds(self) -> np.ndarray:
@@ -244,6 +249,7 @@ class LearnedThermometer(tf.keras.layers.Layer):
             ste_window=self.ste_window,
             threshold_lr_multiplier=self.threshold_lr_multiplier,
             initial_thresholds=self.initial_thresholds,
+            min_gap=self.min_gap,
         )
         return config
 

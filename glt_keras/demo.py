@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     out.mkdir(exist_ok=True)
     conversion = to_tflite(model, out / f"{args.model}.tflite", verify_images=data.x[:32])
     print(conversion.report.to_markdown(), "\n")
-    print(f"wrote {conversion.path} ({len(conversion.flatbuffer):,} bytes); LCE vs Keras on 32 images: "
-          f"{conversion.verification}\n" if conversion.verification else "")
+    v = conversion.verification
+    print(f"wrote {conversion.path} ({len(conversion.flatbuffer):,} bytes); LCE interpreter vs Keras on "
+          f"{v.n_images} images: argmax agreement {v.argmax_agreement:.0%}, max |diff| {v.max_abs_diff:.1e}\n")
 
     entry = conversion_entry(conversion, label, model)
     entries = [entry] + reference_entries([entry.task], anchors_dir(None))

@@ -165,3 +165,14 @@ def test_unknown_strategy_is_a_clear_error():
 
     with pytest.raises(ValueError, match="multiworker"):
         get_strategy("tpu")
+
+
+def test_kd_with_a_real_valued_twin_teacher(tmp_path, image_folder):
+    """kd: {teacher: twin} trains the real-valued twin first (cached beside the run), then
+    distils it into the binary student."""
+    recipe = tiny_recipe(image_folder, epochs=1).with_changes(kd={"teacher": "twin", "teacher_epochs": 1})
+    summary = train(recipe, out_dir=tmp_path / "student", verbose=0)
+    teacher_dir = tmp_path / "tiny_test_teacher"
+    assert (teacher_dir / "best_weights.h5").exists()
+    assert _history(teacher_dir) == [1] and summary["epochs"] == 1
+    assert (tmp_path / "student" / "best_weights.h5").exists()

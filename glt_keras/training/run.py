@@ -225,13 +225,18 @@ class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
                     min_fraction=self.min_fraction)
 
 
-def make_optimizer(training: dict, steps_per_epoch: int, epochs: int):
-    """Larq CaseOptimizer: Adam on latent binary weights, Adam on the real-valued rest."""
+def make_optimizer(training: dict, steps_per_epoch: int, epochs: int, model=None):
+    """Larq CaseOptimizer: Adam on latent binary weights, Adam on the real-valued rest.
+
+    A ``model`` without binary weights (a real-valued teacher) gets the plain Adam:
+    larq's CaseOptimizer refuses an optimizer that claims no variable."""
     total = steps_per_epoch * epochs
     warmup = int(training.get("warmup_epochs", 0) * steps_per_epoch)
     floor = training.get("min_lr_fraction", 0.01)
     binary = tf.keras.optimizers.legacy.Adam(WarmupCosine(training["binary_lr"], total, warmup, floor))
     real = tf.keras.optimizers.legacy.Adam(WarmupCosine(training["real_lr"], total, warmup, floor))
+    if model is not None and not any(lq.optimizers.Bop.is_binary_variable(v) for v in model.trainable_variables):
+        return real
     return lq.optimizers.CaseOptimizer((lq.optimizers.Bop.is_binary_variable, binary), default_optimizer=real)
 
 
@@ -548,7 +553,7 @@ def train(
         if (thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume
                 and init_weights is None):
             thermometer.init_from_data(splits.train[0][:2000])
-        optimizer = make_optimizer(cfg, n_steps, cfg["epochs"])
+        optimizer = make_optimizer(cfg, n_steps, cfg["epochs"], model)
         teacher = teacher_model
         if teacher is None and recipe.kd.get("teacher"):
             teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose, subset=subset,

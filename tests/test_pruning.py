@@ -445,5 +445,7 @@ def test_shipped_pruned_recipes():
         settings = P.pruning_settings(recipe)
         assert settings["target_ratio"] == 0.5 and settings["allocation"] == "global"
         assert settings["init_weights"] == f"zoo/{base}/{base}_weights.h5"
-        assert recipe.model == base_recipe.model and recipe.classes == base_recipe.classes
+        # Once published, `model` is the shrunk network and `pruning.full_model` the one trained.
+        full_model = (recipe.pruning or {}).get("full_model", recipe.model)
+        assert full_model == base_recipe.model and recipe.classes == base_recipe.classes
         assert settings["end_epoch"] < recipe.training["epochs"]

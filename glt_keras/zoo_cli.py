@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +24,7 @@ def _atomic_json(path: Path, data) -> None:
 
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
-    import numpy as np
-
-    from .bench import keras_entry, reference_entries, anchors_dir, run_bench, TASKS
+    from .bench import anchors_dir, keras_entry, reference_entries, run_bench
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
     from .training.run import _thermometer, evaluate, load_splits
@@ -121,7 +118,7 @@ def write_card(name: str) -> Path:
         f"| classes (output order) | {', '.join(recipe.classes)} |",
         f"| input | {recipe.input_shape[0]}x{recipe.input_shape[1]}x{recipe.input_shape[2]} raw RGB pixels in [0, 255] (uint8 or float32), NHWC; no normalisation: the thermometer is the preprocessing |",
         f"| data | train: {json.dumps(recipe.data.get('train'))}; validation: {json.dumps(recipe.data.get('val') or {'holdout': recipe.data.get('holdout')})}; test: {json.dumps(recipe.data.get('test'))} |",
-        f"| recipe | [`recipe.yaml`](recipe.yaml) |",
+        "| recipe | [`recipe.yaml`](recipe.yaml) |",
     ]
     if entry is None:
         lines += ["", f"No trained weights yet. Train with `glt-keras train {name}`, then "

@@ -32,7 +32,6 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from ..recipe import load_recipe
     from .run import confusion_markdown, evaluate, load_splits
     from ..data import load_arrays
 

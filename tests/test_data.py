@@ -444,6 +444,19 @@ def test_make_dataset_shuffle_flip_pad(small_arrays):
     assert len(offsets) > 5
 
 
+def test_make_dataset_shuffles_a_class_sorted_set_globally():
+    # CIFAR-10 decodes class by class; a 10,000-index shuffle buffer over 30,000 sorted
+    # images gave batches of 2-3 classes and BatchNorm statistics of those classes.
+    n, k = 30000, 10
+    x = np.zeros((n, 2, 2, 3), np.uint8)
+    y = np.repeat(np.arange(k), n // k).astype(np.int32)
+    ds = gd.make_dataset(x, y, batch_size=128, training=True, flip=False, seed=0)
+    classes_per_batch = [len(np.unique(yb.numpy())) for _, yb in ds.take(20)]
+    assert min(classes_per_batch) == k
+    first = next(iter(ds))[1].numpy()
+    assert np.bincount(first, minlength=k).max() < 30  # ~12.8 per class, not 40+
+
+
 def test_make_dataset_random_resized_and_jitter(small_arrays):
     x, y = small_arrays
     ds = gd.make_dataset(x, y, batch_size=16, training=True, image_size=12, crop="random_resized",

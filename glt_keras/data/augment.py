@@ -27,7 +27,7 @@ ImageSize = Union[int, Tuple[int, int], None]
 def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize = None,
                  crop: str = "none", pad: int = 4, flip: bool = True,
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
-                 contrast: float = 0.0, balance: bool = False, shuffle_buffer: int = 10000,
+                 contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
                  seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
@@ -52,7 +52,10 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         balance: (training) class-balanced sampling: each class is drawn with equal probability
             (sampling with replacement from per-class shuffled, repeated streams); an epoch is
             still ``len(x)`` images.
-        shuffle_buffer: shuffle buffer size (of indices, so a large one is cheap).
+        shuffle_buffer: shuffle buffer size, in indices; default (None): the whole set, a full
+            permutation every epoch. A smaller buffer only shuffles locally: on a class-sorted
+            array (CIFAR-10 as decoded) every batch would hold two or three classes, and
+            BatchNorm would train on class-specific batch statistics.
         seed: seed for shuffling, sampling and augmentation.
         num_classes: number of classes for ``balance`` (default ``max(y) + 1``); classes without
             images are left out of the sampling.
@@ -119,8 +122,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             per_class, weights=[1.0 / len(per_class)] * len(per_class), seed=seed,
             rerandomize_each_iteration=True).take(n)
     else:
-        idx_ds = tf.data.Dataset.range(n).shuffle(max(1, min(int(shuffle_buffer), n)), seed=seed,
-                                                  reshuffle_each_iteration=True)
+        buffer = n if shuffle_buffer is None else max(1, min(int(shuffle_buffer), n))
+        idx_ds = tf.data.Dataset.range(n).shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     idx_ds = idx_ds.batch(batch_size, drop_remainder=drop_remainder)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2, drop_remainder=True)
 

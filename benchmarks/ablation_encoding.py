@@ -36,9 +36,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--data-dir")
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
     args = parser.parse_args(argv)
 
     import glt_keras  # noqa: F401  (Keras flavour first)
+    from glt_keras._io import atomic_write
+    from glt_keras.training.cli import _threads
+
+    _threads(args.threads)
     from glt_keras.models import load_weights, model_summary
     from glt_keras.recipe import load_recipe
     from glt_keras.training.run import evaluate, load_splits, train
@@ -58,16 +63,21 @@ def main(argv=None) -> int:
         model = recipe.build_model()
         load_weights(model, run_dir / "best_weights.h5")
         splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)
+        summary_file = run_dir / "summary.json"
+        trained = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         row = {"variant": variant, "encoding": recipe.model.get("encoding"),
                "kd": bool(recipe.kd.get("teacher")), "epochs": args.epochs,
+               "epoch_images": recipe.data.get("epoch_images") or len(splits.train[1]),
                "binary_weight_bytes": model_summary(model)["binary_weight_bytes"],
-               "seconds": round(time.time() - t0, 1)}
+               # Student training time (a KD variant's teacher is trained first, not counted).
+               "train_seconds": trained.get("train_seconds", round(time.time() - t0, 1))}
         for split, pair in (("val", splits.val), ("test", splits.test)):
             if pair is not None:
                 row[f"{split}_accuracy"] = evaluate(model, *pair, class_names=recipe.classes,
                                                     image_size=recipe.input_shape[:2])["accuracy"]
         rows.append(row)
-    keys = ["variant", "encoding", "kd", "epochs", "binary_weight_bytes", "val_accuracy", "test_accuracy", "seconds"]
+    keys = ["variant", "encoding", "kd", "epochs", "epoch_images", "binary_weight_bytes", "val_accuracy",
+            "test_accuracy", "train_seconds"]
     keys = [k for k in keys if any(k in r for r in rows)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -75,8 +85,9 @@ def main(argv=None) -> int:
             f"{100 * r[k]:.2f}%" if k.endswith("accuracy") and k in r else str(r.get(k, "")) for k in keys) + " |")
     table = "\n".join(lines)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{base.name}_ablation.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+    atomic_write(out / f"{base.name}_ablation.json",
+                 json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+    atomic_write(out / f"{base.name}_ablation.md", table + "\n")
     return 0
 
 

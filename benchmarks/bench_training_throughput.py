@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         totals = print_layers(rows, args.batch)
         print(f"{os.cpu_count()} CPUs, load average {load}")
         if args.json:
-            from glt_keras.convert._io import atomic_write
+            from glt_keras._io import atomic_write
 
             atomic_write(args.json, json.dumps({"batch": args.batch, "steps": args.steps, "cpus": os.cpu_count(),
                                                 "load_average": load, "layers": rows, **totals}, indent=2))
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     print(f"\nglt96, 96x96x3, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
           f"{os.cpu_count()} CPUs, load average {load}")
     if args.json:
-        from glt_keras.convert._io import atomic_write
+        from glt_keras._io import atomic_write
 
         payload = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps,
                    "cpus": os.cpu_count(), "load_average": load, "rows": rows}

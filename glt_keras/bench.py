@@ -390,7 +390,7 @@ def collect_entries(args) -> list:
 
 
 def run(args) -> int:
-    from .convert._io import atomic_write
+    from ._io import atomic_write
 
     entries = collect_entries(args)
     results = run_bench(entries, limit=args.limit or None, warmup=args.warmup,
@@ -409,7 +409,7 @@ README_START, README_END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
 def update_readme(path, table: str, *, command: str) -> None:
     """Replace the README's generated zoo table (between the markers) with ``table``."""
-    from .convert._io import atomic_write
+    from ._io import atomic_write
 
     text = Path(path).read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:

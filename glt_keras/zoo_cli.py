@@ -7,19 +7,17 @@ flatbuffer, latency next to the MLPerf Tiny reference in one run).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from . import zoo
+from ._io import atomic_write
 from .recipe import ZOO_DIR, load_recipe
 
 
 def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
@@ -153,11 +151,7 @@ def write_card(name: str) -> Path:
             if (ZOO_DIR / name / plot).exists():
                 lines += [f"![{caption}]({plot})", ""]
         lines += [f"Weights: `{entry['weights']}`, SHA-256 `{entry['sha256']}`.", ""]
-    path = ZOO_DIR / name / "README.md"
-    tmp = path.with_name("README.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(ZOO_DIR / name / "README.md", "\n".join(lines))
 
 
 def cmd(args):

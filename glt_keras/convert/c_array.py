@@ -5,7 +5,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from ._io import atomic_write, read_tflite
+from .._io import atomic_write
+from ._io import read_tflite
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BYTES_PER_LINE = 12

@@ -97,7 +97,7 @@ def c_identifier(stem: str) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from ._io import atomic_write
+    from .._io import atomic_write
     from .c_array import write_c_array
     from .tflite import StrictConversionError, conversion_result_json, to_tflite
     from .verify import VerificationError

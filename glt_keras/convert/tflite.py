@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._io import atomic_write
+from .._io import atomic_write
 from .inspect import InspectReport, _check_budget, inspect_flatbuffer, iter_layers
 from .verify import VerificationError, VerifyResult, check_images, keras_predict, verify_tflite
 

@@ -180,7 +180,7 @@ def build_firmware(export_dir, images, *, cpu: str = "cortex-m4", build_dir=None
 
     # Images as const data.
     n, size = len(batch), int(np.prod(shape))
-    lines = [f"#include <stdint.h>\n#include \"glt_test_images.h\"\n",
+    lines = ["#include <stdint.h>\n#include \"glt_test_images.h\"\n",
              f"const uint8_t glt_test_images[GLT_TEST_IMAGE_COUNT][{size}] = {{"]
     for img in batch:
         flat = img.reshape(-1)

@@ -1290,11 +1290,13 @@ def export_shrunk(recipe, masked_model, run_dir, *, check_inputs=None, source=""
     Prints the markdown report. Returns the ``shrunk_model.json`` dict.
     """
     import json
-    import os
     import shutil
     from pathlib import Path
 
     import yaml
+
+    from .._io import atomic_write
+    from ..models import save_weights
 
     run_dir = Path(run_dir)
     recipe = training_recipe(recipe)
@@ -1326,25 +1328,15 @@ def export_shrunk(recipe, masked_model, run_dir, *, check_inputs=None, source=""
     }
     info["report"]["widths"] = {k: list(v) for k, v in info["report"]["widths"].items()}
 
-    def atomic_text(path, text):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-
-    def atomic_weights(path):
-        from ..models import save_weights
-
-        save_weights(rebuilt, path)
-
     recipe_text = yaml.safe_dump(new_recipe.to_dict(), sort_keys=False)
-    atomic_weights(run_dir / "shrunk_weights.h5")
-    atomic_text(run_dir / "shrunk_recipe.yaml", recipe_text)
+    save_weights(rebuilt, run_dir / "shrunk_weights.h5")
+    atomic_write(run_dir / "shrunk_recipe.yaml", recipe_text)
     publish_dir = run_dir / "shrunk"
     publish_dir.mkdir(exist_ok=True)
-    atomic_text(publish_dir / "recipe.yaml", recipe_text)
+    atomic_write(publish_dir / "recipe.yaml", recipe_text)
     shutil.copyfile(run_dir / "shrunk_weights.h5", publish_dir / "best_weights.h5")
     for name in ("history.csv", "summary.json", "curves.png", "pruning.png", "thresholds.png", "thresholds.json"):
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, publish_dir / name)
-    atomic_text(run_dir / "shrunk_model.json", json.dumps(info, indent=2))
+    atomic_write(run_dir / "shrunk_model.json", json.dumps(info, indent=2))
     return info

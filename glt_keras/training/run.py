@@ -25,6 +25,7 @@ A run folder holds everything of one training run::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import larq as lq
 import tensorflow as tf
 import yaml
 
+from .._io import atomic_write
 from ..layers.encoding import LearnedThermometer, plot_transfer_curve
 from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
@@ -45,12 +47,6 @@ from ..recipe import Recipe, load_recipe
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -267,7 +263,7 @@ def save_checkpoint(directory: Path, checkpoint, epoch_var, epoch: int) -> Path:
     checkpoint.write(str(tmp / "ckpt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write_text(directory / "last.json", json.dumps({"epoch": epoch, "path": final.name}))
+    atomic_write(directory / "last.json", json.dumps({"epoch": epoch, "path": final.name}))
     for old in directory.glob("epoch_*"):
         if old.name not in (final.name, f"epoch_{epoch - 1}"):
             shutil.rmtree(old, ignore_errors=True)
@@ -337,7 +333,7 @@ class RunLogger(tf.keras.callbacks.Callback):
             "best_" + self.monitor: float(self.best),
             **extra,
         }
-        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -360,7 +356,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         thermometer = _thermometer(self.student)
         if thermometer is not None:
             self.thresholds[str(epoch + 1)] = np.round(thermometer.thresholds(), 3).tolist()
-            _atomic_write_text(self.threshold_path, json.dumps(self.thresholds))
+            atomic_write(self.threshold_path, json.dumps(self.thresholds))
         plot_run(self.run_dir, self.rows, self.thresholds, thermometer)
 
 
@@ -383,12 +379,11 @@ def _write_history(path: Path, rows):
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def plot_run(run_dir: Path, rows, thresholds, thermometer=None):
@@ -525,7 +520,7 @@ def train(
     if prune and prune.get("init_weights") and not resuming:
         init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])  # before any output
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     tf.keras.utils.set_random_seed(cfg["seed"])
     splits = load_splits(recipe, data_dir=data_dir, subset=subset)

@@ -66,6 +66,10 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)
     ours = next(r for r in bench["rows"] if r["name"] == name)
     summary = model_summary(model)
+    from .convert import to_tflite
+
+    # The deployable size: names and signatures stripped (glt-keras convert --strip-strings).
+    stripped = to_tflite(model, verify=True, strict=True, strip_strings=True).flatbuffer
     run_summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     for plot in ("curves.png", "thresholds.png", "pruning.png"):
         if (run_dir / plot).exists():
@@ -83,7 +87,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         "weights": f"{name}/{weights_file.name}",
         "sha256": zoo.sha256_of(weights_file),
         "metrics": metrics,
-        "size": {**summary, "tflite_bytes": ours["bytes"]},
+        "size": {**summary, "tflite_bytes": ours["bytes"], "tflite_bytes_stripped": len(stripped)},
         "lce": {"all_binary": ours.get("float_convs", 1) == 0, "lce_bconv2d": ours.get("lce_bconv2d")},
         "benchmark": {"machine": bench["machine"], "data": bench["data"], "rows": bench["rows"]},
         "training": {
@@ -130,7 +134,9 @@ def write_card(name: str) -> Path:
         lines += ["", "## Size and compute", "", "| | |", "|---|---|",
                   f"| parameters | {s['params']:,} ({s['binary_params']:,} binary, {s['real_params']:,} real-valued) |",
                   f"| binary weight bytes | {s['binary_weight_bytes']:,} |",
-                  f"| `.tflite` bytes (LCE) | {s['tflite_bytes']:,} |",
+                  f"| `.tflite` bytes (LCE) | {s['tflite_bytes']:,}"
+                  + (f"; {s['tflite_bytes_stripped']:,} with `glt-keras convert --strip-strings` (no tensor names or signatures)"
+                     if s.get("tflite_bytes_stripped") else "") + " |",
                   f"| MACs | {s['macs']:,} ({s['binary_macs']:,} binary) |",
                   f"| every conv `LceBconv2d` | {'yes' if entry['lce']['all_binary'] else 'NO'} ({entry['lce']['lce_bconv2d']} binary convs) |",
                   "", "## Latency and references (one run, same images, 1 thread)", "",

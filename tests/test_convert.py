@@ -90,6 +90,17 @@ def test_logits_model_matches_keras(logits_result, logits_model, workdir):
     assert again.passed and again.argmax_agreement == 1.0
 
 
+def test_strip_strings_is_smaller_and_still_matches_keras(logits_result, logits_model):
+    stripped = to_tflite(logits_model, strip_strings=True, verify_images=pixels(5, seed=3))
+    assert len(stripped.flatbuffer) < len(logits_result.flatbuffer)
+    assert stripped.report.all_binary and stripped.report.op_counts == logits_result.report.op_counts
+    assert stripped.verification.passed and stripped.verification.argmax_agreement == 1.0
+    # The tensor names are gone (a device reads tensors by index).
+    assert b"head_conv" in logits_result.flatbuffer and b"head_conv" not in stripped.flatbuffer
+    with pytest.raises(ValueError, match="strip_strings"):
+        to_tflite(logits_model, strip_strings="yes")
+
+
 def test_flash_budget_and_largest_buffers(logits_result):
     small = inspect_flatbuffer(logits_result.flatbuffer, flash_budget=1000)
     assert small.fits_flash is False and "NO" in small.to_markdown()

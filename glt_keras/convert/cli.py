@@ -81,6 +81,8 @@ def add_arguments(p) -> None:
                    help="also write OUT.h / OUT.cc holding the flatbuffer as a C array")
     p.add_argument("--c-name", metavar="IDENT", help="C array name (default: from OUT's file name)")
     p.add_argument("--strict", action="store_true", help="fail if any convolution stayed float")
+    p.add_argument("--strip-strings", action="store_true",
+                   help="drop tensor names and signatures a device does not need (~2-3 KB smaller)")
     p.add_argument("--flash-budget", type=parse_bytes, metavar="BYTES", help="e.g. 262144, 256k, 1M")
     p.add_argument("--no-verify", action="store_true", help="skip the LCE-interpreter vs Keras check")
     p.add_argument("--images", metavar="FILE.npy",
@@ -112,7 +114,7 @@ def run(args) -> int:
         result = to_tflite(
             model, args.output, int8_io=args.int8_io, target=args.target, verify=not args.no_verify,
             verify_images=images, strict=args.strict, tolerance=args.tolerance,
-            flash_budget=args.flash_budget, output_range=args.output_range,
+            flash_budget=args.flash_budget, output_range=args.output_range, strip_strings=args.strip_strings,
         )
     except StrictConversionError as err:
         print(err.result.to_markdown(), file=sys.stderr)

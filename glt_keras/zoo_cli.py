@@ -29,6 +29,10 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.pruning and (run_dir / "shrunk").is_dir():
+        # best_weights.h5 here is the masked full-width network, not the model to ship.
+        raise ValueError(f"{run_dir} is a pruning run: publish its shrunk network, "
+                         f"`glt-keras zoo publish {run_dir / 'shrunk'}`.")
     name = name or recipe.name
     if name not in zoo.list_models():
         raise ValueError(f"{name} has no recipe under {ZOO_DIR}; add zoo/{name}/recipe.yaml first.")

@@ -115,3 +115,18 @@ def test_shipped_registry_checksums_match():
     for name in zoo.list_models(pretrained=True):
         path = zoo.pretrained_weights(name)  # raises on a mismatch
         assert path.exists()
+
+
+def test_publish_refuses_the_masked_network_of_a_pruning_run(fake_zoo, tmp_path):
+    from glt_keras.zoo_cli import publish
+
+    run = tmp_path / "runs" / "toy_binary"
+    (run / "shrunk").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(
+        "name: toy_binary\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: [a, b, c]\n"
+        "model: {topology: tiny, levels: 4}\npruning: {target_ratio: 0.5}\n"
+    )
+    registry_before = (fake_zoo[0] / "registry.json").read_text()
+    with pytest.raises(ValueError, match="shrunk"):
+        publish(run)
+    assert (fake_zoo[0] / "registry.json").read_text() == registry_before

@@ -4,6 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._io import atomic_write
+
+
+#: Largest score difference allowed between the Cortex-M build and the host build.
+DEVICE_TOLERANCE = 1e-5
+
 
 def load_model(name_or_path: str, weights="pretrained"):
     """A zoo model by name (``glt_keras.zoo.load``, with ``weights``) or a saved Keras
@@ -52,9 +58,11 @@ def cmd_export_c(args) -> int:
                         cpus=cpus, qemu_images=args.qemu_images)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        atomic_write(args.json, json.dumps(report, indent=2, default=str))
+    # The binary layers are integer arithmetic and match exactly; the float tail (BN
+    # scale, average, softmax's expf) may round differently in newlib on the FPU.
     ok = report["host"]["argmax_equal"] and all(
-        e.get("argmax_equal_host", True) and e.get("max_abs_diff_vs_host", 0) == 0
+        e.get("argmax_equal_host", True) and e.get("max_abs_diff_vs_host", 0) <= DEVICE_TOLERANCE
         for e in report.get("cortex_m", {}).values()
     )
     return 0 if ok else 1

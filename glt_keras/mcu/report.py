@@ -81,6 +81,8 @@ def format_report(report: dict) -> str:
             f"{report['vww_int8_reference_bytes']:,} B VWW int8 flatbuffer), SRAM {e['peak_sram_bytes']:,} B "
             f"(static {e['static_ram_bytes']:,} + stack {e['stack_bytes_measured']:,}), "
             f"{e['instructions_per_inference']:,} instructions / inference, "
-            f"scores {'bit-identical to' if e.get('max_abs_diff_vs_host', 1) == 0 else 'differ from'} host"
+            + ("scores bit-identical to host" if e.get("max_abs_diff_vs_host", 1) == 0
+               else f"argmax {'identical to' if e.get('argmax_equal_host') else 'DIFFERENT from'} host, "
+                    f"max |score diff| {e.get('max_abs_diff_vs_host', float('nan')):.2g}")
         )
     return "\n".join(lines)

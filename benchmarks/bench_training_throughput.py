@@ -122,6 +122,11 @@ def print_layers(rows, batch) -> dict:
     return totals
 
 
+def load_average():
+    """The 1/5/15-minute load averages after a measurement (None where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -133,10 +138,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1, --warmup >= 0")
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.per_layer:
         rows = measure_layers(batch=args.batch, warmup=max(1, args.warmup), steps=args.steps)
         totals = print_layers(rows, args.batch)
+        load = load_average()
         print(f"{os.cpu_count()} CPUs, load average {load}")
         if args.json:
             from glt_keras._io import atomic_write
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['variant']} | {r['images_per_second']:.1f} | {r['seconds_per_step_median']:.2f} | "
               f"{r['warmup_seconds']:.1f} | {fastest / r['images_per_second']:.1f}x |")
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load = load_average()
     print(f"\nglt96, 96x96x3, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
           f"{os.cpu_count()} CPUs, load average {load}")
     if args.json:

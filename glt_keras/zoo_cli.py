@@ -22,7 +22,9 @@ def _atomic_json(path: Path, data) -> None:
 
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
-    from .bench import anchors_dir, keras_entry, reference_entries, run_bench
+    from .bench import anchors_dir, conversion_entry, reference_entries, run_bench
+    from .convert import strip_flatbuffer_strings, to_tflite, verify_tflite
+    from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
     from .training.run import _thermometer, evaluate, load_splits
@@ -64,16 +66,17 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         metrics[key] = {k: result[k] for k in ("images", "accuracy", "mean_per_class_accuracy", "loss")}
         metrics[key].update(dataset=key, confusion=result["confusion"])
 
-    entry = keras_entry(model, name)
+    # One conversion: the bench runs it; its stripped copy (no tensor names or signatures,
+    # what `glt-keras convert --strip-strings` writes) is verified and measured.
+    conversion = to_tflite(model, strict=True)
+    stripped = strip_flatbuffer_strings(conversion.flatbuffer)
+    verify_tflite(stripped, model, default_images(model.input_shape[1:]))
+    entry = conversion_entry(conversion, name, model)
     task = entry.task
     entries = [entry] + (reference_entries([task], anchors_dir(None)) if task else [])
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)
     ours = next(r for r in bench["rows"] if r["name"] == name)
     summary = model_summary(model)
-    from .convert import to_tflite
-
-    # The deployable size: names and signatures stripped (glt-keras convert --strip-strings).
-    stripped = to_tflite(model, verify=True, strict=True, strip_strings=True).flatbuffer
     run_summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     for plot in ("curves.png", "thresholds.png", "pruning.png"):
         if (run_dir / plot).exists():

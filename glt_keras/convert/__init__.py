@@ -6,11 +6,18 @@
 """
 from .c_array import write_c_array
 from .inspect import InspectReport, inspect_flatbuffer
-from .tflite import ConversionError, ConversionResult, StrictConversionError, to_tflite
+from .tflite import (
+    ConversionError,
+    ConversionResult,
+    StrictConversionError,
+    strip_flatbuffer_strings,
+    to_tflite,
+)
 from .verify import VerificationError, VerifyResult, verify_tflite
 
 __all__ = [
     "to_tflite",
+    "strip_flatbuffer_strings",
     "inspect_flatbuffer",
     "verify_tflite",
     "write_c_array",

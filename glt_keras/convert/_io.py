@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
-
-
-PathLike = Union[str, os.PathLike]
 
 #: Every TFLite flatbuffer carries this file identifier at bytes 4..8.
 TFLITE_IDENTIFIER = b"TFL3"

@@ -371,7 +371,7 @@ def to_tflite(
         to_convert = with_int8_io(export, input_range=input_range, output_range=output_range)
     fb, messages = convert(to_convert, int8_io=int8_io, target=target)
     if strip_strings:
-        fb = _strip_strings(fb)
+        fb = strip_flatbuffer_strings(fb)
 
     report = inspect_flatbuffer(fb, keras_model=export, flash_budget=flash_budget,
                                 converter_messages=messages)
@@ -399,7 +399,10 @@ def to_tflite(
     return result
 
 
-def _strip_strings(fb: bytes) -> bytes:
+def strip_flatbuffer_strings(fb: bytes) -> bytes:
+    """``fb`` without the strings a device does not need (tensor names, signature defs, model
+    description; TFLite's ``flatbuffer_utils.strip_strings``). Custom op codes stay, so the
+    LCE interpreter runs it unchanged: ``to_tflite(..., strip_strings=True)`` verifies that."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(fb))

@@ -15,6 +15,10 @@ written after every row to ``OUT/results.json`` and ``OUT/table.md``; a rerun wi
     # the real table (hours: see the estimate printed at the start)
     python benchmarks/mixbin_table.py --recipe cifar10_binary --epochs 8 --search-steps 300 \\
         --out out/mixbin_cifar10
+    # fine-tuning every choice from the published fully binary model (what the README reports)
+    python benchmarks/mixbin_table.py --recipe vww_binary --init-weights zoo --teacher \\
+        runs/vww_binary_kd_teacher --lr 5e-4 --warmup-epochs 0 --epochs 3 --search-steps 150 \\
+        --finetune-steps 60 --out runs/mixbin_vww
 """
 from __future__ import annotations
 
@@ -44,6 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--finetune-steps", type=int, help="greedy fine-tuning steps per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", help="run folder of a real-valued teacher for KD (default: none)")
+    p.add_argument("--init-weights",
+                   help="fine-tune every network (and start the searches) from these weights of the trained "
+                        "fully binary network (a file, a run folder, or 'zoo': the published model of the recipe) "
+                        "instead of training from scratch")
+    p.add_argument("--lr", type=float, help="learning rate of every parameter group (default: the recipe's)")
+    p.add_argument("--warmup-epochs", type=float, help="default: the recipe's")
     p.add_argument("--verify-images", type=int, default=8)
     p.add_argument("--no-int8", action="store_true", help="skip the int8-real-layer flatbuffer")
     p.add_argument("--out", default="out/mixbin_table", help="folder for runs, results.json, table.md")
@@ -57,9 +67,14 @@ def _num(value) -> str:
 
 
 def markdown(rows, meta) -> str:
+    start = (f"fine-tuned from `{meta['init_weights']}`" if meta.get("init_weights") else "trained from scratch")
     lines = [
         f"# MixBin: {meta['recipe']} (budget by {meta['by']}, {meta['epochs']} epochs"
         + (f", subset {meta['subset']}" if meta.get("subset") else "") + ")", "",
+        f"Every network {start}"
+        + (f", with KD from `{meta['teacher']}`" if meta.get("teacher") else ", without KD")
+        + (f", training overrides {meta['training']}" if meta.get("training") else "")
+        + f"; searches: {meta['search_steps']} steps, seed {meta['seed']}.", "",
         "Real layers chosen per budget and method, then trained with the recipe. Cost: fraction of "
         f"{meta['by']} that is real-valued (real weights counted at 8 bits, binary at 1). "
         "`.tflite (f32 real)`: real layers in float32, checked against Keras (verified); `int8`: real layers "
@@ -97,12 +112,26 @@ def main(argv=None) -> int:
     from glt_keras.training.run import load_splits
 
     recipe = load_recipe(args.recipe)
+    init_weights = init_label = args.init_weights
+    if init_weights is not None:
+        from glt_keras.training.pruning import resolve_init_weights
+        from glt_keras.zoo import pretrained_weights, sha256_of
+
+        init_weights = str(pretrained_weights(recipe.name) if init_weights == "zoo"
+                           else resolve_init_weights(init_weights, key="--init-weights"))
+        init_label = f"{args.init_weights} (sha256 {sha256_of(init_weights)[:12]})"  # not the path: rerun anywhere
+    training = {}
+    if args.lr is not None:
+        training.update(binary_lr=args.lr, real_lr=args.lr)
+    if args.warmup_epochs is not None:
+        training["warmup_epochs"] = args.warmup_epochs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     state = json.loads(results_path.read_text()) if results_path.exists() else {}
     meta = {"recipe": recipe.name, "by": args.by, "epochs": args.epochs, "subset": args.subset,
-            "steps_per_epoch": args.steps_per_epoch, "search_steps": args.search_steps, "seed": args.seed}
+            "steps_per_epoch": args.steps_per_epoch, "search_steps": args.search_steps, "seed": args.seed,
+            "teacher": args.teacher, "init_weights": init_label, "training": training}
     if state.get("meta", meta) != meta:
         print(f"error: {results_path} was made with other settings {state['meta']}; use another --out.",
               file=sys.stderr)
@@ -135,7 +164,8 @@ def main(argv=None) -> int:
             key = f"{method}/{budget:g}"
             if key not in selections:
                 common = dict(by=args.by, seed=args.seed, steps=args.search_steps, data=splits.train,
-                              val_data=splits.val, subset=args.subset, data_dir=args.data_dir)
+                              val_data=splits.val, subset=args.subset, data_dir=args.data_dir,
+                              init_weights=init_weights)
                 if method == "greedy" and greedy_cache is not None:  # scores do not depend on the budget
                     sel = mixbin.select_from_scores(cands, greedy_cache[0], budget, by=args.by, rule="greedy",
                                                     method="greedy", details=greedy_cache[1])
@@ -157,7 +187,8 @@ def main(argv=None) -> int:
                 recipe, layers, out_dir=run_dir, epochs=args.epochs, subset=args.subset,
                 steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
                 verify_images=args.verify_images, resume=resume, verbose=0, eval_images=eval_pair,
-                int8=not args.no_int8, calibration=splits.train[0][:256],
+                int8=not args.no_int8, calibration=splits.train[0][:256], init_weights=init_weights,
+                training=training or None,
                 name=f"{recipe.name}_mixbin_{run_dir.name}",
             )
             trained[layers_key] = result

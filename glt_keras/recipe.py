@@ -24,6 +24,7 @@ DEFAULT_TRAINING = {
     "label_smoothing": 0.0,
     "seed": 0,
     "threshold_init": "uniform",  # or "quantiles"
+    "init_weights": None,  # a weight file (or run folder) to fine-tune from instead of a fresh start
 }
 
 DEFAULT_KD = {"teacher": None, "alpha": 0.5, "temperature": 4.0, "teacher_epochs": 20}

@@ -23,7 +23,7 @@ def _atomic_json(path: Path, data) -> None:
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
     from .bench import anchors_dir, conversion_entry, reference_entries, run_bench
-    from .convert import strip_flatbuffer_strings, to_tflite, verify_tflite
+    from .convert import strip_flatbuffer_strings, verify_tflite
     from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
@@ -68,7 +68,8 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
 
     # One conversion: the bench runs it; its stripped copy (no tensor names or signatures,
     # what `glt-keras convert --strip-strings` writes) is verified and measured.
-    conversion = to_tflite(model, strict=True)
+    real_layers = list(recipe.model.get("real_layers") or [])
+    conversion = convert_for_zoo(model, real_layers, name=name)
     stripped = strip_flatbuffer_strings(conversion.flatbuffer)
     verify_tflite(stripped, model, default_images(model.input_shape[1:]))
     entry = conversion_entry(conversion, name, model)
@@ -95,7 +96,8 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         "sha256": zoo.sha256_of(weights_file),
         "metrics": metrics,
         "size": {**summary, "tflite_bytes": ours["bytes"], "tflite_bytes_stripped": len(stripped)},
-        "lce": {"all_binary": ours.get("float_convs", 1) == 0, "lce_bconv2d": ours.get("lce_bconv2d")},
+        "lce": {"all_binary": ours.get("float_convs", 1) == 0, "lce_bconv2d": ours.get("lce_bconv2d"),
+                "real_layers": real_layers},
         "benchmark": {"machine": bench["machine"], "data": bench["data"], "rows": bench["rows"]},
         "training": {
             "command": f"glt-keras train {name}",
@@ -109,6 +111,23 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     _atomic_json(zoo.REGISTRY_PATH, registry)
     write_card(name)
     return registry[name]
+
+
+def convert_for_zoo(model, real_layers=(), *, name=None):
+    """LCE conversion of a zoo model: every conv ``LceBconv2d``, except the convs of the
+    ``real_layers`` a MixBin recipe keeps real-valued on purpose (``CONV_2D``); any other
+    float conv is an error naming it."""
+    from .convert import to_tflite
+
+    name = name or model.name
+    conversion = to_tflite(model, strict=not real_layers)
+    expected = {f"{layer}_conv" for layer in real_layers}
+    unexpected = [c.layer or c.op for c in conversion.report.float_convs if c.layer not in expected]
+    if unexpected or len(conversion.report.float_convs) != len(expected):
+        raise ValueError(f"{name}: float convolutions after conversion "
+                         f"{[c.layer or c.op for c in conversion.report.float_convs]}, but the recipe keeps "
+                         f"{sorted(real_layers) or 'none'} real-valued (unexpected: {unexpected}).")
+    return conversion
 
 
 def _pct(v):
@@ -145,7 +164,10 @@ def write_card(name: str) -> Path:
                   + (f"; {s['tflite_bytes_stripped']:,} with `glt-keras convert --strip-strings` (no tensor names or signatures)"
                      if s.get("tflite_bytes_stripped") else "") + " |",
                   f"| MACs | {s['macs']:,} ({s['binary_macs']:,} binary) |",
-                  f"| every conv `LceBconv2d` | {'yes' if entry['lce']['all_binary'] else 'NO'} ({entry['lce']['lce_bconv2d']} binary convs) |",
+                  (f"| every conv `LceBconv2d` | {'yes' if entry['lce']['all_binary'] else 'NO'} ({entry['lce']['lce_bconv2d']} binary convs) |"
+                   if not entry["lce"].get("real_layers") else
+                   f"| precision | mixed (MixBin): {', '.join(entry['lce']['real_layers'])} real-valued (`CONV_2D`), "
+                   f"{entry['lce']['lce_bconv2d']} convs `LceBconv2d` |"),
                   "", "## Latency and references (one run, same images, 1 thread)", "",
                   "| model | kind | bytes | accuracy | median ms / image | ratio |", "|---|---|---|---|---|---|"]
         for row in entry["benchmark"]["rows"]:

@@ -252,3 +252,110 @@ def test_int8_export_makes_real_layers_int8_conv2d(tmp_path):
     out, _ = run_interpreter(lce_interpreter(result.flatbuffer), images)
     float_top = model(images).numpy().argmax(-1)
     assert (out.argmax(-1) == float_top).mean() >= 0.75  # post-training int8: near the float model
+
+
+# ----------------------------------------------------------------------------- fine-tuning from the binary network
+def _tiny_recipe(folder=None, **training):
+    from glt_keras.recipe import Recipe
+
+    return Recipe(name="tiny_mixbin", input_shape=SHAPE, classes=["bright", "dark"],
+                  model={"topology": "tiny", "widths": [64, 64], "groups": [1, 2], "num_classes": 2},
+                  data={"train": {"folder": str(folder or "unused")}, "holdout": 0.25},
+                  training={"epochs": 1, "batch_size": 16, "warmup_epochs": 0, **training})
+
+
+def _trained_like(model, seed=0):
+    """Random latent kernels and BatchNorm statistics (a fresh network's are all alike)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2.0, n), rng.normal(0, 0.5, n), rng.normal(0, 3.0, n),
+                               rng.uniform(5.0, 50.0, n)])
+        elif getattr(layer, "kernel", None) is not None:
+            layer.kernel.assign(rng.uniform(-0.3, 0.3, layer.kernel.shape))
+    return model
+
+
+def test_binary_start_turns_a_binary_layer_into_the_same_real_layer(tmp_path):
+    recipe = _tiny_recipe()
+    binary = _trained_like(recipe.build_model(classifier_activation=None))
+    models.save_weights(binary, tmp_path / "binary_weights.h5")
+    x = np.random.default_rng(3).integers(0, 256, (8,) + SHAPE).astype(np.float32)
+
+    start = mixbin.binary_start(recipe, ["block1"], tmp_path / "binary_weights.h5", tmp_path / "start_weights.h5")
+    variant = mixbin.variant_recipe(recipe, ["block1"]).build_model(classifier_activation=None)
+    models.load_weights(variant, start)
+    conv = variant.get_layer("block1_conv")
+    assert conv.kernel_quantizer is None and conv.input_quantizer is None  # really real-valued now
+    w = binary.get_layer("block1_conv").kernel.numpy()
+    alpha = np.abs(w).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(conv.kernel.numpy(), np.sign(w) * alpha, rtol=1e-6)
+    for name in ("block2_conv", "head_conv", "block2_bn"):  # every other layer unchanged
+        for a, b in zip(variant.get_layer(name).get_weights(), binary.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # block1's input is the thermometer's +-1 planes: the real layer computes what the binary one
+    # did (its BatchNorm output), except on the border, which the real conv pads with 0, not +1.
+    def block1(model):
+        return tf.keras.Model(model.inputs, model.get_layer("block1_bn").output)(x, training=False).numpy()
+
+    np.testing.assert_allclose(block1(variant)[:, 1:-1, 1:-1], block1(binary)[:, 1:-1, 1:-1], atol=1e-4)
+    # A start from the untrained network would not: the check above can fail.
+    fresh = mixbin.variant_recipe(recipe, ["block1"]).build_model(classifier_activation=None)
+    assert np.abs(block1(fresh) - block1(binary))[:, 1:-1, 1:-1].max() > 1e-2
+
+
+def test_binary_start_recalibrates_the_batchnorm_of_a_real_layer(tmp_path):
+    recipe = _tiny_recipe()
+    binary = _trained_like(recipe.build_model(classifier_activation=None))
+    models.save_weights(binary, tmp_path / "binary_weights.h5")
+    calibration = np.random.default_rng(4).integers(0, 256, (32,) + SHAPE).astype(np.uint8)
+    start = mixbin.binary_start(recipe, ["block2"], tmp_path / "binary_weights.h5", tmp_path / "start_weights.h5",
+                                calibration=calibration)
+    variant = mixbin.variant_recipe(recipe, ["block2"]).build_model(classifier_activation=None)
+    models.load_weights(variant, start)
+    probe = tf.keras.Model(variant.inputs, variant.get_layer("block2_conv").output)
+    out = probe(calibration.astype(np.float32), training=False).numpy()
+    bn = variant.get_layer("block2_bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), out.var(axis=(0, 1, 2)), rtol=1e-3)
+
+
+def test_training_init_weights_fine_tunes_from_the_file(tmp_path, image_folder):
+    from glt_keras.models import load_weights
+    from glt_keras.training.run import train
+
+    base = _trained_like(_tiny_recipe(image_folder).build_model(classifier_activation=None))
+    models.save_weights(base, tmp_path / "base_weights.h5")
+    recipe = _tiny_recipe(image_folder, init_weights=str(tmp_path / "base_weights.h5"), binary_lr=1e-6,
+                          real_lr=1e-6)
+    train(recipe, out_dir=tmp_path / "run", verbose=0)
+    tuned = recipe.build_model(classifier_activation=None)
+    load_weights(tuned, tmp_path / "run" / "best_weights.h5")
+    for name in ("block1_conv", "block2_conv", "head_conv"):
+        np.testing.assert_allclose(tuned.get_layer(name).kernel.numpy(), base.get_layer(name).kernel.numpy(),
+                                   atol=1e-4)
+    missing = _tiny_recipe(image_folder, init_weights=str(tmp_path / "nothing_weights.h5"))
+    with pytest.raises(FileNotFoundError, match=r"training\.init_weights: .*nothing_weights\.h5"):
+        train(missing, out_dir=tmp_path / "run2", verbose=0)
+
+
+def test_recalibrating_all_batchnorms_at_once_equals_layer_by_layer():
+    x = np.random.default_rng(5).integers(0, 256, (64,) + SHAPE).astype(np.float32)
+    one_by_one = _trained_like(tiny(widths=(64, 64, 64), groups=(1, 2, 2), pools=(True, True, False)))
+    at_once = mixbin.with_real_layers(one_by_one, ["block2"])
+    one_by_one = mixbin.with_real_layers(one_by_one, ["block2"])
+    for c in mixbin.candidates(one_by_one):
+        mixbin._recalibrate_bn(one_by_one, c.conv, x)
+    before = at_once(x).numpy()
+    mixbin._recalibrate_all(at_once, x)
+    for c in mixbin.candidates(one_by_one):
+        bn = c.conv.replace("_conv", "_bn")
+        np.testing.assert_allclose(at_once.get_layer(bn).moving_mean.numpy(),
+                                   one_by_one.get_layer(bn).moving_mean.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(at_once.get_layer(bn).moving_variance.numpy(),
+                                   one_by_one.get_layer(bn).moving_variance.numpy(), rtol=1e-3, atol=1e-4)
+        assert at_once.get_layer(bn).momentum == one_by_one.get_layer(bn).momentum  # restored
+    # (Outputs are not compared: the fused kernel's n / (n - 1) variance correction, 6e-5 here,
+    # flips the sign of a few near-zero inputs of the next binary layer.)
+    assert np.abs(before - at_once(x).numpy()).max() > 1e-3  # the statistics did change

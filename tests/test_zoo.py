@@ -130,3 +130,18 @@ def test_publish_refuses_the_masked_network_of_a_pruning_run(fake_zoo, tmp_path)
     with pytest.raises(ValueError, match="shrunk"):
         publish(run)
     assert (fake_zoo[0] / "registry.json").read_text() == registry_before
+
+
+def test_zoo_conversion_allows_only_the_recipes_real_layers():
+    from glt_keras.convert import StrictConversionError
+    from glt_keras.models import glt_net
+    from glt_keras.zoo_cli import convert_for_zoo
+
+    kwargs = dict(input_shape=(16, 16, 3), num_classes=2, topology="tiny", widths=(64, 64), groups=(1, 2))
+    mixed = glt_net(**kwargs, real_layers=["block2"])
+    report = convert_for_zoo(mixed, ["block2"]).report
+    assert [c.layer for c in report.float_convs] == ["block2_conv"] and report.binary_convs == 2
+    with pytest.raises(StrictConversionError, match="block2_conv"):  # the recipe says fully binary
+        convert_for_zoo(mixed, [])
+    with pytest.raises(ValueError, match="unexpected: \\['block2_conv'\\]"):  # the recipe names another layer
+        convert_for_zoo(mixed, ["block1"])

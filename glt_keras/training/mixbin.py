@@ -101,9 +101,13 @@ search that progressively makes components binary until the FLOP budget is met, 
 fine-tunes it. Here the candidates are whole GLT blocks (the unit that LCE converts to
 one op), the search is a single joint run with a budget penalty instead of an iterative
 schedule, the selection is an exact knapsack over measured per-layer values instead of
-progressive thresholding, and the chosen network is retrained from scratch with the
-recipe (optionally with knowledge distillation, ``kd.teacher``), so that every method is
-compared on equal terms. The budget can be MACs (MixBin's FLOPs) or int8 bytes.
+progressive thresholding, and the chosen network is trained with the recipe, every method
+with the same schedule so that they are compared on equal terms: from scratch, or (with
+``init_weights``, closer to MixBin's fine-tuning of a trained network, and hours cheaper)
+fine-tuned from the trained fully binary network, each real layer starting as the binary
+conv it replaces (:func:`binary_start`), optionally with knowledge distillation
+(``kd.teacher``). With ``init_weights`` the searches start from that network too. The
+budget can be MACs (MixBin's FLOPs) or int8 bytes.
 
 Deployment
 ----------
@@ -745,6 +749,34 @@ def _recalibrate_bn(model, conv_name: str, x) -> None:
     bn.moving_variance.assign(var)
 
 
+def _batchnorms(model) -> list:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            found.append(layer)
+        found += [bn for bn in (getattr(layer, "bn_binary", None), getattr(layer, "bn_real", None)) if bn is not None]
+    return found
+
+
+def _recalibrate_all(model, x, batch_size: int = 256) -> None:
+    """Every BatchNorm's moving statistics := those of ``x`` through the network as it now is.
+
+    One forward pass in training mode with momentum 0: each BatchNorm normalises with, and
+    stores, its batch statistics, which is what recalibrating the layers one by one in
+    network order on the same batch gives, at the cost of one pass instead of one per
+    layer. ``x``: at most ``batch_size`` images are used (one batch).
+    """
+    bns = _batchnorms(model)
+    saved = [bn.momentum for bn in bns]
+    try:
+        for bn in bns:
+            bn.momentum = 0.0
+        model(tf.constant(np.asarray(x[:batch_size]), tf.float32), training=True)
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+
+
 def _expected_cost(gated, cands: list[Candidate], by: str):
     """E[cost fraction](gates), differentiable (the cost model with each layer weighted by g)."""
     units = _unit_costs(cands, by)
@@ -778,13 +810,10 @@ def gated_scores(model, train, val, *, budget: float, by: str = "macs", steps: i
     losses = _fit(gated, stream, steps, lr=lr, gate_lr=gate_lr, penalty=penalty)
     gates = {c.name: float(gated.get_layer(c.conv).gate()) for c in cands}
     xv, yv = val[0][:eval_images], val[1][:eval_images]
-    x_cal = tf.constant(_at_size(train[0][:calibrate_images], xv.shape[1:3]), tf.float32)
-    probes = [(gated.get_layer(c.conv), tf.keras.Model(gated.inputs, gated.get_layer(c.conv).input))
-              for c in cands]
+    x_cal = _at_size(train[0][:calibrate_images], xv.shape[1:3])
 
-    def recalibrate():  # BatchNorm statistics of the network as it now is, layer by layer
-        for layer, probe in probes:
-            layer.recalibrate(probe(x_cal, training=False))
+    def recalibrate():  # BatchNorm statistics of the network as it now is
+        _recalibrate_all(gated, x_cal, batch_size=calibrate_images)
 
     scores, toggled = {}, {}
     for c in cands:
@@ -838,8 +867,7 @@ def greedy_scores(model, train, val, *, steps: int = 200, finetune_steps: Option
             _recalibrate_bn(variant, next(c.conv for c in cands if c.name == name), x_calibrate)
         tf.keras.utils.set_random_seed(seed + 1)  # the same batches for every variant
         _fit(variant, _train_stream(train, recipe, batch_size, seed + 1), finetune_steps, lr=lr)
-        for c in cands:  # every BatchNorm's statistics for the network as tuned, in order
-            _recalibrate_bn(variant, c.conv, x_calibrate)
+        _recalibrate_all(variant, x_calibrate)  # every BatchNorm's statistics for the network as tuned
         return _mean_loss(variant, xv, yv)
 
     reference = tuned_loss(())
@@ -853,7 +881,7 @@ def select_layers(model_or_recipe, budget: float, *, by: str = "macs", method: s
                   val_data=None, steps: int = 200, finetune_steps: Optional[int] = None,
                   batch_size: Optional[int] = None, lr: Optional[float] = None, gate_lr: float = 0.02,
                   penalty_weight: float = 1.0, subset: Optional[int] = None, data_dir=None,
-                  seed: int = 0, eval_images: int = 512) -> Selection:
+                  seed: int = 0, eval_images: int = 512, init_weights=None) -> Selection:
     """Choose the layers to keep real-valued within ``budget`` (see the module docstring).
 
     Args:
@@ -870,6 +898,9 @@ def select_layers(model_or_recipe, budget: float, *, by: str = "macs", method: s
         steps: training steps of the gated network (``gated``) or of the shared binary start
             (``greedy``, whose variants then fine-tune ``finetune_steps``, default steps / 2).
         seed: seeds the training and the ``random`` method.
+        init_weights: weights of the trained fully binary network (a weight file or a run
+            folder) to start the search from, instead of a fresh initialisation: the scores
+            then measure that network's layers (see :func:`train_selection`'s same option).
 
     Returns:
         :class:`Selection` (``layers`` for ``glt_net(real_layers=...)``, ``cost``, ``scores``).
@@ -881,6 +912,13 @@ def select_layers(model_or_recipe, budget: float, *, by: str = "macs", method: s
     model = _as_model(model_or_recipe)
     if model.layers and model.layers[-1].name == "predictions":
         model = models.with_logits(model)
+    if init_weights is not None:
+        from .pruning import resolve_init_weights
+
+        path = resolve_init_weights(init_weights, key="init_weights")
+        if model is model_or_recipe:  # never overwrite the caller's model
+            model = with_real_layers(model, ())
+        models.load_weights(model, path)
     cands = candidates(model)
     units = _unit_costs(cands, by)
     total = sum(units.values())
@@ -906,6 +944,9 @@ def select_layers(model_or_recipe, budget: float, *, by: str = "macs", method: s
             scores, details = gated_scores(model, train, val, budget=budget, by=by, gate_lr=gate_lr,
                                            penalty_weight=penalty_weight, **common)
         else:
+            if init_weights is not None:  # already trained: the variants fine-tune from it directly
+                finetune_steps = int(finetune_steps or max(1, steps // 2))
+                common["steps"] = 0
             scores, details = greedy_scores(model, train, val, finetune_steps=finetune_steps, **common)
             rule = "greedy"
     details["rule"] = rule
@@ -995,14 +1036,60 @@ def _predict_top1(model, images, batch_size: int = 128) -> np.ndarray:
                            for i in range(0, len(images), batch_size)])
 
 
+def binary_start(recipe, layers, binary_weights, out_path, *, calibration=None) -> Path:
+    """A weight file for the variant with real ``layers``, started from a trained binary network.
+
+    Every weight is copied from ``binary_weights`` (the fully binary network of ``recipe``);
+    each real layer's kernel becomes ``alpha * sign(W)``, ``alpha`` the mean ``|W|`` of each
+    output channel (XNOR-Net's scaling): the real layer starts as the binary conv it replaces,
+    not from latent weights the binary network never used, and the BatchNorm after it is
+    rescaled to match: a real layer whose input is +-1 (``block1``, fed by the thermometer)
+    then computes exactly what the binary one did. Other real layers see the real input
+    instead of its sign; with ``calibration`` images (uint8 / float pixels) the BatchNorm
+    after each real layer is re-estimated on them, in network order. Written to
+    ``out_path`` (temp file, then rename).
+    """
+    recipe = _as_recipe(recipe)
+    binary = recipe.with_changes(model={"real_layers": []}).build_model(classifier_activation=None)
+    models.load_weights(binary, binary_weights)
+    variant = variant_recipe(recipe, layers).build_model(classifier_activation=None)
+    for layer in binary.layers:
+        if layer.weights:
+            variant.get_layer(layer.name).set_weights(layer.get_weights())
+    cands = candidates(variant)
+    real_convs = [c.conv for c in cands if c.name in set(resolve_layers(cands, layers))]
+    consumers = _consumers(variant.get_config())
+    for conv in real_convs:
+        kernel = variant.get_layer(conv).kernel
+        w = kernel.numpy()
+        alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
+        kernel.assign(np.where(w >= 0, 1.0, -1.0).astype(w.dtype) * alpha)
+        after = consumers.get(conv, [])
+        bn = variant.get_layer(after[0]) if len(after) == 1 else None
+        if isinstance(bn, tf.keras.layers.BatchNormalization):  # the conv's output is now alpha times as large
+            bn.moving_mean.assign(bn.moving_mean * alpha)
+            eps = bn.epsilon  # alpha * sqrt(var + eps) == sqrt(new_var + eps)
+            bn.moving_variance.assign(tf.maximum(alpha ** 2 * (bn.moving_variance + eps) - eps, 0.0))
+    if calibration is not None:
+        x = _at_size(calibration, recipe.input_shape[:2])
+        for conv in real_convs:
+            _recalibrate_bn(variant, conv, x)
+    return models.save_weights(variant, out_path)
+
+
 def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None, subset: Optional[int] = None,
                     steps_per_epoch: Optional[int] = None, teacher=None, data_dir=None, convert: bool = True,
                     verify_images: int = 8, resume: bool = False, verbose: int = 0, name: Optional[str] = None,
-                    eval_images=None, int8: bool = True, calibration=None) -> dict:
+                    eval_images=None, int8: bool = True, calibration=None, init_weights=None,
+                    training: Optional[dict] = None) -> dict:
     """Train the recipe with the selection's real layers; evaluate, convert, and summarise.
 
     ``teacher``: a run folder with ``best_weights.h5`` of the real-valued twin, or a Keras
     model (logits), for knowledge distillation with the recipe's ``kd`` settings.
+    ``init_weights``: the trained fully binary network (file or run folder) to fine-tune
+    from (:func:`binary_start`, BatchNorms re-estimated on ``calibration``) instead of
+    training from scratch; ``training``: overrides of the recipe's training settings (for
+    example a fine-tuning learning rate).
     ``eval_images``: ``(x, y)`` for the accuracy (default the recipe's test split, else
     validation); ``int8`` / ``calibration``: see :func:`evaluate_variant`. Writes
     ``mixbin.json`` into ``out_dir`` and returns the same dict.
@@ -1014,6 +1101,19 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
     if name is None:
         name = variant_name(recipe, selection) if isinstance(selection, Selection) else recipe.name
     variant = variant_recipe(recipe, layers, name=name)
+    if training:
+        variant = variant.with_changes(training=dict(training))
+    resuming = resume and Path(out_dir, "checkpoints", "last.json").exists()
+    if init_weights is not None and not resuming:
+        from .pruning import resolve_init_weights
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        start = binary_start(recipe, layers, resolve_init_weights(init_weights, key="init_weights"),
+                             Path(out_dir) / "start_weights.h5", calibration=calibration)
+        start = start.resolve()
+        root = Path(__file__).resolve().parents[2]  # recipes name project files relative to the root
+        variant = variant.with_changes(training={
+            "init_weights": str(start.relative_to(root) if start.is_relative_to(root) else start)})
     teacher_model = None
     if isinstance(teacher, tf.keras.Model):
         teacher_model = teacher
@@ -1022,6 +1122,7 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
     summary = train(variant, out_dir=out_dir, epochs=epochs, subset=subset, steps_per_epoch=steps_per_epoch,
                     teacher_model=teacher_model, data_dir=data_dir, resume=resume, verbose=verbose)
     result = {"name": name, "real_layers": list(layers), "run_dir": str(out_dir),
+              "init_weights": None if init_weights is None else str(init_weights),
               "best_val_accuracy": summary.get("best_val_accuracy", summary.get("best_accuracy")),
               "train_seconds": summary.get("train_seconds"), "epochs": summary.get("epochs")}
     result.update(evaluate_variant(variant, out_dir, images=eval_images, convert=convert,

@@ -21,7 +21,7 @@ def cmd_mixbin(args):
     selection = mixbin.select_layers(
         recipe, args.budget, by=args.by, method=args.method, steps=args.steps,
         finetune_steps=args.finetune_steps, subset=args.subset, data_dir=args.data_dir, seed=args.seed,
-        penalty_weight=args.penalty_weight,
+        penalty_weight=args.penalty_weight, init_weights=args.init_weights,
     )
     print(selection.to_markdown())
     result = {"selection": selection.to_dict()}
@@ -31,7 +31,7 @@ def cmd_mixbin(args):
         trained = mixbin.train_selection(
             recipe, selection, out_dir=out, epochs=args.epochs, subset=args.subset,
             steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
-            resume=args.resume, verbose=args.verbose,
+            resume=args.resume, verbose=args.verbose, init_weights=args.init_weights,
         )
         result["training"] = {k: v for k, v in trained.items() if k != "selection"}
         keys = ("best_val_accuracy", "accuracy", "eval_images", "tflite_bytes", "lce_bconv2d", "float_convs",
@@ -64,6 +64,8 @@ def register(subparsers):
     p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--teacher", help="run folder with best_weights.h5 of a real-valued teacher (KD)")
+    p.add_argument("--init-weights", help="start the search and the training from these weights of the trained "
+                                          "fully binary network (file or run folder) instead of from scratch")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --train run")
     p.add_argument("--out", help="run folder (default runs/<recipe>_mixbin_<method>_<by><budget>)")
     p.add_argument("--json", help="write the selection (and the training result) as JSON")

@@ -1243,8 +1243,8 @@ def pruning_callback(model, settings: dict, steps_per_epoch: int, epochs: int, *
     )
 
 
-def resolve_init_weights(spec, root=None):
-    """``pruning.init_weights`` -> an existing weight file (a path relative to the project
+def resolve_init_weights(spec, root=None, *, key="pruning.init_weights"):
+    """``pruning.init_weights`` (or ``training.init_weights``) -> an existing weight file (a path relative to the project
     root or absolute; a run folder means its ``best_weights.h5``). Raises a
     FileNotFoundError naming the file and the command that produces it."""
     from pathlib import Path
@@ -1270,7 +1270,7 @@ def resolve_init_weights(spec, root=None):
         how = f"it is written by a training run: glt-keras train <recipe> --out {path.parent}"
     else:
         how = "train and save the model it names first"
-    raise FileNotFoundError(f"pruning.init_weights: {path} does not exist; {how}")
+    raise FileNotFoundError(f"{key}: {path} does not exist; {how}")
 
 
 def _model_widths(model, n_blocks: int) -> list[int]:

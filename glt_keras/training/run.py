@@ -517,8 +517,11 @@ def train(
         )
     resuming = resume and (ckpt_dir / "last.json").exists()
     init_weights = None
-    if prune and prune.get("init_weights") and not resuming:
-        init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])  # before any output
+    if not resuming:  # resolved before any output, so a missing file fails at once
+        if prune and prune.get("init_weights"):
+            init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])
+        elif cfg.get("init_weights"):
+            init_weights = pruning_lib.resolve_init_weights(cfg["init_weights"], key="training.init_weights")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

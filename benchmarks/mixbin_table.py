@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             if key not in selections:
                 common = dict(by=args.by, seed=args.seed, steps=args.search_steps, data=splits.train,
                               val_data=splits.val, subset=args.subset, data_dir=args.data_dir,
-                              init_weights=init_weights)
+                              init_weights=init_weights, lr=args.lr)
                 if method == "greedy" and greedy_cache is not None:  # scores do not depend on the budget
                     sel = mixbin.select_from_scores(cands, greedy_cache[0], budget, by=args.by, rule="greedy",
                                                     method="greedy", details=greedy_cache[1])

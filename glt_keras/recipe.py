@@ -25,6 +25,8 @@ DEFAULT_TRAINING = {
     "seed": 0,
     "threshold_init": "uniform",  # or "quantiles"
     "init_weights": None,  # a weight file (or run folder) to fine-tune from instead of a fresh start
+    # init_weights is the fully binary network: model.real_layers start as its binary convs (mixbin.binary_start)
+    "real_from_binary": False,
 }
 
 DEFAULT_KD = {"teacher": None, "alpha": 0.5, "temperature": 4.0, "teacher_epochs": 20}

@@ -335,6 +335,18 @@ def test_training_init_weights_fine_tunes_from_the_file(tmp_path, image_folder):
     for name in ("block1_conv", "block2_conv", "head_conv"):
         np.testing.assert_allclose(tuned.get_layer(name).kernel.numpy(), base.get_layer(name).kernel.numpy(),
                                    atol=1e-4)
+    # A MixBin recipe started from the binary network: its real layer starts as alpha * sign(W).
+    mixed = _tiny_recipe(image_folder, init_weights=str(tmp_path / "base_weights.h5"), real_from_binary=True,
+                         binary_lr=1e-6, real_lr=1e-6).with_changes(model={"real_layers": ["block2"]})
+    train(mixed, out_dir=tmp_path / "mixed", verbose=0)
+    assert (tmp_path / "mixed" / "start_weights.h5").exists()
+    tuned = mixed.build_model(classifier_activation=None)
+    load_weights(tuned, tmp_path / "mixed" / "best_weights.h5")
+    w = base.get_layer("block2_conv").kernel.numpy()
+    np.testing.assert_allclose(tuned.get_layer("block2_conv").kernel.numpy(),
+                               np.sign(w) * np.abs(w).mean(axis=(0, 1, 2)), atol=1e-4)
+    np.testing.assert_allclose(tuned.get_layer("block1_conv").kernel.numpy(), base.get_layer("block1_conv").kernel.numpy(),
+                               atol=1e-4)
     missing = _tiny_recipe(image_folder, init_weights=str(tmp_path / "nothing_weights.h5"))
     with pytest.raises(FileNotFoundError, match=r"training\.init_weights: .*nothing_weights\.h5"):
         train(missing, out_dir=tmp_path / "run2", verbose=0)
@@ -359,3 +371,21 @@ def test_recalibrating_all_batchnorms_at_once_equals_layer_by_layer():
     # (Outputs are not compared: the fused kernel's n / (n - 1) variance correction, 6e-5 here,
     # flips the sign of a few near-zero inputs of the next binary layer.)
     assert np.abs(before - at_once(x).numpy()).max() > 1e-3  # the statistics did change
+
+
+def test_a_real_path_started_from_the_binary_one_computes_the_same_on_pm1_inputs():
+    gated = mixbin.gated_model(_trained_like(tiny()), gate_init=0.5)
+    layer = gated.get_layer("block2_conv")
+    x = tf.constant(np.where(np.random.default_rng(6).random((4, 8, 8, 64)) < 0.5, -1.0, 1.0), tf.float32)
+
+    def both():
+        y_binary, y_real = layer.paths(x)
+        return (layer.bn_binary(y_binary, training=False).numpy()[:, 1:-1, 1:-1],
+                layer.bn_real(y_real, training=False).numpy()[:, 1:-1, 1:-1])
+
+    binary_before, real_before = both()
+    assert np.abs(binary_before - real_before).max() > 1e-2  # latent weights: a different function
+    mixbin._binarize_kernel(layer, layer.bn_real)
+    binary_after, real_after = both()
+    np.testing.assert_allclose(binary_after, binary_before, atol=1e-5)  # the binary path is unchanged
+    np.testing.assert_allclose(real_after, binary_after, atol=1e-3)  # interior: same padding-free sums

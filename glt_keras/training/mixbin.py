@@ -791,16 +791,22 @@ def _expected_cost(gated, cands: list[Candidate], by: str):
 def gated_scores(model, train, val, *, budget: float, by: str = "macs", steps: int = 200,
                  batch_size: int = 64, lr: float = 2e-3, gate_lr: float = 0.02, penalty_weight: float = 1.0,
                  recipe=None, seed: int = 0, eval_images: int = 512,
-                 calibrate_images: int = 256) -> tuple[dict, dict]:
+                 calibrate_images: int = 256, real_from_binary: bool = False) -> tuple[dict, dict]:
     """Joint gated training under the budget penalty, then per-layer toggled-loss scores.
 
     Each toggle (``g_l`` forced to 0, then 1) re-estimates every BatchNorm's statistics on
     ``calibrate_images`` training images first, so that the loss measures the network
-    with that layer binary / real rather than a BatchNorm mismatch.
+    with that layer binary / real rather than a BatchNorm mismatch. ``real_from_binary``
+    (for a trained binary ``model``): each shared kernel starts as ``alpha * sign(W)``, so
+    every real path starts as its binary path instead of from unused latent weights.
     """
     tf.keras.utils.set_random_seed(seed)
     cands = candidates(model)
     gated = gated_model(model, gate_init=min(max(budget, 0.02), 0.98))
+    if real_from_binary:  # a trained binary network: each real path starts as its binary path
+        for c in cands:
+            layer = gated.get_layer(c.conv)
+            _binarize_kernel(layer, layer.bn_real)
     scale = 1.0 / max(budget, 0.01)
 
     def penalty():
@@ -841,13 +847,14 @@ def gated_scores(model, train, val, *, budget: float, by: str = "macs", steps: i
 
 def greedy_scores(model, train, val, *, steps: int = 200, finetune_steps: Optional[int] = None,
                   batch_size: int = 64, lr: float = 2e-3, recipe=None, seed: int = 0,
-                  eval_images: int = 512) -> tuple[dict, dict]:
+                  eval_images: int = 512, real_from_binary: bool = False) -> tuple[dict, dict]:
     """Held-out loss drop of each single-layer-real variant after the same brief fine-tuning.
 
     The binary network trains ``steps`` steps; each variant (and the binary reference)
     starts from there, re-estimates the switched layer's BatchNorm statistics, fine-tunes
     ``finetune_steps`` on the same batches, re-estimates every BatchNorm and is scored on
-    ``eval_images`` held-out images.
+    ``eval_images`` held-out images. ``real_from_binary``: the switched layer starts as
+    ``alpha * sign(W)`` (:func:`binary_start`) rather than from its latent weights.
     """
     finetune_steps = int(max(1, steps // 2) if finetune_steps is None else finetune_steps)
     tf.keras.utils.set_random_seed(seed)
@@ -864,7 +871,10 @@ def greedy_scores(model, train, val, *, steps: int = 200, finetune_steps: Option
         variant.set_weights(start)
         # The switched layer's BatchNorm statistics were the binary conv's: re-estimate them.
         for name in resolve_layers(cands, real):
-            _recalibrate_bn(variant, next(c.conv for c in cands if c.name == name), x_calibrate)
+            conv = next(c.conv for c in cands if c.name == name)
+            if real_from_binary:
+                _binarize_kernel(variant.get_layer(conv), None)
+            _recalibrate_bn(variant, conv, x_calibrate)
         tf.keras.utils.set_random_seed(seed + 1)  # the same batches for every variant
         _fit(variant, _train_stream(train, recipe, batch_size, seed + 1), finetune_steps, lr=lr)
         _recalibrate_all(variant, x_calibrate)  # every BatchNorm's statistics for the network as tuned
@@ -940,6 +950,7 @@ def select_layers(model_or_recipe, budget: float, *, by: str = "macs", method: s
         batch_size = int(batch_size or cfg.get("batch_size", 64))
         lr = float(lr or cfg.get("real_lr", 2e-3))
         common = dict(steps=steps, batch_size=batch_size, lr=lr, recipe=recipe, seed=seed, eval_images=eval_images)
+        common["real_from_binary"] = init_weights is not None
         if method == "gated":
             scores, details = gated_scores(model, train, val, budget=budget, by=by, gate_lr=gate_lr,
                                            penalty_weight=penalty_weight, **common)
@@ -1036,6 +1047,23 @@ def _predict_top1(model, images, batch_size: int = 128) -> np.ndarray:
                            for i in range(0, len(images), batch_size)])
 
 
+def _binarize_kernel(conv, batchnorms) -> None:
+    """``conv.kernel := alpha * sign(W)`` (``alpha``: mean ``|W|`` per output channel) and
+    each BatchNorm in ``batchnorms`` rescaled to match, so that a real path started this way
+    computes what the binary conv does (exactly, for +-1 inputs). The binary function of
+    the layer is unchanged: ``sign(alpha * sign(W)) == sign(W)``."""
+    w = conv.kernel.numpy()
+    alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
+    conv.kernel.assign(np.where(w >= 0, 1.0, -1.0).astype(w.dtype) * alpha)
+    if not isinstance(batchnorms, (list, tuple)):
+        batchnorms = [batchnorms]
+    for bn in batchnorms:
+        if isinstance(bn, tf.keras.layers.BatchNormalization):  # the conv's output is now alpha times as large
+            bn.moving_mean.assign(bn.moving_mean * alpha)
+            eps = bn.epsilon  # alpha * sqrt(var + eps) == sqrt(new_var + eps)
+            bn.moving_variance.assign(tf.maximum(alpha ** 2 * (bn.moving_variance + eps) - eps, 0.0))
+
+
 def binary_start(recipe, layers, binary_weights, out_path, *, calibration=None) -> Path:
     """A weight file for the variant with real ``layers``, started from a trained binary network.
 
@@ -1060,16 +1088,8 @@ def binary_start(recipe, layers, binary_weights, out_path, *, calibration=None) 
     real_convs = [c.conv for c in cands if c.name in set(resolve_layers(cands, layers))]
     consumers = _consumers(variant.get_config())
     for conv in real_convs:
-        kernel = variant.get_layer(conv).kernel
-        w = kernel.numpy()
-        alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
-        kernel.assign(np.where(w >= 0, 1.0, -1.0).astype(w.dtype) * alpha)
         after = consumers.get(conv, [])
-        bn = variant.get_layer(after[0]) if len(after) == 1 else None
-        if isinstance(bn, tf.keras.layers.BatchNormalization):  # the conv's output is now alpha times as large
-            bn.moving_mean.assign(bn.moving_mean * alpha)
-            eps = bn.epsilon  # alpha * sqrt(var + eps) == sqrt(new_var + eps)
-            bn.moving_variance.assign(tf.maximum(alpha ** 2 * (bn.moving_variance + eps) - eps, 0.0))
+        _binarize_kernel(variant.get_layer(conv), variant.get_layer(after[0]) if len(after) == 1 else None)
     if calibration is not None:
         x = _at_size(calibration, recipe.input_shape[:2])
         for conv in real_convs:
@@ -1087,9 +1107,11 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
     ``teacher``: a run folder with ``best_weights.h5`` of the real-valued twin, or a Keras
     model (logits), for knowledge distillation with the recipe's ``kd`` settings.
     ``init_weights``: the trained fully binary network (file or run folder) to fine-tune
-    from (:func:`binary_start`, BatchNorms re-estimated on ``calibration``) instead of
-    training from scratch; ``training``: overrides of the recipe's training settings (for
-    example a fine-tuning learning rate).
+    from instead of training from scratch (recipe keys ``training.init_weights`` and
+    ``training.real_from_binary``: ``train`` starts the real layers with
+    :func:`binary_start`, BatchNorms re-estimated on 256 training images), so that the run's
+    ``recipe.yaml`` reproduces it; ``training``: overrides of the recipe's training settings
+    (for example a fine-tuning learning rate).
     ``eval_images``: ``(x, y)`` for the accuracy (default the recipe's test split, else
     validation); ``int8`` / ``calibration``: see :func:`evaluate_variant`. Writes
     ``mixbin.json`` into ``out_dir`` and returns the same dict.
@@ -1103,17 +1125,14 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
     variant = variant_recipe(recipe, layers, name=name)
     if training:
         variant = variant.with_changes(training=dict(training))
-    resuming = resume and Path(out_dir, "checkpoints", "last.json").exists()
-    if init_weights is not None and not resuming:
+    if init_weights is not None:  # train() builds the start (binary_start) on 256 training images
         from .pruning import resolve_init_weights
 
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        start = binary_start(recipe, layers, resolve_init_weights(init_weights, key="init_weights"),
-                             Path(out_dir) / "start_weights.h5", calibration=calibration)
-        start = start.resolve()
+        path = resolve_init_weights(init_weights, key="init_weights").resolve()
         root = Path(__file__).resolve().parents[2]  # recipes name project files relative to the root
         variant = variant.with_changes(training={
-            "init_weights": str(start.relative_to(root) if start.is_relative_to(root) else start)})
+            "init_weights": str(path.relative_to(root) if path.is_relative_to(root) else path),
+            "real_from_binary": True})
     teacher_model = None
     if isinstance(teacher, tf.keras.Model):
         teacher_model = teacher

@@ -540,6 +540,13 @@ def train(
     epoch_images = recipe.data.get("epoch_images") or len(splits.train[1])
     n_steps = steps_per_epoch or max(1, int(epoch_images) // global_batch)
     val_ds = make_eval_dataset(recipe, *splits.val) if splits.val is not None else None
+    real_layers = recipe.model.get("real_layers") or []
+    if init_weights is not None and cfg.get("real_from_binary") and real_layers:
+        # init_weights is the fully binary network: its real layers start as the binary convs they replace.
+        from .mixbin import binary_start
+
+        init_weights = binary_start(recipe, real_layers, init_weights, run_dir / "start_weights.h5",
+                                    calibration=splits.train[0][:256])
 
     with strategy_obj.scope():
         model = recipe.build_model(classifier_activation=None)

@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/mixbin_table", help="folder for runs, results.json, table.md")
     p.add_argument("--data-dir")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite table.md and accuracy_vs_bytes.png from OUT/results.json")
     return p.parse_args(argv)
 
 
@@ -88,21 +90,87 @@ def markdown(rows, meta) -> str:
         t = r.get("result", {})
         acc = t.get("accuracy")
         val = t.get("best_val_accuracy")
-        verified = str(t.get("verification", "")).startswith("verification passed")
+        verified = (str(t.get("verification", "")).startswith("verification passed") if t else None)
+        ops = f"{t.get('lce_bconv2d', '')} / {len(t.get('float_convs', []))}" if t else "(not trained yet)"
+        macs = f"{t.get('macs', '')} ({t.get('real_macs', '')})" if t else ""
         lines.append(
             f"| {r['budget']:g} | {r['method']} | {', '.join(r['layers']) or '(binary)'} | {r['cost']:.4f} | "
             f"{'' if acc is None else f'{acc:.4f}'} | {'' if val is None else f'{val:.4f}'} | "
             f"{t.get('tflite_bytes', '')} | {t.get('int8_tflite_bytes', '')} | "
-            f"{_num(t.get('int8_accuracy'))} | "
-            f"{t.get('weight_bytes_int8', '')} | "
-            f"{t.get('macs', '')} ({t.get('real_macs', '')}) | "
-            f"{t.get('lce_bconv2d', '')} / {len(t.get('float_convs', []))} | {'yes' if verified else 'NO'} |"
+            f"{_num(t.get('int8_accuracy'))} | {t.get('weight_bytes_int8', '')} | {macs} | {ops} | "
+            f"{'' if verified is None else 'yes' if verified else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def plot(rows, meta, path) -> None:
+    """Accuracy vs deployable bytes (int8 real layers), one marker per method; the fully
+    binary network is the reference line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glt_keras._io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    markers = {"gated": "o", "greedy": "s", "first_last": "^", "random": "x"}
+    done = [r for r in rows if r["result"].get("accuracy") is not None]
+    for method in sorted({r["method"] for r in done}):
+        pts = [(r["result"].get("int8_tflite_bytes") or r["result"]["tflite_bytes"], r["result"]["accuracy"], r)
+               for r in done if r["method"] == method and r["layers"]]
+        if pts:
+            ax.scatter([p[0] / 1000 for p in pts], [100 * p[1] for p in pts], marker=markers.get(method, "o"),
+                       label=method, s=40)
+            for x, y, r in pts:
+                ax.annotate(f"{r['budget']:g}", (x / 1000, 100 * y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    binary = next((r["result"] for r in done if not r["layers"]), None)
+    if binary is not None:
+        ax.axhline(100 * binary["accuracy"], color="gray", ls="--", lw=1,
+                   label=f"fully binary ({binary['tflite_bytes'] / 1000:.1f} KB)")
+        ax.axvline(binary["tflite_bytes"] / 1000, color="gray", ls=":", lw=1)
+    ax.axvline(125.0, color="tab:red", ls="-", lw=0.8, label="1 Mbit (125 KB)")
+    ax.set_xlabel(".tflite KB (real layers int8)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"MixBin on {meta['recipe']}: budget by {meta['by']} (labels: budget)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def write_report(state: dict, out: Path) -> None:
+    """``results.json``, ``table.md`` and ``accuracy_vs_bytes.png`` from the state (atomic writes)."""
+    from glt_keras._io import atomic_write
+    from glt_keras.training import mixbin
+
+    rows = []
+    for sel in state.get("selections", {}).values():
+        rows.append({"budget": sel["budget"], "method": sel["method"], "layers": sel["layers"],
+                     "cost": sel["cost"], "result": state.get("trained", {}).get(",".join(sel["layers"]), {})})
+    rows.sort(key=lambda r: (r["budget"], r["method"]))
+    state["rows"] = rows
+    atomic_write(out / "results.json", json.dumps(mixbin._json_safe(state), indent=2))
+    atomic_write(out / "table.md", markdown(rows, state["meta"]))
+    plot(rows, state["meta"], out / "accuracy_vs_bytes.png")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        results_path = Path(args.out) / "results.json"
+        if not results_path.exists():
+            print(f"error: {results_path} does not exist: nothing to report.", file=sys.stderr)
+            return 2
+        write_report(json.loads(results_path.read_text()), Path(args.out))
+        print((Path(args.out) / "table.md").read_text())
+        return 0
     if args.threads:
         from glt_keras.training.cli import _threads
 
@@ -141,15 +209,7 @@ def main(argv=None) -> int:
     trained = state.setdefault("trained", {})  # "layer,layer" -> result
 
     def save():
-        rows = []
-        for key, sel in selections.items():
-            layers_key = ",".join(sel["layers"])
-            rows.append({"budget": sel["budget"], "method": sel["method"], "layers": sel["layers"],
-                         "cost": sel["cost"], "result": trained.get(layers_key, {})})
-        rows.sort(key=lambda r: (r["budget"], r["method"]))
-        state["rows"] = rows
-        results_path.write_text(json.dumps(mixbin._json_safe(state), indent=2))
-        (out / "table.md").write_text(markdown(rows, meta))
+        write_report(state, out)
 
     splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)
     eval_pair = splits.test if splits.test is not None else splits.val

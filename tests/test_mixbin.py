@@ -389,3 +389,27 @@ def test_a_real_path_started_from_the_binary_one_computes_the_same_on_pm1_inputs
     binary_after, real_after = both()
     np.testing.assert_allclose(binary_after, binary_before, atol=1e-5)  # the binary path is unchanged
     np.testing.assert_allclose(real_after, binary_after, atol=1e-3)  # interior: same padding-free sums
+
+
+def test_table_report_from_saved_results(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mixbin_table.py"
+    spec = importlib.util.spec_from_file_location("mixbin_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    done = {"accuracy": 0.62, "best_val_accuracy": 0.63, "tflite_bytes": 121600, "int8_tflite_bytes": 121600,
+            "int8_accuracy": 0.62, "verification": "verification passed: ...", "lce_bconv2d": 9, "float_convs": [],
+            "macs": 100, "real_macs": 0, "weight_bytes_int8": 96112}
+    state = {"meta": {"recipe": "demo", "by": "macs", "epochs": 1, "search_steps": 4, "seed": 0},
+             "selections": {"gated/0": {"budget": 0.0, "method": "gated", "layers": [], "cost": 0.0},
+                            "gated/0.1": {"budget": 0.1, "method": "gated", "layers": ["block7"], "cost": 0.03}},
+             "trained": {"": done}}
+    (tmp_path / "results.json").write_text(json.dumps(state))
+    assert table.main(["--out", str(tmp_path), "--report-only"]) == 0
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| 0")]
+    assert rows[0].startswith("| 0 | gated | (binary) | 0.0000 | 0.6200 | 0.6300 | 121600 |") and rows[0].endswith("| yes |")
+    assert "block7" in rows[1] and "(not trained yet)" in rows[1] and not rows[1].endswith("NO |")
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert table.main(["--out", str(tmp_path / "nothing"), "--report-only"]) == 2

@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/mixbin_table", help="folder for runs, results.json, table.md")
     p.add_argument("--data-dir")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--readme", help="with --report-only: update the compact table between this README's "
+                                    "<!-- mixbin-RECIPE:start/end --> markers")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite table.md and accuracy_vs_bytes.png from OUT/results.json")
     return p.parse_args(argv)
@@ -100,6 +102,28 @@ def markdown(rows, meta) -> str:
             f"{_num(t.get('int8_accuracy'))} | {t.get('weight_bytes_int8', '')} | {macs} | {ops} | "
             f"{'' if verified is None else 'yes' if verified else 'NO'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def compact_markdown(rows, meta) -> str:
+    """The README's short form: accuracy and deployable bytes per budget and method."""
+    binary = next((r["result"] for r in rows if not r["layers"] and r["result"]), {})
+    lines = ["| budget | method | real layers | accuracy | vs binary | .tflite bytes (int8 real) | real MACs |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    seen = set()
+    for r in rows:
+        t = r["result"]
+        if not r["layers"] and (r["budget"], "binary") in seen:
+            continue
+        seen.add((r["budget"], "binary") if not r["layers"] else (r["budget"], r["method"]))
+        acc = t.get("accuracy")
+        delta = (f"{100 * (acc - binary['accuracy']):+.1f}" if acc is not None and binary and r["layers"] else "")
+        real_macs = f"{t['real_macs'] / t['macs']:.1%}" if t.get("macs") else ""
+        lines.append(f"| {r['budget']:g} | {r['method'] if r['layers'] else 'all'} | "
+                     f"{', '.join(r['layers']) or '(fully binary)'} | "
+                     f"{'' if acc is None else f'{100 * acc:.1f}%'} | {delta} | "
+                     f"{format(t['int8_tflite_bytes'], ',') if t.get('int8_tflite_bytes') else ''} | "
+                     f"{real_macs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +192,16 @@ def main(argv=None) -> int:
         if not results_path.exists():
             print(f"error: {results_path} does not exist: nothing to report.", file=sys.stderr)
             return 2
-        write_report(json.loads(results_path.read_text()), Path(args.out))
+        state = json.loads(results_path.read_text())
+        write_report(state, Path(args.out))
         print((Path(args.out) / "table.md").read_text())
+        if args.readme:
+            from glt_keras.bench import update_readme
+
+            tag = f"mixbin-{state['meta']['recipe']}"
+            update_readme(args.readme, compact_markdown(state["rows"], state["meta"]),
+                          command=f"python benchmarks/mixbin_table.py --out {args.out} --report-only --readme {args.readme}",
+                          start=f"<!-- {tag}:start -->", end=f"<!-- {tag}:end -->")
         return 0
     if args.threads:
         from glt_keras.training.cli import _threads

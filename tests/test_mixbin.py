@@ -413,3 +413,9 @@ def test_table_report_from_saved_results(tmp_path, capsys):
     assert "block7" in rows[1] and "(not trained yet)" in rows[1] and not rows[1].endswith("NO |")
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert table.main(["--out", str(tmp_path / "nothing"), "--report-only"]) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- mixbin-demo:start -->\nold\n<!-- mixbin-demo:end -->\nrest\n")
+    assert table.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| 0 | all | (fully binary) | 62.0% |  | 121,600 | 0.0% |" in text

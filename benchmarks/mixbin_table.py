@@ -207,6 +207,7 @@ def main(argv=None) -> int:
         from glt_keras.training.cli import _threads
 
         _threads(args.threads)
+    from glt_keras.data import random_subset
     from glt_keras.recipe import load_recipe
     from glt_keras.training import mixbin
     from glt_keras.training.run import load_splits
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
                 recipe, layers, out_dir=run_dir, epochs=args.epochs, subset=args.subset,
                 steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
                 verify_images=args.verify_images, resume=resume, verbose=0, eval_images=eval_pair,
-                int8=not args.no_int8, calibration=splits.train[0][:256], init_weights=init_weights,
+                int8=not args.no_int8, calibration=random_subset(256, splits.train[0], seed=args.seed), init_weights=init_weights,
                 training=training or None,
                 name=f"{recipe.name}_mixbin_{run_dir.name}",
             )

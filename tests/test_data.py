@@ -577,3 +577,18 @@ def test_real_caltech101(real):
     assert test.x.shape == (3049, 112, 112, 3)
     assert len(train.class_names) == 102 and (train.class_counts() > 0).all()
     assert (test.class_counts() > 0).all()
+
+
+def test_random_subset_spans_a_class_sorted_set():
+    from glt_keras.data import random_subset
+
+    x = np.arange(1000).reshape(1000, 1)
+    y = np.repeat(np.arange(10), 100)  # sorted by class, as CIFAR-10 decodes
+    xs, ys = random_subset(256, x, y, seed=0)
+    assert len(ys) == 256 and len(np.unique(ys)) == 10  # the first 256 would hold 3 classes
+    np.testing.assert_array_equal(xs[:, 0] // 100, ys)  # pairs stay aligned
+    assert len(np.unique(xs)) == 256  # no repeats
+    np.testing.assert_array_equal(random_subset(256, x, seed=0), xs)  # seeded
+    assert len(random_subset(5000, y)) == 1000  # at most all
+    with pytest.raises(ValueError, match="different lengths"):
+        random_subset(3, x, y[:10])

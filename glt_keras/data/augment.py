@@ -254,3 +254,23 @@ def paste_augment(scenes, persons, *, n: Optional[int] = None, seed: int = 0,
             canvas[ys:ye, xs:xe] = region * (1.0 - m) + patch * m
         out[i] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return out, np.ones(n, np.int32)
+
+
+def random_subset(n: int, *arrays, seed: int = 0):
+    """At most ``n`` items of ``arrays`` (same length), drawn uniformly without replacement.
+
+    For calibration and probe sets: the first ``n`` items of a class-sorted set (CIFAR-10,
+    a class-stratified holdout) would all be of one class.
+
+        >>> x, y = np.zeros((10, 2)), np.repeat([0, 1], 5)
+        >>> sorted(set(random_subset(4, x, y)[1])) == [0, 1]
+        True
+    """
+    if not arrays:
+        raise ValueError("random_subset needs at least one array.")
+    length = len(arrays[0])
+    if any(len(a) != length for a in arrays):
+        raise ValueError(f"random_subset: arrays of different lengths {[len(a) for a in arrays]}.")
+    idx = np.sort(np.random.default_rng(seed).permutation(length)[: int(n)])
+    picked = tuple(np.asarray(a)[idx] for a in arrays)
+    return picked[0] if len(picked) == 1 else picked

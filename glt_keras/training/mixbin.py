@@ -138,6 +138,7 @@ import larq as lq
 import tensorflow as tf
 
 from .. import models
+from ..data.augment import random_subset
 from ..layers.binary import BinaryConv2D
 from ..recipe import Recipe, load_recipe
 
@@ -815,8 +816,8 @@ def gated_scores(model, train, val, *, budget: float, by: str = "macs", steps: i
     stream = _train_stream(train, recipe, batch_size, seed)
     losses = _fit(gated, stream, steps, lr=lr, gate_lr=gate_lr, penalty=penalty)
     gates = {c.name: float(gated.get_layer(c.conv).gate()) for c in cands}
-    xv, yv = val[0][:eval_images], val[1][:eval_images]
-    x_cal = _at_size(train[0][:calibrate_images], xv.shape[1:3])
+    xv, yv = random_subset(eval_images, *val, seed=seed)
+    x_cal = _at_size(random_subset(calibrate_images, train[0], seed=seed), xv.shape[1:3])
 
     def recalibrate():  # BatchNorm statistics of the network as it now is
         _recalibrate_all(gated, x_cal, batch_size=calibrate_images)
@@ -862,9 +863,8 @@ def greedy_scores(model, train, val, *, steps: int = 200, finetune_steps: Option
     base = with_real_layers(model, ())  # a private copy
     _fit(base, _train_stream(train, recipe, batch_size, seed), steps, lr=lr)
     start = base.get_weights()
-    xv, yv = val[0][:eval_images], val[1][:eval_images]
-
-    x_calibrate = _at_size(train[0][:256], val[0].shape[1:3])
+    xv, yv = random_subset(eval_images, *val, seed=seed)
+    x_calibrate = _at_size(random_subset(256, train[0], seed=seed), val[0].shape[1:3])
 
     def tuned_loss(real):
         variant = with_real_layers(base, real)
@@ -1027,7 +1027,7 @@ def evaluate_variant(recipe: Recipe, run_dir, *, images=None, convert: bool = Tr
                           int8_agreement=1.0)
             return result
         if calibration is None:
-            calibration = splits.train[0][:256]
+            calibration = random_subset(256, splits.train[0])
         exported = int8_real_export(model, at_size(calibration))
         fb = to_tflite(exported, run_dir / "model_int8.tflite", verify=False).flatbuffer
         xs = at_size(x)

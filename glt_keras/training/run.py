@@ -40,6 +40,7 @@ import tensorflow as tf
 import yaml
 
 from .._io import atomic_write
+from ..data.augment import random_subset
 from ..layers.encoding import LearnedThermometer, plot_transfer_curve
 from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
@@ -546,7 +547,7 @@ def train(
         from .mixbin import binary_start
 
         init_weights = binary_start(recipe, real_layers, init_weights, run_dir / "start_weights.h5",
-                                    calibration=splits.train[0][:256])
+                                    calibration=random_subset(256, splits.train[0], seed=cfg["seed"]))
 
     with strategy_obj.scope():
         model = recipe.build_model(classifier_activation=None)
@@ -557,7 +558,7 @@ def train(
         thermometer = _thermometer(model)
         if (thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume
                 and init_weights is None):
-            thermometer.init_from_data(splits.train[0][:2000])
+            thermometer.init_from_data(random_subset(2000, splits.train[0], seed=cfg["seed"]))
         optimizer = make_optimizer(cfg, n_steps, cfg["epochs"], model)
         teacher = teacher_model
         if teacher is None and recipe.kd.get("teacher"):

@@ -108,22 +108,22 @@ def markdown(rows, meta) -> str:
 def compact_markdown(rows, meta) -> str:
     """The README's short form: accuracy and deployable bytes per budget and method."""
     binary = next((r["result"] for r in rows if not r["layers"] and r["result"]), {})
-    lines = ["| budget | method | real layers | accuracy | vs binary | .tflite bytes (int8 real) | real MACs |",
-             "|---:|---|---|---:|---:|---:|---:|"]
-    seen = set()
+    lines = ["| budget | method | real layers | accuracy (float real layers) | vs binary | accuracy (int8 real layers) "
+             "| .tflite bytes (int8 real layers) | real MACs |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if r["budget"] == 0 and r["method"] != rows[0]["method"]:
+            continue  # budget 0 is the same fully binary network for every method: one row
         t = r["result"]
-        if not r["layers"] and (r["budget"], "binary") in seen:
-            continue
-        seen.add((r["budget"], "binary") if not r["layers"] else (r["budget"], r["method"]))
-        acc = t.get("accuracy")
-        delta = (f"{100 * (acc - binary['accuracy']):+.1f}" if acc is not None and binary and r["layers"] else "")
+        acc, int8 = t.get("accuracy"), t.get("int8_accuracy")
+        delta = f"{100 * (acc - binary['accuracy']):+.1f}" if acc is not None and binary and r["layers"] else ""
         real_macs = f"{t['real_macs'] / t['macs']:.1%}" if t.get("macs") else ""
-        lines.append(f"| {r['budget']:g} | {r['method'] if r['layers'] else 'all'} | "
-                     f"{', '.join(r['layers']) or '(fully binary)'} | "
+        method = "all" if r["budget"] == 0 else r["method"]
+        layers = ", ".join(r["layers"]) or ("(fully binary)" if r["budget"] == 0 else "(none chosen: fully binary)")
+        lines.append(f"| {r['budget']:g} | {method} | {layers} | "
                      f"{'' if acc is None else f'{100 * acc:.1f}%'} | {delta} | "
-                     f"{format(t['int8_tflite_bytes'], ',') if t.get('int8_tflite_bytes') else ''} | "
-                     f"{real_macs} |")
+                     f"{'' if int8 is None else f'{100 * int8:.1f}%'} | "
+                     f"{format(t['int8_tflite_bytes'], ',') if t.get('int8_tflite_bytes') else ''} | {real_macs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -418,4 +418,4 @@ def test_table_report_from_saved_results(tmp_path, capsys):
     assert table.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "| 0 | all | (fully binary) | 62.0% |  | 121,600 | 0.0% |" in text
+    assert "| 0 | all | (fully binary) | 62.0% |  | 62.0% | 121,600 | 0.0% |" in text

@@ -158,7 +158,7 @@ def plot(rows, meta, path) -> None:
         ax.axvline(binary["tflite_bytes"] / 1000, color="gray", ls=":", lw=1)
     ax.axvline(125.0, color="tab:red", ls="-", lw=0.8, label="1 Mbit (125 KB)")
     ax.set_xlabel(".tflite KB (real layers int8)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%, real layers float)")
     ax.set_title(f"MixBin on {meta['recipe']}: budget by {meta['by']} (labels: budget)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -140,7 +140,7 @@ import tensorflow as tf
 from .. import models
 from ..data.augment import random_subset
 from ..layers.binary import BinaryConv2D
-from ..recipe import Recipe, load_recipe
+from ..recipe import ZOO_DIR, Recipe, load_recipe
 
 METHODS = ("gated", "greedy", "first_last", "random")
 BY = ("macs", "bytes")
@@ -480,13 +480,6 @@ class MixBinGatedConv2D(BinaryConv2D):
             y_real = tf.keras.layers.Conv2D.call(self, inputs)
         return y_binary, y_real
 
-    def recalibrate(self, inputs) -> None:
-        """Set both BatchNorms' moving statistics to those of ``inputs`` (this layer's input)."""
-        for bn, y in zip((self.bn_binary, self.bn_real), self.paths(inputs)):
-            mean, var = tf.nn.moments(y, axes=[0, 1, 2])
-            bn.moving_mean.assign(mean)
-            bn.moving_variance.assign(var)
-
     def call(self, inputs, training=None):
         y_binary, y_real = self.paths(inputs)
         g = tf.cast(self.gate(), y_real.dtype)
@@ -736,11 +729,17 @@ def _at_size(images, size_hw) -> np.ndarray:
     return tf.image.resize(images, tuple(size_hw), antialias=True).numpy()
 
 
+def _bn_after(model, conv_name: str, consumers: Optional[dict] = None):
+    """The BatchNormalization layer that alone consumes ``conv_name``'s output, else None."""
+    after = (consumers if consumers is not None else _consumers(model.get_config())).get(conv_name, [])
+    bn = model.get_layer(after[0]) if len(after) == 1 else None
+    return bn if isinstance(bn, tf.keras.layers.BatchNormalization) else None
+
+
 def _recalibrate_bn(model, conv_name: str, x) -> None:
     """Set the moving statistics of the BatchNorm after ``conv_name`` to those of ``x``."""
-    after = _consumers(model.get_config()).get(conv_name, [])
-    bn = model.get_layer(after[0]) if len(after) == 1 else None
-    if not isinstance(bn, tf.keras.layers.BatchNormalization):
+    bn = _bn_after(model, conv_name)
+    if bn is None:
         return
     probe = tf.keras.Model(model.inputs, model.get_layer(conv_name).output)
     out = tf.concat([probe(tf.constant(x[i:i + 64], tf.float32), training=False)
@@ -873,7 +872,7 @@ def greedy_scores(model, train, val, *, steps: int = 200, finetune_steps: Option
         for name in resolve_layers(cands, real):
             conv = next(c.conv for c in cands if c.name == name)
             if real_from_binary:
-                _binarize_kernel(variant.get_layer(conv), None)
+                _binarize_kernel(variant.get_layer(conv))
             _recalibrate_bn(variant, conv, x_calibrate)
         tf.keras.utils.set_random_seed(seed + 1)  # the same batches for every variant
         _fit(variant, _train_stream(train, recipe, batch_size, seed + 1), finetune_steps, lr=lr)
@@ -1047,21 +1046,18 @@ def _predict_top1(model, images, batch_size: int = 128) -> np.ndarray:
                            for i in range(0, len(images), batch_size)])
 
 
-def _binarize_kernel(conv, batchnorms) -> None:
+def _binarize_kernel(conv, bn=None) -> None:
     """``conv.kernel := alpha * sign(W)`` (``alpha``: mean ``|W|`` per output channel) and
-    each BatchNorm in ``batchnorms`` rescaled to match, so that a real path started this way
+    the BatchNorm ``bn`` after it (if any) rescaled to match, so that a real path started this way
     computes what the binary conv does (exactly, for +-1 inputs). The binary function of
     the layer is unchanged: ``sign(alpha * sign(W)) == sign(W)``."""
     w = conv.kernel.numpy()
     alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
     conv.kernel.assign(np.where(w >= 0, 1.0, -1.0).astype(w.dtype) * alpha)
-    if not isinstance(batchnorms, (list, tuple)):
-        batchnorms = [batchnorms]
-    for bn in batchnorms:
-        if isinstance(bn, tf.keras.layers.BatchNormalization):  # the conv's output is now alpha times as large
-            bn.moving_mean.assign(bn.moving_mean * alpha)
-            eps = bn.epsilon  # alpha * sqrt(var + eps) == sqrt(new_var + eps)
-            bn.moving_variance.assign(tf.maximum(alpha ** 2 * (bn.moving_variance + eps) - eps, 0.0))
+    if bn is not None:  # the conv's output is now alpha times as large
+        bn.moving_mean.assign(bn.moving_mean * alpha)
+        eps = bn.epsilon  # alpha * sqrt(var + eps) == sqrt(new_var + eps)
+        bn.moving_variance.assign(tf.maximum(alpha ** 2 * (bn.moving_variance + eps) - eps, 0.0))
 
 
 def binary_start(recipe, layers, binary_weights, out_path, *, calibration=None) -> Path:
@@ -1088,8 +1084,7 @@ def binary_start(recipe, layers, binary_weights, out_path, *, calibration=None) 
     real_convs = [c.conv for c in cands if c.name in set(resolve_layers(cands, layers))]
     consumers = _consumers(variant.get_config())
     for conv in real_convs:
-        after = consumers.get(conv, [])
-        _binarize_kernel(variant.get_layer(conv), variant.get_layer(after[0]) if len(after) == 1 else None)
+        _binarize_kernel(variant.get_layer(conv), _bn_after(variant, conv, consumers))
     if calibration is not None:
         x = _at_size(calibration, recipe.input_shape[:2])
         for conv in real_convs:
@@ -1129,7 +1124,7 @@ def train_selection(recipe, selection, *, out_dir, epochs: Optional[int] = None,
         from .pruning import resolve_init_weights
 
         path = resolve_init_weights(init_weights, key="init_weights").resolve()
-        root = Path(__file__).resolve().parents[2]  # recipes name project files relative to the root
+        root = ZOO_DIR.parent.resolve()  # recipes name project files relative to the root
         variant = variant.with_changes(training={
             "init_weights": str(path.relative_to(root) if path.is_relative_to(root) else path),
             "real_from_binary": True})

@@ -105,6 +105,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
             "train_seconds": run_summary.get("train_seconds"),
             "images_per_second": run_summary.get("images_per_second"),
             "sessions": run_summary.get("sessions"),
+            "schedule": run_summary.get("schedule"),
         },
         "published": time.strftime("%Y-%m-%d"),
     }
@@ -177,7 +178,7 @@ def write_card(name: str) -> Path:
         lines += ["", f"Data: {json.dumps(entry['benchmark']['data'])}; machine: {entry['benchmark']['machine']['platform']}, "
                   f"{entry['benchmark']['machine']['cpus']} CPUs (load average {entry['benchmark']['machine']['load_average']}).",
                   "", "## Training", "",
-                  f"`{t['command']}` — {t['epochs']} epochs, {t['train_seconds']} s of training "
+                  f"{training_commands(t)} — {t['epochs']} epochs, {t['train_seconds']} s of training "
                   f"({t['images_per_second']} images/s on a 2-core CPU, {t['sessions']} session(s)). "
                   "Per-epoch log: [`train_history.csv`](train_history.csv).", ""]
         for plot, caption in (("thermometer.png", "Learned thermometer (global tone curve)"),
@@ -187,6 +188,20 @@ def write_card(name: str) -> Path:
                 lines += [f"![{caption}]({plot})", ""]
         lines += [f"Weights: `{entry['weights']}`, SHA-256 `{entry['sha256']}`.", ""]
     return atomic_write(ZOO_DIR / name / "README.md", "\n".join(lines))
+
+
+def training_commands(training: dict) -> str:
+    """The card's training command; a run whose ``--epochs`` was extended on resume lists
+    each step, since the recipe's command alone plans one cosine over all epochs."""
+    schedule = training.get("schedule") or []
+    if len(schedule) < 2:
+        return f"`{training['command']}`"
+    steps = [f"`{training['command']} --epochs {schedule[0]['planned_epochs']}`"]
+    for previous, step in zip(schedule, schedule[1:]):
+        steps.append(f"then `{training['command']} --resume --epochs {step['planned_epochs']}` (from epoch "
+                     f"{step['first_epoch']}, the cosine learning rate re-planned over {step['planned_epochs']} "
+                     f"instead of {previous['planned_epochs']} epochs: a warm restart)")
+    return ", ".join(steps)
 
 
 def cmd(args):

@@ -128,6 +128,26 @@ def test_resume_after_kill_continues_without_gaps(tmp_path, image_folder):
     assert all(reader.get_tensor(k) == 3 * steps_per_epoch for k in iterations)
 
 
+def test_resume_with_more_epochs_replans_the_rate_and_records_it(tmp_path, image_folder):
+    from glt_keras.zoo_cli import training_commands
+
+    run = tmp_path / "run"
+    summary = train(tiny_recipe(image_folder, epochs=2), out_dir=run, verbose=0)
+    assert summary["schedule"] == [{"first_epoch": 1, "planned_epochs": 2}]
+    summary = train(tiny_recipe(image_folder, epochs=4), out_dir=run, verbose=0, resume=True)
+    assert _history(run) == [1, 2, 3, 4]
+    assert summary["schedule"] == [{"first_epoch": 1, "planned_epochs": 2}, {"first_epoch": 3, "planned_epochs": 4}]
+    with open(run / "history.csv") as f:
+        lr = [float(r["lr_0"]) for r in csv.DictReader(f)]
+    # The 2-epoch cosine had decayed to its floor; re-planned over 4 epochs the rate rises again.
+    assert lr[2] > 2 * lr[1] and lr[3] < lr[2]
+    text = training_commands({"command": "glt-keras train tiny_test", "schedule": summary["schedule"]})
+    assert "`glt-keras train tiny_test --epochs 2`" in text
+    assert "`glt-keras train tiny_test --resume --epochs 4` (from epoch 3" in text
+    assert training_commands({"command": "glt-keras train x", "schedule": summary["schedule"][:1]}) == \
+        "`glt-keras train x`"
+
+
 def test_corrupt_checkpoint_gives_clear_error_and_keeps_previous(tmp_path, image_folder):
     run = tmp_path / "run"
     recipe = tiny_recipe(image_folder, epochs=3)

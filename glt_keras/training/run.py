@@ -293,14 +293,29 @@ def restore_checkpoint(directory: Path, checkpoint) -> int:
 
 
 # ----------------------------------------------------------------------------- logs and plots
+def extend_schedule(previous_summary: dict, start_epoch: int, planned_epochs: int) -> list:
+    """The run's learning-rate plans, one ``{"first_epoch", "planned_epochs"}`` entry per
+    change of the recipe's ``epochs``: a run resumed with a longer ``--epochs`` continues
+    its cosine from the saved step over the new length (a warm restart at a lower rate),
+    which the model card must say, since ``glt-keras train NAME`` alone does not redo it."""
+    schedule = list(previous_summary.get("schedule") or [])
+    if not schedule and start_epoch > 0 and previous_summary.get("planned_epochs"):
+        schedule = [{"first_epoch": 1, "planned_epochs": int(previous_summary["planned_epochs"])}]  # older runs
+    if not schedule or schedule[-1]["planned_epochs"] != int(planned_epochs):
+        schedule.append({"first_epoch": int(start_epoch) + 1, "planned_epochs": int(planned_epochs)})
+    return schedule
+
+
 class RunLogger(tf.keras.callbacks.Callback):
     """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
-                 *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None):
+                 *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
-        epoch's row may become the best weights (default: every epoch)."""
+        epoch's row may become the best weights (default: every epoch). ``schedule``: the
+        run's learning-rate plans (``extend_schedule``), kept in summary.json."""
         super().__init__()
+        self.schedule = schedule
         self.best_if = best_if or (lambda row: True)
         self.recipe_name = recipe_name
         self.planned_epochs = planned_epochs
@@ -332,6 +347,7 @@ class RunLogger(tf.keras.callbacks.Callback):
             "train_seconds": round(seconds, 1),
             "images_per_second": round(images / max(seconds, 1e-9), 1),
             "best_" + self.monitor: float(self.best),
+            **({"schedule": self.schedule} if self.schedule else {}),
             **extra,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -590,9 +606,13 @@ def train(
         target = float(prune["target_ratio"])
         # Best weights only once pruning has reached its target (an unpruned epoch would win).
         best_if = lambda row: row.get("pruning_ratio", -1.0) >= target - 1e-6  # noqa: E731
+    previous_summary = {}
+    if start_epoch > 0 and (run_dir / "summary.json").exists():
+        previous_summary = json.loads((run_dir / "summary.json").read_text())
     logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
-                       extra=extra, best_if=best_if)
+                       extra=extra, best_if=best_if,
+                       schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]))
     all_callbacks = [
         # Pruning first: its masks are in place before the checkpoint and the logger run.
         *([pruning_cb] if pruning_cb is not None else []),

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-#: Tasks by input shape: the reference models and the labelled evaluation data.
+#: Tasks by input shape and number of classes: the reference models, the labelled
+#: evaluation data and the headline metric (``accuracy`` unless ``metric`` says otherwise).
 TASKS = {
     "vww": dict(
         input_shape=(96, 96, 3), num_classes=2, dataset=("vww_val500", "val"),
@@ -40,6 +41,10 @@ TASKS = {
         ),
     ),
 }
+TASKS["caltech101"] = dict(
+    input_shape=(96, 96, 3), num_classes=102, dataset=("caltech101", "test"), references=(),
+    metric="mean_per_class_accuracy",  # Caltech-101's classes are unbalanced (31 to 800 images)
+)
 TOPOLOGY_TASK = {"glt96": "vww", "glt32": "cifar10", "tiny": "cifar10"}
 
 
@@ -57,9 +62,13 @@ def anchors_dir(explicit=None) -> Optional[Path]:
     return None
 
 
-def task_of_shape(shape) -> Optional[str]:
+def task_of_shape(shape, num_classes: Optional[int] = None) -> Optional[str]:
+    """The task of a model with this input shape and number of outputs, or ``None``: a
+    96x96 model with 102 outputs is Caltech-101, not VWW, and must not be scored on VWW
+    labels. Without ``num_classes`` the first task of that shape."""
     shape = tuple(int(d) for d in shape)
-    return next((name for name, t in TASKS.items() if t["input_shape"] == shape), None)
+    return next((name for name, t in TASKS.items() if t["input_shape"] == shape
+                 and (num_classes is None or t["num_classes"] == int(num_classes))), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,6 +148,7 @@ class TFLiteRunner:
             self.input_shape = tuple(wrapper.input_shapes[0])
             self.in_q = _first_q(wrapper.input_scales, wrapper.input_zero_points)
             self.out_q = _first_q(wrapper.output_scales, wrapper.output_zero_points)
+            self.num_outputs = int(wrapper.output_shapes[0][-1])
         elif kind == "tflite":
             import tensorflow as tf
 
@@ -150,6 +160,7 @@ class TFLiteRunner:
             self.input_shape = tuple(int(d) for d in inp["shape"])
             self.in_q = tuple(inp["quantization"]) if inp["quantization"][0] else None
             self.out_q = tuple(out["quantization"]) if out["quantization"][0] else None
+            self.num_outputs = int(out["shape"][-1])
         else:
             raise ValueError(f"kind must be 'lce' or 'tflite', got {kind!r}")
 
@@ -218,6 +229,12 @@ def load_labelled(task: str, limit: Optional[int], seed: int = 0):
         index = np.random.default_rng(seed).choice(len(x), limit, replace=False)
         index.sort()
         x, y = x[index], y[index]
+    size = tuple(TASKS[task]["input_shape"][:2])
+    if tuple(x.shape[1:3]) != size:  # stored larger (Caltech-101: 112x112): resize as `glt-keras eval` does
+        from .data import make_dataset
+
+        x = np.concatenate([b.numpy() for b, _ in make_dataset(x, y, batch_size=256, training=False,
+                                                                image_size=size)])
     return x, y, f"{name}/{split} ({len(x)} images)"
 
 
@@ -230,7 +247,7 @@ def keras_entry(model, name: str, *, int8_io: bool = False, verify: bool = True)
 
 def conversion_entry(result, name: str, model) -> BenchEntry:
     """A bench entry from an existing :class:`~glt_keras.convert.ConversionResult`."""
-    task = task_of_shape(model.input_shape[1:])
+    task = task_of_shape(model.input_shape[1:], model.output_shape[-1])
     extra = {"lce_bconv2d": result.report.binary_convs, "float_convs": len(result.report.float_convs)}
     if result.report.keras_summary:
         extra.update(binary_macs=result.report.keras_summary["binary_macs"],
@@ -285,6 +302,9 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
                 start = time.perf_counter()
                 predicted = e.runner.predict_classes(images)
                 row["accuracy"] = float(np.mean(predicted == labels))
+                per_class = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
+                row["mean_per_class_accuracy"] = float(np.mean(per_class))
+                row["metric"] = TASKS[task].get("metric", "accuracy")
                 row["eval_seconds"] = time.perf_counter() - start
             else:
                 row["accuracy"] = None
@@ -309,7 +329,8 @@ def to_markdown(results: dict) -> str:
     head += [f"x {name}" for name in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in rows:
-        acc = f"{r['accuracy']:.1%}" if r.get("accuracy") is not None else "n/a"
+        metric = r.get("metric", "accuracy")
+        acc = "n/a" if r.get(metric) is None else f"{r[metric]:.1%}" + (" (per class)" if metric != "accuracy" else "")
         cells = [r["name"], r["task"] or "-", r["kind"], r["input"], f"{r['bytes']:,}", acc,
                  f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
         cells += [f"{r['latency_ratio'][n]:.2f}" if n in r["latency_ratio"] else "" for n in refs]
@@ -374,7 +395,8 @@ def collect_entries(args) -> list:
         entries.append(keras_entry(load_keras_model(file), Path(file).stem, int8_io=args.int8_io))
     for file in args.tflite:
         runner = TFLiteRunner(file, kind="lce")
-        entries.append(BenchEntry(Path(file).stem, task_of_shape(runner.input_shape[1:]), "ours (LCE)", runner))
+        entries.append(BenchEntry(Path(file).stem, task_of_shape(runner.input_shape[1:], runner.num_outputs),
+                                  "ours (LCE)", runner))
     for topology in args.topology:
         task = TOPOLOGY_TASK.get(topology, "vww")
         t = TASKS[task]

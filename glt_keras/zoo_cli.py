@@ -173,7 +173,9 @@ def write_card(name: str) -> Path:
                   "| model | kind | bytes | accuracy | median ms / image | ratio |", "|---|---|---|---|---|---|"]
         for row in entry["benchmark"]["rows"]:
             ratio = ", ".join(f"{v:.2f}x vs {k}" for k, v in row.get("latency_ratio", {}).items())
-            lines.append(f"| {row['name']} | {row['kind']} | {row['bytes']:,} | {_pct(row.get('accuracy'))} | "
+            metric = row.get("metric", "accuracy")
+            accuracy = _pct(row.get(metric)) + (" (mean per class)" if metric != "accuracy" and row.get(metric) else "")
+            lines.append(f"| {row['name']} | {row['kind']} | {row['bytes']:,} | {accuracy} | "
                          f"{row['median_ms']:.3f} | {ratio} |")
         lines += ["", f"Data: {json.dumps(entry['benchmark']['data'])}; machine: {entry['benchmark']['machine']['platform']}, "
                   f"{entry['benchmark']['machine']['cpus']} CPUs (load average {entry['benchmark']['machine']['load_average']}).",

@@ -259,6 +259,41 @@ def test_cli_reports_missing_model(workdir, capsys):
 
 
 # -- the benchmark's timing loop and runners (glt_keras.bench) ------------------------------
+def test_bench_tells_tasks_apart_by_their_number_of_classes():
+    from glt_keras.bench import task_of_shape
+
+    assert task_of_shape((96, 96, 3), 2) == "vww"
+    assert task_of_shape((96, 96, 3), 102) == "caltech101"  # never scored on VWW labels
+    assert task_of_shape((96, 96, 3), 5) is None
+    assert task_of_shape((32, 32, 3), 10) == "cifar10"
+
+
+def test_bench_resizes_stored_images_and_reports_the_tasks_metric(logits_result, monkeypatch):
+    from types import SimpleNamespace
+
+    import glt_keras.data as data
+    from glt_keras import bench
+
+    runner = bench.TFLiteRunner(logits_result.flatbuffer, kind="lce")
+    x = np.random.default_rng(0).integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    y = np.array([0] * 9 + [1] * 3)  # unbalanced: accuracy and mean per-class accuracy differ
+    monkeypatch.setitem(bench.TASKS, "fake", dict(input_shape=SHAPE, num_classes=runner.num_outputs,
+                                                  dataset=("fake", "test"), references=(),
+                                                  metric="mean_per_class_accuracy"))
+    monkeypatch.setattr(data, "load_arrays", lambda name, split: SimpleNamespace(x=x, y=y))
+    images, labels, _ = bench.load_labelled("fake", None)
+    expected = next(iter(data.make_dataset(x, y, batch_size=12, training=False, image_size=SHAPE[:2])))[0]
+    np.testing.assert_array_equal(images, expected.numpy())  # the resize `glt-keras eval` applies
+    result = bench.run_bench([bench.BenchEntry("ours", "fake", "ours (LCE)", runner)], limit=None,
+                             warmup=1, repeats=2, rounds=1)
+    row = result["rows"][0]
+    predicted = runner.predict_classes(images)
+    assert row["accuracy"] == pytest.approx(np.mean(predicted == y))
+    assert row["mean_per_class_accuracy"] == pytest.approx(
+        (np.mean(predicted[:9] == 0) + np.mean(predicted[9:] == 1)) / 2)
+    assert f"{row['mean_per_class_accuracy']:.1%} (per class)" in bench.to_markdown(result)
+
+
 def test_bench_runners_and_timing(logits_result):
     from glt_keras.bench import TASKS, TFLiteRunner, anchors_dir, time_models, to_markdown
 

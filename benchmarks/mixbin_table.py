@@ -250,7 +250,9 @@ def main(argv=None) -> int:
     print(f"{recipe.name}: {len(cands)} candidate layers; costs ({args.by}):",
           ", ".join(f"{c.name} {mixbin.budget_cost(cands, [c.name], by=args.by):.3f}" for c in cands))
 
-    greedy_cache = None
+    # Greedy scores do not depend on the budget: reuse those of an earlier run of this table.
+    greedy_cache = next(((sel["scores"], sel["details"]) for sel in selections.values()
+                         if sel.get("method") == "greedy" and "loss_binary" in (sel.get("details") or {})), None)
     t0 = time.time()
     for budget in args.budgets:
         for method in args.methods:

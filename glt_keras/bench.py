@@ -230,11 +230,10 @@ def load_labelled(task: str, limit: Optional[int], seed: int = 0):
         index.sort()
         x, y = x[index], y[index]
     size = tuple(TASKS[task]["input_shape"][:2])
-    if tuple(x.shape[1:3]) != size:  # stored larger (Caltech-101: 112x112): resize as `glt-keras eval` does
-        from .data import make_dataset
+    if tuple(x.shape[1:3]) != size:  # stored larger (Caltech-101: 112x112): resized as for training
+        from .data import resize_uint8
 
-        x = np.concatenate([b.numpy() for b, _ in make_dataset(x, y, batch_size=256, training=False,
-                                                                image_size=size)])
+        x = resize_uint8(x, size)
     return x, y, f"{name}/{split} ({len(x)} images)"
 
 

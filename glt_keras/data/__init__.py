@@ -4,7 +4,7 @@ tf.data pipelines with augmentation.
 TensorFlow is imported only by the functions that need it (``make_dataset``,
 ``load_tfds_stl10``), so the array loaders stay quick to import.
 """
-from .augment import make_dataset, paste_augment, random_subset
+from .augment import make_dataset, paste_augment, random_subset, resize_uint8
 from .sources import (
     DATASETS,
     CorruptImageError,
@@ -36,4 +36,5 @@ __all__ = [
     "paste_augment",
     "person_scenes_sources",
     "random_subset",
+    "resize_uint8",
 ]

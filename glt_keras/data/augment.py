@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["make_dataset", "paste_augment"]
+__all__ = ["make_dataset", "paste_augment", "random_subset", "resize_uint8"]
 
 from .sources import _as_hw  # noqa: E402  (one definition of image sizes)
 
@@ -274,3 +274,28 @@ def random_subset(n: int, *arrays, seed: int = 0):
     idx = np.sort(np.random.default_rng(seed).permutation(length)[: int(n)])
     picked = tuple(np.asarray(a)[idx] for a in arrays)
     return picked[0] if len(picked) == 1 else picked
+
+
+def resize_uint8(x, size_hw) -> np.ndarray:
+    """uint8 images ``(N, H, W, 3)`` resized (antialiased bilinear, rounded) to ``size_hw``.
+
+    The one resize of stored images to a recipe's input size: training, ``glt-keras eval``
+    and the benchmark must feed a model the same pixels (Caltech-101 is stored at 112x112
+    for 96x96 models).
+
+        >>> resize_uint8(np.full((1, 8, 8, 3), 7, np.uint8), (4, 4))[0, 0, 0].tolist()
+        [7, 7, 7]
+    """
+    import tensorflow as tf
+
+    x = np.asarray(x)
+    size_hw = _as_hw(size_hw)
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"resize_uint8 takes uint8 images (N, H, W, C), got {x.dtype} {x.shape}.")
+    if x.shape[1:3] == tuple(size_hw):
+        return x
+    out = []
+    for start in range(0, len(x), 512):
+        chunk = tf.image.resize(x[start:start + 512], size_hw, antialias=True)
+        out.append(tf.cast(tf.clip_by_value(tf.round(chunk), 0, 255), tf.uint8).numpy())
+    return np.concatenate(out)

@@ -40,7 +40,7 @@ import tensorflow as tf
 import yaml
 
 from .._io import atomic_write
-from ..data.augment import random_subset
+from ..data.augment import random_subset, resize_uint8
 from ..layers.encoding import LearnedThermometer, plot_transfer_curve
 from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
@@ -57,16 +57,6 @@ class Splits:
     val: tuple | None
     test: tuple | None
     class_names: list
-
-
-def _resize_uint8(x: np.ndarray, size_hw) -> np.ndarray:
-    if x.shape[1:3] == tuple(size_hw):
-        return x
-    out = []
-    for start in range(0, len(x), 512):
-        chunk = tf.image.resize(x[start:start + 512], size_hw, antialias=True)
-        out.append(tf.cast(tf.clip_by_value(tf.round(chunk), 0, 255), tf.uint8).numpy())
-    return np.concatenate(out)
 
 
 def _load_source(spec: dict, classes: list, data_dir, size_hw):
@@ -115,7 +105,7 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
         keep.sort()
         x, y = x[keep], y[keep]
     if size_hw is not None:
-        x = _resize_uint8(x, size_hw)
+        x = resize_uint8(x, size_hw)
     return x, y.astype("int32")
 
 
@@ -132,7 +122,7 @@ def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
 
     scenes = pick(spec["scenes"])
     if size_hw is not None:
-        scenes = _resize_uint8(scenes, size_hw)
+        scenes = resize_uint8(scenes, size_hw)
     x, _ = paste_augment(scenes, pick(spec["persons"]), n=int(spec["n"]), seed=int(spec.get("seed", 0)))
     return x, np.full(len(x), classes.index(spec.get("label", "person")), "int32")
 

@@ -217,7 +217,10 @@ def cmd(args):
             metrics = (e or {}).get("metrics") or {}
             for split in ("test", "val"):
                 if split in metrics:
-                    acc = f"{_pct(metrics[split]['accuracy'])} ({split})"
+                    m = metrics[split]
+                    acc = f"{_pct(m['accuracy'])} ({split})"
+                    if abs(m.get("mean_per_class_accuracy", m["accuracy"]) - m["accuracy"]) > 0.005:
+                        acc += f", {_pct(m['mean_per_class_accuracy'])} mean per class"  # unbalanced test sets
                     break
             size = f"{e['size']['tflite_bytes']:,}" if e and "size" in e else "-"
             print(f"| {name} | {r.task} | {'x'.join(map(str, r.input_shape))} | {acc} | {size} |")

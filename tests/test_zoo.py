@@ -98,6 +98,12 @@ def test_cli_zoo_list(fake_zoo, capsys):
     assert cli.main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
     assert "| toy_binary | toy |" in out and "not trained" in out
+    root, _ = fake_zoo
+    registry = json.loads((root / "registry.json").read_text())
+    registry["toy_binary"]["metrics"] = {"test": {"accuracy": 0.55, "mean_per_class_accuracy": 0.36}}
+    (root / "registry.json").write_text(json.dumps(registry))
+    assert cli.main(["zoo", "list"]) == 0  # an unbalanced test set: both numbers
+    assert "| 55.00% (test), 36.00% mean per class |" in capsys.readouterr().out
 
 
 def test_every_shipped_recipe_builds():

@@ -20,6 +20,18 @@ def _atomic_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_confusion(path: Path, classes, metrics: dict) -> dict:
+    """Move each split's confusion matrix out of ``metrics`` into ``path`` (one matrix row
+    per line): a 102-class matrix pretty-printed in the registry took 10,000 lines."""
+    matrices = {split: m.pop("confusion") for split, m in metrics.items() if "confusion" in m}
+    body = ",\n".join(f"  {json.dumps(split)}: [\n" + ",\n".join(f"    {json.dumps(row)}" for row in matrix) + "\n  ]"
+                       for split, matrix in sorted(matrices.items()))
+    text = "{\n  \"classes\": " + json.dumps(list(classes)) + (",\n" + body if body else "") + "\n}\n"
+    assert json.loads(text) == {"classes": list(classes), **matrices}
+    atomic_write(path, text)
+    return metrics
+
+
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
     from .bench import anchors_dir, conversion_entry, reference_entries, run_bench
@@ -89,6 +101,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out_dir / f"train_{log}")
 
+    write_confusion(out_dir / "confusion.json", recipe.classes, metrics)
     registry = zoo.registry()
     registry[name] = {
         "task": recipe.task,
@@ -188,6 +201,9 @@ def write_card(name: str) -> Path:
                               ("pruning.png", "Pruned fraction per epoch")):
             if (ZOO_DIR / name / plot).exists():
                 lines += [f"![{caption}]({plot})", ""]
+        if (ZOO_DIR / name / "confusion.json").exists():
+            lines += ["Confusion matrices (rows: true class, columns: predicted; per evaluated split): "
+                      "[`confusion.json`](confusion.json).", ""]
         lines += [f"Weights: `{entry['weights']}`, SHA-256 `{entry['sha256']}`.", ""]
     return atomic_write(ZOO_DIR / name / "README.md", "\n".join(lines))
 

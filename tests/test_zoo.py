@@ -151,3 +151,14 @@ def test_zoo_conversion_allows_only_the_recipes_real_layers():
         convert_for_zoo(mixed, [])
     with pytest.raises(ValueError, match="unexpected: \\['block2_conv'\\]"):  # the recipe names another layer
         convert_for_zoo(mixed, ["block1"])
+
+
+def test_confusion_matrices_leave_the_registry_for_their_own_file(tmp_path):
+    from glt_keras.zoo_cli import write_confusion
+
+    metrics = {"test": {"accuracy": 0.5, "confusion": [[1, 1], [0, 2]]}, "val": {"accuracy": 1.0}}
+    write_confusion(tmp_path / "confusion.json", ["a", "b"], metrics)
+    assert metrics == {"test": {"accuracy": 0.5}, "val": {"accuracy": 1.0}}
+    text = (tmp_path / "confusion.json").read_text()
+    assert json.loads(text) == {"classes": ["a", "b"], "test": [[1, 1], [0, 2]]}
+    assert "    [1, 1],\n    [0, 2]\n" in text  # one matrix row per line

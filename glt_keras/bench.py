@@ -329,7 +329,7 @@ def to_markdown(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in rows:
         metric = r.get("metric", "accuracy")
-        acc = "n/a" if r.get(metric) is None else f"{r[metric]:.1%}" + (" (per class)" if metric != "accuracy" else "")
+        acc = "n/a" if r.get(metric) is None else f"{r[metric]:.1%}" + (" (mean per class)" if metric != "accuracy" else "")
         cells = [r["name"], r["task"] or "-", r["kind"], r["input"], f"{r['bytes']:,}", acc,
                  f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
         cells += [f"{r['latency_ratio'][n]:.2f}" if n in r["latency_ratio"] else "" for n in refs]

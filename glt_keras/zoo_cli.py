@@ -32,6 +32,22 @@ def write_confusion(path: Path, classes, metrics: dict) -> dict:
     return metrics
 
 
+def _check_same_network(run_recipe, zoo_recipe) -> None:
+    """``zoo.load(name)`` builds the network from the zoo's recipe: weights trained with another
+    architecture would be published and then fail to load (or load into the wrong classes)."""
+    differences = [f"{key}: run {a!r}, zoo {b!r}" for key, a, b in (
+        ("input_shape", run_recipe.input_shape, zoo_recipe.input_shape),
+        ("classes", run_recipe.classes, zoo_recipe.classes),
+        *((f"model.{k}", run_recipe.model.get(k), zoo_recipe.model.get(k))
+          for k in sorted(set(run_recipe.model) | set(zoo_recipe.model))),
+    ) if a != b]
+    if differences:
+        raise ValueError(
+            f"{run_recipe.path or run_recipe.name} builds a different network from "
+            f"{zoo_recipe.path or zoo_recipe.name} ({'; '.join(differences)}): copy the run's recipe "
+            f"to the zoo (keeping its comments as you see fit) before publishing it.")
+
+
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
     from .bench import anchors_dir, conversion_entry, reference_entries, run_bench
@@ -50,6 +66,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     name = name or recipe.name
     if name not in zoo.list_models():
         raise ValueError(f"{name} has no recipe under {ZOO_DIR}; add zoo/{name}/recipe.yaml first.")
+    _check_same_network(recipe, zoo.get_recipe(name))
     best = run_dir / "best_weights.h5"
     if not best.exists():
         raise FileNotFoundError(f"{best} not found: has the run finished an epoch?")

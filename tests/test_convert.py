@@ -291,7 +291,7 @@ def test_bench_resizes_stored_images_and_reports_the_tasks_metric(logits_result,
     assert row["accuracy"] == pytest.approx(np.mean(predicted == y))
     assert row["mean_per_class_accuracy"] == pytest.approx(
         (np.mean(predicted[:9] == 0) + np.mean(predicted[9:] == 1)) / 2)
-    assert f"{row['mean_per_class_accuracy']:.1%} (per class)" in bench.to_markdown(result)
+    assert f"{row['mean_per_class_accuracy']:.1%} (mean per class)" in bench.to_markdown(result)
 
 
 def test_bench_runners_and_timing(logits_result):

@@ -138,6 +138,22 @@ def test_publish_refuses_the_masked_network_of_a_pruning_run(fake_zoo, tmp_path)
     assert (fake_zoo[0] / "registry.json").read_text() == registry_before
 
 
+def test_publish_refuses_a_run_whose_network_differs_from_the_zoo_recipe(fake_zoo, tmp_path):
+    """zoo.load builds from the zoo's recipe: a wider run's weights must not be published."""
+    from glt_keras.zoo_cli import publish
+
+    run = tmp_path / "runs" / "toy_binary"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(
+        "name: toy_binary\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: [a, b, c]\n"
+        "model: {topology: tiny, levels: 8}\n"
+    )
+    weights_before = (fake_zoo[0] / "toy_binary" / "toy_binary_weights.h5").read_bytes()
+    with pytest.raises(ValueError, match=r"model.levels: run 8, zoo 4.*copy the run's recipe"):
+        publish(run)
+    assert (fake_zoo[0] / "toy_binary" / "toy_binary_weights.h5").read_bytes() == weights_before
+
+
 def test_zoo_conversion_allows_only_the_recipes_real_layers():
     from glt_keras.convert import StrictConversionError
     from glt_keras.models import glt_net

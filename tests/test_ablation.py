@@ -1,0 +1,42 @@
+"""benchmarks/ablation_encoding.py: one network, one change of input encoding per row."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def ablation():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_encoding.py"
+    spec = importlib.util.spec_from_file_location("ablation_encoding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(ablation, tmp_path, image_folder):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: toy\ninput_shape: [16, 16, 3]\nclasses: [bright, dark]\nmodel: {topology: tiny, levels: 8}\n"  # 8 planes each: levels = bits
+        f"data: {{train: {{folder: {image_folder}}}, holdout: 0.25, extra_eval: [{{folder: {image_folder}}}]}}\n"
+        "training: {batch_size: 16, binary_lr: 0.01, real_lr: 0.01}\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- ablation-toy:start -->\nold\n<!-- ablation-toy:end -->\nrest\n")
+    out = tmp_path / "out"
+    for variants in (["binary_planes"], ["fixed"]):  # two processes, one folder
+        assert ablation.main([str(recipe), "--epochs", "1", "--variants", *variants, "--out", str(out)]) == 0
+    seconds = {v: json.loads((out / f"toy_{v}" / "summary.json").read_text())["train_seconds"]
+               for v in ("binary_planes", "fixed")}
+
+    assert ablation.main([str(recipe), "--epochs", "1", "--variants", "binary_planes", "fixed",
+                          "--out", str(out), "--readme", str(readme)]) == 0
+    rows = json.loads((out / "toy_ablation.json").read_text())["rows"]
+    assert [(r["variant"], r["encoding"]) for r in rows] == [("binary_planes", "binary_planes"), ("fixed", "fixed")]
+    for r in rows:
+        assert r["train_seconds"] == seconds[r["variant"]]  # gathered, not trained again
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r[f"{image_folder.name}_mean_per_class_accuracy"] <= 1.0
+        assert r["binary_weight_bytes"] == rows[0]["binary_weight_bytes"]  # same network and budget
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| binary_planes | binary_planes | False | 1 |" in text and "--readme" in text

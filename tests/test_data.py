@@ -180,7 +180,13 @@ def test_cache_keyed_by_archive_size_and_mtime(fake_vww, cache_env):
     os.utime(archive, (time.time() + 10, time.time() + 10))
     ds = gd.load_arrays("vww_val500", "val", data_dir=fake_vww)
     assert len(ds) == 2
-    assert len(list(cache_env.glob("vww_val500_val_*.npz"))) == 2
+    # The stale decode is removed: one cached copy per dataset, not one per archive ever seen.
+    assert len(list(cache_env.glob("vww_val500_val_*.npz"))) == 1
+    (cache_env / "vww_val500_val_1_2_v0.npz").write_bytes(b"old cache version")
+    (cache_env / "cifar10_test_1_2_v1.npz").write_bytes(b"another dataset")
+    os.utime(archive, (time.time() + 20, time.time() + 20))
+    assert len(gd.load_arrays("vww_val500", "val", data_dir=fake_vww)) == 2
+    assert sorted(p.name.split("_")[0] for p in cache_env.glob("*.npz")) == ["cifar10", "vww"]
 
 
 def test_cache_false_writes_nothing(fake_vww, cache_env):

@@ -114,11 +114,12 @@ def test_resume_after_kill_continues_without_gaps(tmp_path, image_folder):
         train(recipe, out_dir=run, verbose=0, callbacks=[StopAfter(2)])
     assert json.loads((run / "checkpoints/last.json").read_text())["epoch"] == 2
     assert _history(run) == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["sessions"] == 1  # the killed session counts
     with pytest.raises(FileExistsError, match="--resume"):
         train(recipe, out_dir=run, verbose=0)
     summary = train(recipe, out_dir=run, verbose=0, resume=True)
     assert _history(run) == [1, 2, 3]
-    assert summary["epochs"] == 3
+    assert summary["epochs"] == 3 and summary["sessions"] == 2
     # The optimizer state came back too: its step counter covers all three epochs.
     steps_per_epoch = 72 // 16
     reader = tf.train.load_checkpoint(str(run / "checkpoints/epoch_3/ckpt"))
@@ -135,7 +136,7 @@ def test_resume_with_more_epochs_replans_the_rate_and_records_it(tmp_path, image
     summary = train(tiny_recipe(image_folder, epochs=2), out_dir=run, verbose=0)
     assert summary["schedule"] == [{"first_epoch": 1, "planned_epochs": 2}]
     summary = train(tiny_recipe(image_folder, epochs=4), out_dir=run, verbose=0, resume=True)
-    assert _history(run) == [1, 2, 3, 4]
+    assert _history(run) == [1, 2, 3, 4] and summary["sessions"] == 2
     assert summary["schedule"] == [{"first_epoch": 1, "planned_epochs": 2}, {"first_epoch": 3, "planned_epochs": 4}]
     with open(run / "history.csv") as f:
         lr = [float(r["lr_0"]) for r in csv.DictReader(f)]

@@ -300,12 +300,16 @@ class RunLogger(tf.keras.callbacks.Callback):
     """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
-                 *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None):
+                 *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None,
+                 sessions=None):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
         epoch's row may become the best weights (default: every epoch). ``schedule``: the
-        run's learning-rate plans (``extend_schedule``), kept in summary.json."""
+        run's learning-rate plans (``extend_schedule``), kept in summary.json. ``sessions``:
+        how many sessions (this one included) trained the run, written at every epoch so that
+        a session killed mid-run still counts."""
         super().__init__()
         self.schedule = schedule
+        self.sessions = sessions
         self.best_if = best_if or (lambda row: True)
         self.recipe_name = recipe_name
         self.planned_epochs = planned_epochs
@@ -338,6 +342,7 @@ class RunLogger(tf.keras.callbacks.Callback):
             "images_per_second": round(images / max(seconds, 1e-9), 1),
             "best_" + self.monitor: float(self.best),
             **({"schedule": self.schedule} if self.schedule else {}),
+            **({"sessions": self.sessions} if self.sessions else {}),
             **extra,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -602,7 +607,9 @@ def train(
     logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
                        extra=extra, best_if=best_if,
-                       schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]))
+                       schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]),
+                       # A summary without a count comes from a session killed before this fix.
+                       sessions=(previous_summary.get("sessions") or int(start_epoch > 0)) + 1)
     all_callbacks = [
         # Pruning first: its masks are in place before the checkpoint and the logger run.
         *([pruning_cb] if pruning_cb is not None else []),
@@ -622,11 +629,7 @@ def train(
         callbacks=all_callbacks,
         verbose=verbose,
     )
-    previous_sessions = 0
-    if (run_dir / "summary.json").exists():
-        previous_sessions = json.loads((run_dir / "summary.json").read_text()).get("sessions", 0)
     summary = logger.write_summary(
-        sessions=previous_sessions + 1,
         wall_seconds_this_session=round(time.time() - t0, 1),
         train_images=int(len(splits.train[1])),
         val_images=int(len(splits.val[1])) if splits.val is not None else 0,

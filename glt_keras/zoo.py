@@ -54,14 +54,21 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+def publish_commands(name: str) -> str:
+    """The commands that train ``name`` and publish it: a pruning recipe publishes the shrunk
+    network its run writes, and the zoo recipe becomes the shrunk one."""
+    if get_recipe(name).pruning:
+        return (f"glt-keras train {name} && cp runs/{name}/shrunk_recipe.yaml zoo/{name}/recipe.yaml"
+                f" && glt-keras zoo publish runs/{name}/shrunk")
+    return f"glt-keras train {name} && glt-keras zoo publish runs/{name}"
+
+
 def pretrained_weights(name: str) -> Path:
     """Path of a model's published weights, after checking that they exist and their SHA-256."""
     entry = registry().get(name)
     if entry is None:
         raise WeightsError(
-            f"{name} has no trained weights yet. Train and publish them with:\n"
-            f"  glt-keras train {name} && glt-keras zoo publish runs/{name}"
-        )
+            f"{name} has no trained weights yet. Train and publish them with:\n  {publish_commands(name)}")
     path = ZOO_DIR / entry["weights"]
     if not path.exists():
         raise WeightsError(f"{name}: weight file {path} is missing (the registry lists it).")

@@ -180,8 +180,7 @@ def write_card(name: str) -> Path:
         "| recipe | [`recipe.yaml`](recipe.yaml) |",
     ]
     if entry is None:
-        lines += ["", f"No trained weights yet. Train with `glt-keras train {name}`, then "
-                  f"`glt-keras zoo publish runs/{name}`."]
+        lines += ["", f"No trained weights yet. Train and publish with `{zoo.publish_commands(name)}`."]
     else:
         m, s, t = entry["metrics"], entry["size"], entry["training"]
         lines += ["", "## Accuracy (`glt-keras eval`)", "", "| split | images | accuracy | mean per-class | loss |", "|---|---|---|---|---|"]

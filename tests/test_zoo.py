@@ -68,7 +68,13 @@ def test_truncated_weight_file_is_a_clear_error(fake_zoo, tmp_path):
 
 
 def test_untrained_model_names_the_training_command(fake_zoo):
-    with pytest.raises(zoo.WeightsError, match="glt-keras train toy_untrained"):
+    with pytest.raises(zoo.WeightsError, match="glt-keras train toy_untrained && glt-keras zoo publish runs/toy_untrained"):
+        zoo.load("toy_untrained")
+    # A pruning recipe publishes the shrunk network its run writes.
+    recipe = fake_zoo[0] / "toy_untrained" / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + "pruning: {target_ratio: 0.5}\n")
+    with pytest.raises(zoo.WeightsError, match=r"cp runs/toy_untrained/shrunk_recipe.yaml zoo/toy_untrained/recipe.yaml"
+                                               r" && glt-keras zoo publish runs/toy_untrained/shrunk"):
         zoo.load("toy_untrained")
     assert zoo.load("toy_untrained", weights=None).output_shape == (None, 2)
 

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="training seeds (default: the recipe's); a run other than the recipe's seed is "
+                             "named <recipe>_<variant>_seed<N>")
     parser.add_argument("--subset", type=int, help="images per split (smoke runs)")
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--out", default="runs/ablation")
@@ -56,11 +59,13 @@ def main(argv=None) -> int:
     base = load_recipe(args.recipe)
     out = Path(args.out)
     rows = []
-    for variant in args.variants:
+    base_seed = int(base.training.get("seed", 0))
+    for seed, variant in [(seed, v) for seed in (args.seeds or [base_seed]) for v in args.variants]:
         change = dict(VARIANTS[variant])
         if "kd" in change:
             change["kd"] = {**change["kd"], "teacher_epochs": args.epochs}
-        recipe = base.with_changes(name=f"{base.name}_{variant}", training={"epochs": args.epochs}, **change)
+        name = f"{base.name}_{variant}" + ("" if seed == base_seed else f"_seed{seed}")
+        recipe = base.with_changes(name=name, training={"epochs": args.epochs, "seed": seed}, **change)
         run_dir = out / recipe.name
         t0 = time.time()
         train(recipe, out_dir=run_dir, resume=True, data_dir=args.data_dir, subset=args.subset,
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
         splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)
         summary_file = run_dir / "summary.json"
         trained = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        row = {"variant": variant, "encoding": recipe.model.get("encoding"),
+        row = {"variant": variant, "seed": seed, "encoding": recipe.model.get("encoding"),
                "kd": bool(recipe.kd.get("teacher")), "epochs": args.epochs,
                "epoch_images": recipe.data.get("epoch_images") or len(splits.train[1]),
                "binary_weight_bytes": model_summary(model)["binary_weight_bytes"],
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
                 model, x, y, class_names=recipe.classes,
                 image_size=recipe.input_shape[:2])["mean_per_class_accuracy"]
         rows.append(row)
-    keys = ["variant", "encoding", "kd", "epochs", "epoch_images", "binary_weight_bytes", "val_accuracy",
+    keys = ["variant", "seed", "encoding", "kd", "epochs", "epoch_images", "binary_weight_bytes", "val_accuracy",
             "test_accuracy"]
     keys += sorted({k for r in rows for k in r if k.endswith("_accuracy") and k not in keys}) + ["train_seconds"]
     keys = [k for k in keys if any(k in r for r in rows)]

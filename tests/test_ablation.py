@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from glt_keras.recipe import load_recipe
+
 
 @pytest.fixture
 def ablation():
@@ -39,4 +41,12 @@ def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(abla
         assert r["binary_weight_bytes"] == rows[0]["binary_weight_bytes"]  # same network and budget
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "| binary_planes | binary_planes | False | 1 |" in text and "--readme" in text
+    assert "| binary_planes | 0 | binary_planes | False | 1 |" in text and "--readme" in text
+
+    # Another seed is another run, beside the recipe's seed (0 by default).
+    assert ablation.main([str(recipe), "--epochs", "1", "--variants", "fixed", "--seeds", "0", "1",
+                          "--out", str(out)]) == 0
+    rows = json.loads((out / "toy_ablation.json").read_text())["rows"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("fixed", 0), ("fixed", 1)]
+    assert rows[0]["train_seconds"] == seconds["fixed"] and (out / "toy_fixed_seed1" / "best_weights.h5").exists()
+    assert load_recipe(out / "toy_fixed_seed1" / "recipe.yaml").training["seed"] == 1

@@ -9,8 +9,9 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py vww_binary --epochs 8 --variants binary_planes fixed glt
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
 
-Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (and, with ``--readme``, the
-table into the README). Runs resume: a variant whose run folder already finished is not
+Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds``:
+``OUT/<recipe>_ablation_seeds_0_1.json``; and, with ``--readme``, the table into the README
+between ``<!-- ablation-<recipe>:start -->`` / ``ablation-<recipe>-seeds-0-1`` markers). Runs resume: a variant whose run folder already finished is not
 trained again, so variants trained by separate processes into one ``--out`` are gathered into
 one table by running once more with all of them.
 """
@@ -105,13 +106,15 @@ def main(argv=None) -> int:
             f"{100 * r[k]:.2f}%" if k.endswith("accuracy") and k in r else str(r.get(k, "")) for k in keys) + " |")
     table = "\n".join(lines)
     print(table)
-    atomic_write(out / f"{base.name}_ablation.json",
+    # A table over chosen seeds is its own table (file and README markers), beside the recipe-seed one.
+    stem = f"{base.name}_ablation" + (f"_seeds_{'_'.join(map(str, args.seeds))}" if args.seeds else "")
+    atomic_write(out / f"{stem}.json",
                  json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
-    atomic_write(out / f"{base.name}_ablation.md", table + "\n")
+    atomic_write(out / f"{stem}.md", table + "\n")
     if args.readme:
         from glt_keras.bench import update_readme
 
-        tag = f"ablation-{base.name}"
+        tag = f"ablation-{base.name}" + (f"-seeds-{'-'.join(map(str, args.seeds))}" if args.seeds else "")
         update_readme(args.readme, table + "\n",
                       command="python benchmarks/ablation_encoding.py " + " ".join(sys.argv[1:] if argv is None else argv),
                       start=f"<!-- {tag}:start -->", end=f"<!-- {tag}:end -->")

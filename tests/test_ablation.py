@@ -44,9 +44,13 @@ def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(abla
     assert "| binary_planes | 0 | binary_planes | False | 1 |" in text and "--readme" in text
 
     # Another seed is another run, beside the recipe's seed (0 by default).
+    readme.write_text(text + "<!-- ablation-toy-seeds-0-1:start -->\n<!-- ablation-toy-seeds-0-1:end -->\n")
     assert ablation.main([str(recipe), "--epochs", "1", "--variants", "fixed", "--seeds", "0", "1",
-                          "--out", str(out)]) == 0
-    rows = json.loads((out / "toy_ablation.json").read_text())["rows"]
+                          "--out", str(out), "--readme", str(readme)]) == 0
+    assert len(json.loads((out / "toy_ablation.json").read_text())["rows"]) == 2  # its own table, beside
+    rows = json.loads((out / "toy_ablation_seeds_0_1.json").read_text())["rows"]
+    seeds_table = readme.read_text().split("<!-- ablation-toy-seeds-0-1:start -->")[1]
+    assert "| fixed | 1 | fixed |" in seeds_table and "binary_planes" not in seeds_table
     assert [(r["variant"], r["seed"]) for r in rows] == [("fixed", 0), ("fixed", 1)]
     assert rows[0]["train_seconds"] == seconds["fixed"] and (out / "toy_fixed_seed1" / "best_weights.h5").exists()
     assert load_recipe(out / "toy_fixed_seed1" / "recipe.yaml").training["seed"] == 1

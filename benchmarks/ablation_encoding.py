@@ -9,11 +9,12 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py vww_binary --epochs 8 --variants binary_planes fixed glt
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
 
-Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds``:
-``OUT/<recipe>_ablation_seeds_0_1.json``; and, with ``--readme``, the table into the README
-between ``<!-- ablation-<recipe>:start -->`` / ``ablation-<recipe>-seeds-0-1`` markers). Runs resume: a variant whose run folder already finished is not
-trained again, so variants trained by separate processes into one ``--out`` are gathered into
-one table by running once more with all of them.
+Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds 0 1``:
+``OUT/<recipe>_ablation_seeds_0_1.json``; with ``--readme``, also the table into the README
+between ``<!-- ablation-<recipe>:start -->`` / ``ablation-<recipe>-seeds-0-1`` markers).
+Runs resume: a variant whose run folder already finished is not trained again, so variants
+trained by separate processes into one ``--out`` are gathered into one table by running once
+more with all of them.
 """
 from __future__ import annotations
 
@@ -55,10 +56,14 @@ def main(argv=None) -> int:
     _threads(args.threads)
     from glt_keras.models import load_weights, model_summary
     from glt_keras.recipe import load_recipe
-    from glt_keras.training.run import _load_source, evaluate, load_splits, train
+    from glt_keras.training.run import evaluate, extra_eval_sets, load_splits, train
 
     base = load_recipe(args.recipe)
     out = Path(args.out)
+    # The recipe's extra evaluation sets (VWW: 1,267 held-out in-domain photos, a second and
+    # larger opinion next to the 500 VWW images), the same for every variant. Only 6% of them
+    # show a person, so they are scored per class: top-1 would reward never saying "person".
+    extra_sets = extra_eval_sets(base, data_dir=args.data_dir)
     rows = []
     base_seed = int(base.training.get("seed", 0))
     for seed, variant in [(seed, v) for seed in (args.seeds or [base_seed]) for v in args.variants]:
@@ -86,12 +91,7 @@ def main(argv=None) -> int:
             if pair is not None:
                 row[f"{split}_accuracy"] = evaluate(model, *pair, class_names=recipe.classes,
                                                     image_size=recipe.input_shape[:2])["accuracy"]
-        # The recipe's extra evaluation sets (VWW: 1,267 held-out in-domain photos, a second and
-        # larger opinion next to the 500 VWW images). Only 6% of them show a person, so they are
-        # scored per class: top-1 would reward a network that never says "person".
-        for spec in recipe.data.get("extra_eval") or []:
-            x, y = _load_source(spec, recipe.classes, args.data_dir, recipe.input_shape[:2])
-            where = f"{spec['dataset']}:{spec['split']}" if "dataset" in spec else Path(spec["folder"]).name
+        for where, (x, y) in extra_sets.items():
             row[f"{where}_mean_per_class_accuracy"] = evaluate(
                 model, x, y, class_names=recipe.classes,
                 image_size=recipe.input_shape[:2])["mean_per_class_accuracy"]
@@ -107,14 +107,15 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     # A table over chosen seeds is its own table (file and README markers), beside the recipe-seed one.
-    stem = f"{base.name}_ablation" + (f"_seeds_{'_'.join(map(str, args.seeds))}" if args.seeds else "")
+    seeds = "_".join(map(str, args.seeds)) if args.seeds else ""
+    stem = f"{base.name}_ablation" + (f"_seeds_{seeds}" if seeds else "")
     atomic_write(out / f"{stem}.json",
                  json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
     atomic_write(out / f"{stem}.md", table + "\n")
     if args.readme:
         from glt_keras.bench import update_readme
 
-        tag = f"ablation-{base.name}" + (f"-seeds-{'-'.join(map(str, args.seeds))}" if args.seeds else "")
+        tag = f"ablation-{base.name}" + (f"-seeds-{seeds.replace('_', '-')}" if seeds else "")
         update_readme(args.readme, table + "\n",
                       command="python benchmarks/ablation_encoding.py " + " ".join(sys.argv[1:] if argv is None else argv),
                       start=f"<!-- {tag}:start -->", end=f"<!-- {tag}:end -->")

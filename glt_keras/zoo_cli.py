@@ -55,7 +55,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
-    from .training.run import _thermometer, evaluate, load_splits
+    from .training.run import _thermometer, evaluate, extra_eval_sets, load_splits
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -86,12 +86,8 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
             metrics[split_name]["confusion"] = result["confusion"]
 
     # Extra evaluation sets named by the recipe (e.g. the in-domain held-out split).
-    from .training.run import _load_source
-
-    for spec in zoo.get_recipe(name).data.get("extra_eval") or []:
-        x, y = _load_source(spec, recipe.classes, data_dir, recipe.input_shape[:2])
+    for key, (x, y) in extra_eval_sets(zoo.get_recipe(name), data_dir=data_dir).items():
         result = evaluate(model, x, y, class_names=recipe.classes, image_size=recipe.input_shape[:2])
-        key = f"{spec['dataset']}:{spec['split']}"
         metrics[key] = {k: result[k] for k in ("images", "accuracy", "mean_per_class_accuracy", "loss")}
         metrics[key].update(dataset=key, confusion=result["confusion"])
 

@@ -169,6 +169,16 @@ def load_splits(recipe: Recipe, *, data_dir=None, subset: int | None = None) -> 
     return Splits(cut((x, y)), cut(val), cut(test), list(recipe.classes))
 
 
+def extra_eval_sets(recipe: Recipe, *, data_dir=None) -> dict:
+    """The recipe's ``data.extra_eval`` sets (e.g. VWW's in-domain held-out photos), at its input
+    size: ``{"dataset:split" (or the folder's name): (x, y)}``."""
+    sets = {}
+    for spec in recipe.data.get("extra_eval") or []:
+        name = f"{spec['dataset']}:{spec['split']}" if "dataset" in spec else Path(spec["folder"]).name
+        sets[name] = _load_source(spec, recipe.classes, data_dir, recipe.input_shape[:2])
+    return sets
+
+
 def make_train_dataset(recipe: Recipe, x, y, *, batch_size):
     from ..data import make_dataset
 

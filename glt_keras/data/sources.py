@@ -668,15 +668,15 @@ def load_arrays(name: str, split: str, *, data_dir=None, cache: bool = True) -> 
     if cache:
         for s, ds in result.items():
             _save_npz(_cache_path(name, s, key), ds)
-        _remove_stale_caches(name, keep={_cache_path(name, s, key) for s in result})
+        _remove_stale_caches(name, key, splits=list(result))
     return result[split]
 
 
-def _remove_stale_caches(name: str, keep) -> None:
+def _remove_stale_caches(name: str, key: str, splits) -> None:
     """One cached decode per dataset: a re-copied archive (new mtime) or a new cache version
     would otherwise leave the old decode behind for good (person_scenes train: 557 MB each)."""
-    splits = "|".join(sorted({re.escape(p.name[len(name) + 1:].split("_", 1)[0]) for p in keep}))
-    stale = re.compile(rf"{re.escape(name)}_({splits})_.+_v\d+\.npz")
+    keep = {_cache_path(name, s, key) for s in splits}
+    stale = re.compile(rf"{re.escape(name)}_({'|'.join(map(re.escape, splits))})_.+_v\d+\.npz")
     for path in cache_dir().glob(f"{name}_*.npz"):
         if path not in keep and stale.fullmatch(path.name):
             try:

@@ -27,9 +27,13 @@ DEFAULT_TRAINING = {
     "init_weights": None,  # a weight file (or run folder) to fine-tune from instead of a fresh start
     # init_weights is the fully binary network: model.real_layers start as its binary convs (mixbin.binary_start)
     "real_from_binary": False,
+    # Best weights by the mean validation accuracy of this many last epochs (1: the epoch's own).
+    "select_smoothing": 1,
 }
 
-DEFAULT_KD = {"teacher": None, "alpha": 0.5, "temperature": 4.0, "teacher_epochs": 20}
+# teacher: a real-valued twin ("twin") or a run folder; teachers: model files
+# (glt_keras.training.teachers). alpha weighs the hard label against the teacher.
+DEFAULT_KD = {"teacher": None, "teachers": None, "alpha": 0.5, "temperature": 4.0, "teacher_epochs": 20}
 
 
 @dataclass

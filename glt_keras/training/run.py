@@ -46,6 +46,10 @@ from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
 
 
+#: The label of an image that has none (``labels: teacher``): only the teachers' targets train on it.
+UNLABELED = -1
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt."""
 
@@ -80,7 +84,9 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
     else:
         ds = load_arrays(spec["dataset"], spec["split"], data_dir=data_dir)
     label_map = spec.get("label_map")
-    if label_map is None:
+    if spec.get("labels") == "teacher":  # no hard label: the recipe's teachers label every view
+        x, y = ds.x, np.full(len(ds.x), UNLABELED, np.int64)
+    elif label_map is None:
         if list(ds.class_names) != list(classes):
             raise ValueError(
                 f"data source {spec}: classes {list(ds.class_names)} differ from the recipe's "
@@ -110,11 +116,14 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
 
 
 def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
-    """Synthetic positives: person windows pasted into scenes without people.
+    """Synthetic positives: people pasted into scenes without people.
 
-    ``{scenes: {dataset, split, class}, persons: {dataset, split, class}, n, label}``
+    ``{scenes: {dataset, split, class}, persons: PERSONS, n, label, height_range, seed}``;
+    PERSONS is ``{dataset, split, class}`` (windows, pasted with an elliptical mask) or
+    ``{dataset: pennfudan | coco128, masks: true}`` (people cut out by their masks), or a
+    list of those. ``label: teacher`` leaves the label to the recipe's teachers.
     """
-    from ..data import load_arrays, paste_augment
+    from ..data import load_arrays, paste_augment, person_cutouts
 
     def pick(part):
         ds = load_arrays(part["dataset"], part["split"], data_dir=data_dir)
@@ -123,14 +132,23 @@ def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
     scenes = pick(spec["scenes"])
     if size_hw is not None:
         scenes = resize_uint8(scenes, size_hw)
-    x, _ = paste_augment(scenes, pick(spec["persons"]), n=int(spec["n"]), seed=int(spec.get("seed", 0)))
-    return x, np.full(len(x), classes.index(spec.get("label", "person")), "int32")
+    parts = spec["persons"] if isinstance(spec["persons"], list) else [spec["persons"]]
+    if all(part.get("masks") for part in parts):
+        persons = [cut for part in parts for cut in person_cutouts(part["dataset"], data_dir=data_dir)]
+    elif len(parts) == 1:
+        persons = pick(parts[0])
+    else:
+        raise ValueError(f"paste: persons {parts}: either one set of windows or cut-outs with masks: true.")
+    x, _ = paste_augment(scenes, persons, n=int(spec["n"]), seed=int(spec.get("seed", 0)),
+                         height_range=tuple(spec.get("height_range", (0.2, 0.9))))
+    label = spec.get("label", "person")
+    return x, np.full(len(x), UNLABELED if label == "teacher" else classes.index(label), "int32")
 
 
 def _holdout(x, y, fraction, seed):
     rng = np.random.default_rng(seed)
     val_idx = []
-    for c in np.unique(y):
+    for c in np.unique(y[y >= 0]):  # images labelled by the teachers only stay in training
         idx = rng.permutation(np.flatnonzero(y == c))
         val_idx.append(idx[: max(1, int(round(len(idx) * fraction)))])
     val_idx = np.sort(np.concatenate(val_idx))
@@ -311,13 +329,16 @@ class RunLogger(tf.keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
                  *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None,
-                 sessions=None):
+                 sessions=None, smoothing=1):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
         epoch's row may become the best weights (default: every epoch). ``schedule``: the
         run's learning-rate plans (``extend_schedule``), kept in summary.json. ``sessions``:
         how many sessions (this one included) trained the run, written at every epoch so that
-        a session killed mid-run still counts."""
+        a session killed mid-run still counts. ``smoothing`` > 1 adds ``val_accuracy_smooth``, the
+        mean validation accuracy of the last ``smoothing`` epochs, to every row (monitor it to
+        select on a score less noisy than one epoch's on a small validation set)."""
         super().__init__()
+        self.smoothing = int(smoothing)
         self.schedule = schedule
         self.sessions = sessions
         self.best_if = best_if or (lambda row: True)
@@ -365,6 +386,9 @@ class RunLogger(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row.update(self.extra())
+        if self.smoothing > 1 and "val_accuracy" in row:
+            recent = [r["val_accuracy"] for r in self.rows[-(self.smoothing - 1):] if "val_accuracy" in r]
+            row["val_accuracy_smooth"] = float(np.mean(recent + [row["val_accuracy"]]))
         # larq's CaseOptimizer keeps one optimizer per predicate: log each one's rate.
         optimizer = self.model.optimizer
         for i, inner in enumerate(getattr(optimizer, "optimizers", None) or [optimizer]):
@@ -478,8 +502,14 @@ def get_strategy(name: str | None):
 
 
 # ----------------------------------------------------------------------------- training
-def _compile(model, optimizer, recipe: Recipe, teacher=None):
+def _compile(model, optimizer, recipe: Recipe, teacher=None, *, targets_from_data=False):
     smoothing = recipe.training.get("label_smoothing", 0.0)
+    if targets_from_data:
+        from .distill import TargetDistiller
+
+        distiller = TargetDistiller(model, alpha=recipe.kd["alpha"], temperature=recipe.kd["temperature"])
+        distiller.compile(optimizer=optimizer, metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return distiller
     if teacher is not None:
         from .distill import Distiller
 
@@ -544,6 +574,16 @@ def train(
             init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])
         elif cfg.get("init_weights"):
             init_weights = pruning_lib.resolve_init_weights(cfg["init_weights"], key="training.init_weights")
+    teachers = None
+    if recipe.kd.get("teachers"):  # checked before any output: a bad file fails at once
+        if recipe.kd.get("teacher") or teacher_model is not None:
+            raise ValueError(f"recipe {recipe.name}: kd.teacher and kd.teachers both set; choose one.")
+        from .teachers import load_teachers
+
+        teachers = load_teachers(recipe.kd["teachers"], classes=recipe.classes,
+                                 base_dir=Path(recipe.path).parent if recipe.path else None)
+        if verbose:
+            print(f"{recipe.name}: teachers {teachers}.")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -556,7 +596,18 @@ def train(
             f"recipe {recipe.name}: the training set has {len(splits.train[1])} images, fewer than "
             f"one batch of {global_batch}; lower --batch-size or add data."
         )
+    unlabeled = int((splits.train[1] == UNLABELED).sum())
+    if unlabeled and teachers is None:
+        raise ValueError(f"recipe {recipe.name}: {unlabeled} training images have labels: teacher, "
+                         "but kd.teachers names no teacher.")
+    if unlabeled and recipe.data.get("balance"):
+        raise ValueError(f"recipe {recipe.name}: data.balance samples by hard label, and {unlabeled} "
+                         "training images are labelled by the teachers only; drop balance.")
     train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch)
+    if teachers is not None:
+        from .teachers import with_teacher_targets
+
+        train_ds = with_teacher_targets(train_ds, teachers)
     # data.epoch_images: a shorter "epoch" than one pass (checkpoints and validation
     # more often on big sets; a defined length for class-balanced sampling).
     epoch_images = recipe.data.get("epoch_images") or len(splits.train[1])
@@ -585,7 +636,7 @@ def train(
         if teacher is None and recipe.kd.get("teacher"):
             teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose, subset=subset,
                                    steps_per_epoch=steps_per_epoch, run_root=run_dir.parent)
-        trainer = _compile(model, optimizer, recipe, teacher)
+        trainer = _compile(model, optimizer, recipe, teacher, targets_from_data=teachers is not None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
 
@@ -614,7 +665,10 @@ def train(
     previous_summary = {}
     if start_epoch > 0 and (run_dir / "summary.json").exists():
         previous_summary = json.loads((run_dir / "summary.json").read_text())
-    logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
+    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    if val_ds is not None and int(cfg.get("select_smoothing", 1)) > 1:
+        monitor = "val_accuracy_smooth"
+    logger = RunLogger(run_dir, model, start_epoch, monitor=monitor, smoothing=int(cfg.get("select_smoothing", 1)),
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
                        extra=extra, best_if=best_if,
                        schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]),

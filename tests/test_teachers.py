@@ -23,7 +23,9 @@ def _keras_teacher(size=12, classes=2, logits=False):
     model = tf.keras.Model(inputs, out)
     kernel = np.zeros((3, classes), np.float32)
     kernel[:, -1], kernel[:, 0] = 8 / 3, -8 / 3
-    dense.set_weights([kernel, np.zeros(classes, np.float32)])
+    bias = np.zeros(classes, np.float32)
+    bias[-1], bias[0] = -4.0, 4.0
+    dense.set_weights([kernel, bias])
     return model
 
 
@@ -221,5 +223,30 @@ def test_teacher_labelled_images_need_a_teacher_and_no_balance(image_folder, tea
         train(no_teacher, out_dir=tmp_path / "a", verbose=0)
     balanced = Recipe(**base, data={"train": {"folder": str(image_folder), "labels": "teacher"}, "balance": True},
                       kd={"teachers": [{"path": str(teacher_files["float"]), "classes": CLASSES}]})
-    with pytest.raises(ValueError, match="drop balance"):
+    with pytest.raises(ValueError, match="use balance: teacher"):
         train(balanced, out_dir=tmp_path / "b", verbose=0)
+
+
+def test_sampling_classes_use_hard_labels_then_the_teachers_and_are_cached(teacher_files, tmp_path, monkeypatch):
+    from glt_keras.training.teachers import sampling_classes
+
+    x = np.concatenate([np.full((3, 12, 12, 3), 240, np.uint8), np.full((3, 12, 12, 3), 10, np.uint8)])
+    y = np.array([0, -1, -1, 1, -1, -1])  # hard labels win over the (brightness) teacher
+    ensemble = load_teachers([str(teacher_files["float"])], classes=CLASSES)  # 0 dark, 1 bright
+    cache = tmp_path / "classes.npz"
+    got = sampling_classes(x, y, ensemble, cache=cache, verbose=0)
+    assert got.tolist() == [0, 1, 1, 1, 0, 0] and cache.exists()
+    monkeypatch.setattr(type(ensemble), "predict", lambda *a, **k: pytest.fail("cache not used"))
+    assert sampling_classes(x, y, ensemble, cache=cache, verbose=0).tolist() == got.tolist()
+    with pytest.raises(pytest.fail.Exception, match="cache not used"):  # other images: labelled again
+        sampling_classes(x[:5], y[:5], ensemble, cache=cache, verbose=0)
+
+
+def test_make_dataset_balances_on_given_classes():
+    x = np.zeros((100, 4, 4, 3), np.uint8)
+    x[:10] = 255  # 10 of one class, 90 of the other, by balance_by (y says nothing)
+    ds = make_dataset(x, np.full(100, -1, np.int32), batch_size=100, training=True, balance=True,
+                      balance_by=(x[:, 0, 0, 0] > 0).astype(int), flip=False, seed=0)
+    images, labels = next(iter(ds))
+    share = float((images.numpy()[:, 0, 0, 0] > 0).mean())
+    assert 0.35 < share < 0.65 and (labels.numpy() == -1).all()

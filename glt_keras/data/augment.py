@@ -28,7 +28,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
                  crop: str = "none", pad: int = 4, flip: bool = True,
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
-                 seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False):
+                 seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False,
+                 balance_by=None):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
     Args:
@@ -59,6 +60,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         seed: seed for shuffling, sampling and augmentation.
         num_classes: number of classes for ``balance`` (default ``max(y) + 1``); classes without
             images are left out of the sampling.
+        balance_by: (with ``balance``) the class of each image to balance on, when it is not
+            ``y`` (e.g. the teachers' label of images whose ``y`` is -1, unlabelled).
         drop_remainder: drop the last incomplete batch.
     """
     import tensorflow as tf
@@ -108,10 +111,13 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         return ds.map(load, num_parallel_calls=autotune).prefetch(autotune)
 
     if balance:
-        k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+        groups = y if balance_by is None else np.asarray(balance_by)
+        if groups.shape != y.shape:
+            raise ValueError(f"balance_by must have shape {y.shape}, got {groups.shape}")
+        k = int(num_classes) if num_classes is not None else int(groups.max()) + 1
         per_class = []
         for c in range(k):
-            idx = np.flatnonzero(y == c).astype(np.int64)
+            idx = np.flatnonzero(groups == c).astype(np.int64)
             if len(idx):
                 per_class.append(tf.data.Dataset.from_tensor_slices(idx)
                                  .shuffle(len(idx), seed=seed + 1 + c, reshuffle_each_iteration=True)

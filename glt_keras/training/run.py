@@ -197,14 +197,16 @@ def extra_eval_sets(recipe: Recipe, *, data_dir=None) -> dict:
     return sets
 
 
-def make_train_dataset(recipe: Recipe, x, y, *, batch_size):
+def make_train_dataset(recipe: Recipe, x, y, *, batch_size, balance_by=None):
+    """The augmented training stream; ``balance_by``: the classes to balance on where ``y``
+    has none (``data.balance: teacher``)."""
     from ..data import make_dataset
 
     aug = dict(recipe.data.get("augment") or {})
     return make_dataset(
         x, y, batch_size=batch_size, training=True, image_size=recipe.input_shape[:2],
         seed=recipe.training["seed"], balance=bool(recipe.data.get("balance", False)),
-        drop_remainder=True, **aug,
+        balance_by=balance_by, num_classes=len(recipe.classes), drop_remainder=True, **aug,
     )
 
 
@@ -600,10 +602,18 @@ def train(
     if unlabeled and teachers is None:
         raise ValueError(f"recipe {recipe.name}: {unlabeled} training images have labels: teacher, "
                          "but kd.teachers names no teacher.")
-    if unlabeled and recipe.data.get("balance"):
-        raise ValueError(f"recipe {recipe.name}: data.balance samples by hard label, and {unlabeled} "
-                         "training images are labelled by the teachers only; drop balance.")
-    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch)
+    balance_by = None
+    if recipe.data.get("balance") == "teacher":
+        if teachers is None:
+            raise ValueError(f"recipe {recipe.name}: data.balance: teacher needs kd.teachers.")
+        from .teachers import sampling_classes
+
+        balance_by = sampling_classes(*splits.train, teachers, cache=run_dir / "teacher_classes.npz",
+                                      verbose=verbose)
+    elif unlabeled and recipe.data.get("balance"):
+        raise ValueError(f"recipe {recipe.name}: data.balance: true samples by hard label, and {unlabeled} "
+                         "training images are labelled by the teachers only; use balance: teacher.")
+    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch, balance_by=balance_by)
     if teachers is not None:
         from .teachers import with_teacher_targets
 

@@ -36,7 +36,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "with_teacher_targets"]
+__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "sampling_classes",
+           "with_teacher_targets"]
 
 OUTPUTS = ("probabilities", "logits")
 TEACHER_KEYS = ("path", "input_range", "output", "classes", "weight")
@@ -253,3 +254,33 @@ def with_teacher_targets(dataset, ensemble: TeacherEnsemble):
         return images, (labels, ensemble.graph_predict(tf.cast(images, tf.float32)))
 
     return dataset.map(add, num_parallel_calls=1).prefetch(2)
+
+
+def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, verbose=1) -> np.ndarray:
+    """The class to balance each training image on (``data.balance: teacher``): its hard label
+    where it has one, else the teachers' top class on the stored image. Labelling a few tens of
+    thousands of images takes minutes, so the result is kept in ``cache`` (an ``.npz``, reused
+    while the images are the same) for a resumed run."""
+    from .._io import atomic_write
+
+    y = np.asarray(y)
+    fingerprint = np.array([len(x), int(np.asarray(x[:: max(1, len(x) // 64)], np.int64).sum())])
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as z:
+            if np.array_equal(z["fingerprint"], fingerprint):
+                return z["classes"]
+    classes = y.copy()
+    unlabeled = np.flatnonzero(y < 0)
+    if len(unlabeled):
+        if verbose:
+            print(f"Labelling {len(unlabeled)} training images with {ensemble} for class-balanced sampling...")
+        classes[unlabeled] = ensemble.predict(x[unlabeled]).argmax(-1)
+    if verbose:
+        print(f"Training images per class (hard label, else the teachers'): {np.bincount(classes).tolist()}.")
+    if cache is not None:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, fingerprint=fingerprint, classes=classes)
+        atomic_write(cache, buffer.getvalue())
+    return classes

@@ -163,3 +163,38 @@ def test_ctrl_c_during_training_says_how_to_resume(tmp_path, image_folder, capsy
     err = capsys.readouterr().err
     assert f"Continue with: glt-keras train {path} --resume --out {out} --epochs 5" in err
     assert "Traceback" not in err
+
+
+def test_a_corrupt_last_json_falls_back_and_says_so(finished_run, tmp_path, image_folder, capsys):
+    from glt_keras.training.run import train
+
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints/last.json").write_text("{not json")
+    summary = train(_tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, resume=True)
+    assert "last.json is missing or unreadable); resuming from the intact epoch_2" in capsys.readouterr().err
+    assert summary["epochs"] == 3
+
+
+def test_finished_run_with_damaged_best_weights_does_not_report_success(finished_run, tmp_path, image_folder):
+    from glt_keras.training.run import CheckpointError, train
+
+    run = _copy(finished_run, tmp_path)
+    best = run / "best_weights.h5"
+    best.write_bytes(best.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train(_tiny_recipe(image_folder), out_dir=run, verbose=0, resume=True)  # already trained
+    assert not best.exists()
+
+
+def test_permission_errors_are_one_line(tmp_path, image_folder, capsys, monkeypatch):
+    from glt_keras.training import run as run_module
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
+
+    monkeypatch.setattr(run_module, "train", denied)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_tiny_recipe(image_folder).to_dict()))
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err

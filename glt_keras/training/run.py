@@ -287,15 +287,20 @@ def checkpoint_candidates(directory: Path) -> list:
         if path.is_dir() and path.name[6:].isdigit() and (path / "ckpt.index").exists():
             found[path.name] = int(path.name[6:])
     order = sorted(found, key=found.get, reverse=True)
-    try:
-        named = json.loads((directory / "last.json").read_text())["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        named = None
+    named = _pointer_target(directory)
     if named in found:
         order.remove(named)
         # A later epoch than the pointer's was being written when the run stopped: not trusted.
         order = [named] + [n for n in order if found[n] < found[named]]
     return [(found[n], directory / n) for n in order]
+
+
+def _pointer_target(directory: Path):
+    """The checkpoint folder name ``last.json`` names, or None when it is missing or unreadable."""
+    try:
+        return str(json.loads((Path(directory) / "last.json").read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def restore_checkpoint(directory: Path, checkpoint) -> int:
@@ -315,7 +320,7 @@ def restore_checkpoint(directory: Path, checkpoint) -> int:
         except Exception as err:  # TF raises several types for damaged files
             failures.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
             continue
-        if failures or not pointer.exists():
+        if failures or _pointer_target(directory) != path.name:
             why = "; ".join(failures) if failures else f"{pointer} is missing or unreadable"
             print(f"warning: checkpoint {candidates[0][1].name if failures else pointer.name} is damaged or "
                   f"corrupt ({why}); resuming from the intact {path.name} (epoch {epoch}).", file=sys.stderr)
@@ -336,6 +341,18 @@ def verify_weights_file(path: Path) -> None:
         cause = err.__cause__ or err
         raise CheckpointError(f"weight file {path} is truncated or corrupt ({type(cause).__name__}: "
                               f"{str(cause).splitlines()[0] if str(cause) else ''}).") from err
+
+
+def _check_best_weights(run_dir: Path) -> None:
+    """A run never reports success over a damaged best_weights.h5: it is set aside and named."""
+    best = run_dir / "best_weights.h5"
+    if best.exists():
+        try:
+            verify_weights_file(best)
+        except CheckpointError as err:
+            aside = _set_aside(best)
+            raise CheckpointError(f"{err} Moved to {aside.name}; the epoch checkpoints in "
+                                  f"{run_dir / 'checkpoints'} are kept.") from None
 
 
 def _set_aside(path: Path) -> Path:
@@ -680,6 +697,7 @@ def train(
     if start_epoch >= cfg["epochs"]:
         if verbose:
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
+        _check_best_weights(run_dir)
         if prune and not (run_dir / "shrunk_model.json").exists():
             _export_pruned(recipe, model, run_dir, splits, verbose)  # killed before the export
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -719,13 +737,7 @@ def train(
         callbacks=all_callbacks,
         verbose=verbose,
     )
-    if (run_dir / "best_weights.h5").exists():  # damaged after it was written: never left as if good
-        try:
-            verify_weights_file(run_dir / "best_weights.h5")
-        except CheckpointError as err:
-            aside = _set_aside(run_dir / "best_weights.h5")
-            raise CheckpointError(f"{err} Moved to {aside.name}; the epoch checkpoints in {ckpt_dir} "
-                                  "are kept.") from None
+    _check_best_weights(run_dir)
     summary = logger.write_summary(
         wall_seconds_this_session=round(time.time() - t0, 1),
         train_images=int(len(splits.train[1])),

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,12 @@ UNLABELED = -1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt."""
+
+    user_error = True  # the command line states it in one line (glt_keras.cli.is_user_error)
+
+
+#: What a run leaves in its folder: a fresh start there needs ``overwrite=True``.
+RUN_FILES = ("checkpoints", "history.csv", "best_weights.h5", "summary.json", "thresholds.json")
 
 
 # ----------------------------------------------------------------------------- data
@@ -291,25 +298,88 @@ def save_checkpoint(directory: Path, checkpoint, epoch_var, epoch: int) -> Path:
     return final
 
 
+def checkpoint_candidates(directory: Path) -> list:
+    """Epoch checkpoints to resume from, best first: the one ``last.json`` names, then every
+    other complete ``epoch_K`` (newest first), so a damaged latest one has a fallback."""
+    directory = Path(directory)
+    found = {}
+    for path in directory.glob("epoch_*"):
+        if path.is_dir() and path.name[6:].isdigit() and (path / "ckpt.index").exists():
+            found[path.name] = int(path.name[6:])
+    order = sorted(found, key=found.get, reverse=True)
+    named = _pointer_target(directory)
+    if named in found:
+        order.remove(named)
+        # A later epoch than the pointer's was being written when the run stopped: not trusted.
+        order = [named] + [n for n in order if found[n] < found[named]]
+    return [(found[n], directory / n) for n in order]
+
+
+def _pointer_target(directory: Path):
+    """The checkpoint folder name ``last.json`` names, or None when it is missing or unreadable."""
+    try:
+        return str(json.loads((Path(directory) / "last.json").read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def restore_checkpoint(directory: Path, checkpoint) -> int:
-    """Restore the last complete checkpoint; returns its epoch. Clear errors otherwise."""
-    pointer = Path(directory) / "last.json"
-    if not pointer.exists():
-        raise CheckpointError(f"No checkpoint to resume from: {pointer} does not exist.")
+    """Restore the last intact epoch checkpoint; returns its epoch. When the latest one is
+    damaged (or ``last.json`` is), falls back to the previous intact one and says so on
+    stderr; ``CheckpointError`` when none can be read."""
+    directory = Path(directory)
+    pointer = directory / "last.json"
+    candidates = checkpoint_candidates(directory)
+    if not candidates:
+        raise CheckpointError(f"No checkpoint to resume from: {pointer} does not exist and "
+                              f"{directory} holds no complete epoch_K checkpoint.")
+    failures = []
+    for epoch, path in candidates:
+        try:
+            checkpoint.read(str(path / "ckpt")).assert_existing_objects_matched()
+        except Exception as err:  # TF raises several types for damaged files
+            failures.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+            continue
+        if failures or _pointer_target(directory) != path.name:
+            why = "; ".join(failures) if failures else f"{pointer} is missing or unreadable"
+            print(f"warning: checkpoint {candidates[0][1].name if failures else pointer.name} is damaged or "
+                  f"corrupt ({why}); resuming from the intact {path.name} (epoch {epoch}).", file=sys.stderr)
+        return epoch
+    raise CheckpointError(
+        f"Checkpoint {candidates[0][1]} is corrupt or does not match this model, and so is every "
+        f"earlier one in {directory} ({'; '.join(failures)})."
+    )
+
+
+def verify_weights_file(path: Path) -> None:
+    """Read every array of an HDF5 weight file: ``CheckpointError`` if it is truncated or corrupt."""
+    from ..models import _check_readable_h5
+
     try:
-        info = json.loads(pointer.read_text())
-        path = Path(directory) / info["path"] / "ckpt"
-        epoch = int(info["epoch"])
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"Checkpoint pointer {pointer} is corrupt ({err}).") from err
-    try:
-        checkpoint.read(str(path)).assert_existing_objects_matched()
-    except Exception as err:  # TF raises several types for damaged files
-        raise CheckpointError(
-            f"Checkpoint {path} is corrupt or does not match this model: {type(err).__name__}: "
-            f"{str(err)[:300]}. Earlier checkpoints are kept in {directory}."
-        ) from err
-    return epoch
+        _check_readable_h5(path)
+    except OSError as err:
+        cause = err.__cause__ or err
+        raise CheckpointError(f"weight file {path} is truncated or corrupt ({type(cause).__name__}: "
+                              f"{str(cause).splitlines()[0] if str(cause) else ''}).") from err
+
+
+def _check_best_weights(run_dir: Path) -> None:
+    """A run never reports success over a damaged best_weights.h5: it is set aside and named."""
+    best = run_dir / "best_weights.h5"
+    if best.exists():
+        try:
+            verify_weights_file(best)
+        except CheckpointError as err:
+            aside = _set_aside(best)
+            raise CheckpointError(f"{err} Moved to {aside.name}; the epoch checkpoints in "
+                                  f"{run_dir / 'checkpoints'} are kept.") from None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way (never deleted: it is the user's data)."""
+    aside = path.with_name(path.stem + f".damaged-{time.strftime('%Y%m%d-%H%M%S')}" + path.suffix)
+    os.replace(path, aside)
+    return aside
 
 
 # ----------------------------------------------------------------------------- logs and plots
@@ -354,6 +424,15 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.history_path = self.run_dir / "history.csv"
         self.rows = _read_history(self.history_path, before_epoch=start_epoch)
         self.best = max((r.get(monitor, -np.inf) for r in self.rows if self.best_if(r)), default=-np.inf)
+        best_path = self.run_dir / "best_weights.h5"
+        if best_path.exists():
+            try:
+                verify_weights_file(best_path)
+            except CheckpointError as err:  # the next epoch writes new best weights
+                aside = _set_aside(best_path)
+                self.best = -np.inf
+                print(f"warning: {err} Moved to {aside.name}; the next epoch writes new best weights.",
+                      file=sys.stderr)
         self.threshold_path = self.run_dir / "thresholds.json"
         self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
         self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
@@ -544,11 +623,15 @@ def train(
     teacher_model=None,
     callbacks=(),
     verbose: int = 1,
+    overwrite: bool = False,
 ) -> dict:
     """Train a recipe; returns the run summary. See the module docstring for the run folder.
 
-    ``resume=True`` continues from the last complete epoch checkpoint with optimizer
-    state; a finished run resumed does nothing. ``subset`` / ``steps_per_epoch`` make
+    ``resume=True`` continues from the last intact epoch checkpoint with optimizer
+    state (in an empty folder it starts the run); a finished run resumed does nothing. A
+    folder that holds a run's files but no readable checkpoint is refused, as is a fresh
+    start into a folder holding a run unless ``overwrite=True`` (which deletes that run's
+    checkpoints, history and best weights first). ``subset`` / ``steps_per_epoch`` make
     quick runs for tests and smoke checks.
     """
     if not isinstance(recipe, Recipe):
@@ -565,11 +648,25 @@ def train(
     cfg = recipe.training
     run_dir = Path(out_dir or Path("runs") / recipe.name)
     ckpt_dir = run_dir / "checkpoints"
-    if not resume and (ckpt_dir / "last.json").exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --out.")
+    previous = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if previous and not resume and not overwrite:
         raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out."
+            f"{run_dir} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
+            "--overwrite to delete it and start again, or choose another --out."
         )
-    resuming = resume and (ckpt_dir / "last.json").exists()
+    if previous and resume and not checkpoint_candidates(ckpt_dir):
+        raise CheckpointError(
+            f"cannot resume {run_dir}: {ckpt_dir / 'last.json'} is missing and no epoch checkpoint "
+            f"remains, but the folder holds a run ({', '.join(previous)}); nothing was changed. "
+            "Pass --overwrite without --resume to start it again from scratch."
+        )
+    if previous and overwrite and not resume:
+        for name in RUN_FILES:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    resuming = resume and bool(checkpoint_candidates(ckpt_dir))
     init_weights = None
     if not resuming:  # resolved before any output, so a missing file fails at once
         if prune and prune.get("init_weights"):
@@ -651,7 +748,7 @@ def train(
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
 
     start_epoch = 0
-    if resume and (ckpt_dir / "last.json").exists():
+    if resuming:
         # Create optimizer slots first so that every saved value has a home.
         start_epoch = restore_checkpoint(ckpt_dir, checkpoint)
         if verbose:
@@ -661,6 +758,7 @@ def train(
     if start_epoch >= cfg["epochs"]:
         if verbose:
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
+        _check_best_weights(run_dir)
         if prune and not (run_dir / "shrunk_model.json").exists():
             _export_pruned(recipe, model, run_dir, splits, verbose)  # killed before the export
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -703,6 +801,7 @@ def train(
         callbacks=all_callbacks,
         verbose=verbose,
     )
+    _check_best_weights(run_dir)
     summary = logger.write_summary(
         wall_seconds_this_session=round(time.time() - t0, 1),
         train_images=int(len(splits.train[1])),

@@ -231,11 +231,7 @@ def _encodings():
 def _datasets():
     from .data.sources import DATASETS
 
-    return sorted(set(DATASETS) | set(PENDING_DATASETS))
-
-
-#: Dataset names accepted before their loaders land in ``glt_keras.data.sources.DATASETS``.
-PENDING_DATASETS = ("imagenette", "pennfudan", "coco128")
+    return sorted(DATASETS)
 
 # Adding a key is one line in its section below.
 MODEL_KEYS = {
@@ -265,9 +261,12 @@ PART_KEYS = {  # one side of a paste source
 }
 PASTE_KEYS = {
     "scenes": Section(PART_KEYS, required=("dataset", "split")),
-    "persons": Section(PART_KEYS, required=("dataset",)),
+    # windows ({dataset, split, class}) or cut-outs ({dataset, masks: true}, or a list of them)
+    "persons": AnyOf(Seq(Section(PART_KEYS, required=("dataset",)), min_length=1),
+                     Section(PART_KEYS, required=("dataset",))),
     "n": Int(1),
     "seed": Int(0),
+    "height_range": Seq(Num(0, 1, lo_open=True), length=2),  # person height / scene height
     "label": Str(),  # a recipe class, or "teacher"
 }
 SOURCE_KEYS = {  # one entry of data.train / val / test / extra_eval
@@ -299,7 +298,7 @@ DATA_KEYS = {
     "test": Section(SOURCE_KEYS, one_of=SOURCE.one_of, optional=True),
     "holdout": Num(0, 1, lo_open=True, hi_open=True, optional=True),
     "extra_eval": Seq(SOURCE, optional=True),
-    "balance": Bool(),
+    "balance": AnyOf(Bool(), Str(["teacher"])),  # teacher: balance on the teachers' label where none
     "epoch_images": Int(1, optional=True),
     "train_size": Seq(Int(1), length=2, optional=True),
     "augment": Section(AUGMENT_KEYS, optional=True),
@@ -316,6 +315,7 @@ TRAINING_KEYS = {
     "threshold_init": Str(["uniform", "quantiles"]),
     "init_weights": Str(optional=True),
     "real_from_binary": Bool(),
+    "select_smoothing": Int(1),
 }
 TEACHER_KEYS = {  # one entry of kd.teachers
     "path": Str(),
@@ -329,8 +329,7 @@ KD_KEYS = {
     "alpha": Num(0, 1),
     "temperature": Num(0, lo_open=True),
     "teacher_epochs": Int(1),
-    "teachers": Seq(Section(TEACHER_KEYS, required=("path",)), optional=True),
-    "hard_label_weight": Num(0),
+    "teachers": Seq(AnyOf(Section(TEACHER_KEYS, required=("path",)), Str()), optional=True),
 }
 PRUNING_KEYS = {
     "target_ratio": Num(0, 1, hi_open=True),

@@ -69,10 +69,12 @@ def test_recipe_objects_are_validated_too():
                training={"epoch": 3})
 
 
-def test_keys_being_added_elsewhere_are_accepted_already(tmp_path):
-    """The multi-teacher KD and teacher-labelled data keys (merged from another branch)."""
+def test_teacher_and_teacher_labelled_data_keys(tmp_path):
+    """Teachers from files, teacher-labelled sources, cut-out pastes, balance on teacher labels."""
     def change(d):
-        d["kd"].update(hard_label_weight=0.3, teachers=[
+        d["data"]["balance"] = "teacher"
+        d["training"]["select_smoothing"] = 3
+        d["kd"].update(alpha=0.3, teachers=[
             {"path": "teachers/a.h5", "input_range": [0, 1], "output": "probabilities",
              "classes": ["cat", "dog"], "weight": 2.0},
             {"path": "teachers/b.h5", "input_range": [-1, 1], "output": "logits"}])
@@ -84,16 +86,25 @@ def test_keys_being_added_elsewhere_are_accepted_already(tmp_path):
             {"folder": "my_photos", "labels": "teacher"},
             {"paste": {"scenes": {"dataset": "imagenette", "split": "train"},
                        "persons": {"dataset": "pennfudan", "masks": True}, "n": 100, "label": "teacher"}},
+            {"paste": {"scenes": {"dataset": "imagenette", "split": "train"}, "height_range": [0.15, 0.9],
+                       "persons": [{"dataset": "pennfudan", "masks": True}, {"dataset": "coco128", "masks": True}],
+                       "n": 100, "label": "teacher"}},
         ]
     recipe = load_recipe(_recipe_file(tmp_path, change))
-    assert recipe.kd["hard_label_weight"] == 0.3 and len(recipe.kd["teachers"]) == 2
+    assert recipe.kd["alpha"] == 0.3 and len(recipe.kd["teachers"]) == 2 and recipe.data["balance"] == "teacher"
+    with pytest.raises(RecipeError, match=r"data\.balance"):
+        load_recipe(_recipe_file(tmp_path, lambda d: d["data"].update(balance="teachers")))
+    with pytest.raises(RecipeError, match=r"height_range"):
+        load_recipe(_recipe_file(tmp_path, lambda d: d["data"].update(train=[{"paste": {
+            "scenes": {"dataset": "cifar10", "split": "train"}, "persons": {"dataset": "pennfudan", "masks": True},
+            "n": 5, "height_range": [0.5]}}])))
     with pytest.raises(RecipeError, match=r"kd\.teachers\[0\]\.weigth is not a known key \(did you mean 'weight'"):
         load_recipe(_recipe_file(tmp_path, lambda d: d["kd"].update(teachers=[{"path": "a", "weigth": 1}])))
 
 
 def test_every_recipe_in_the_project_loads():
     paths = glob.glob(os.path.join(ROOT, "zoo/*/recipe.yaml")) + glob.glob(os.path.join(ROOT, "runs/**/*.yaml"),
-                                                                           recursive=True)
+                                                                           recursive=True) + glob.glob(os.path.join(ROOT, "recipes/*.yaml"))
     assert len(paths) >= 6
     for path in paths:
         load_recipe(path)

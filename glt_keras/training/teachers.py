@@ -36,11 +36,13 @@ from typing import List, Sequence
 
 import numpy as np
 
+from .. import recipe as recipe_schema
+
 __all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "sampling_classes",
            "with_teacher_targets"]
 
 OUTPUTS = ("probabilities", "logits")
-TEACHER_KEYS = ("path", "input_range", "output", "classes", "weight")
+TEACHER_KEYS = tuple(recipe_schema.TEACHER_KEYS)
 
 
 class TeacherError(ValueError):
@@ -200,9 +202,7 @@ def _resolve(path_text: str, base_dir) -> Path:
     if path.is_absolute():
         return path
     candidates = [Path.cwd() / path] + ([Path(base_dir) / path] if base_dir else [])
-    from ..recipe import ZOO_DIR
-
-    candidates.append(ZOO_DIR.parent / path)  # recipes name ../shared/... from the project root
+    candidates.append(recipe_schema.ZOO_DIR.parent / path)  # recipes name ../shared/... from the project root
     for candidate in candidates:
         if candidate.exists():
             return candidate.resolve()

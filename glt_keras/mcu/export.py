@@ -545,6 +545,11 @@ def _group_formula(groups_of_rows: np.ndarray, groups: int):
 
 #: Largest first-layer mismatch table exported by default (bytes of flash).
 FIRST_LAYER_TABLE_MAX_BYTES = 32 * 1024
+#: Default flash budget of the library: the first-layer table is only used when the
+#: weights, thresholds, table and code (estimated) fit in it.
+FLASH_BUDGET_BYTES = 128 * 1024
+#: Code of the runtime on Cortex-M (-O2, a few specialised kernels), an upper estimate.
+CODE_BYTES_ESTIMATE = 12 * 1024
 
 
 def _table_words_per_level(conv: ConvSpec) -> int:
@@ -652,7 +657,7 @@ class ExportResult:
 
 
 def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
-             first_layer_table: bool | None = None) -> ExportResult:
+             first_layer_table: bool | None = None, flash_budget: int = FLASH_BUDGET_BYTES) -> ExportResult:
     """Generate a self-contained C99 library computing ``model`` on uint8 HWC images.
 
     Writes ``{name}.h`` (the API: ``int glt_infer(const uint8_t *rgb, float *scores)``
@@ -669,8 +674,10 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     ``first_layer_table``: compute the first layer (and the thermometer) with lookup
     tables indexed by each pixel's thermometer level instead of encoding bit planes and
     XNOR-popcounting them (same integers, far fewer instructions). ``None`` (default):
-    when the encoding is a thermometer and the table takes at most
-    :data:`FIRST_LAYER_TABLE_MAX_BYTES`; ``True`` requires it; ``False`` never.
+    when the encoding is a thermometer, the table takes at most
+    :data:`FIRST_LAYER_TABLE_MAX_BYTES` and the library with it (weights, thresholds,
+    table and an estimate of the code) stays within ``flash_budget`` bytes; ``True``
+    requires it; ``False`` never.
 
     Example:
         >>> result = export_c(model, "build/c_model")      # doctest: +SKIP
@@ -682,7 +689,11 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     spec = parse_model(model)
     table_bytes = first_layer_table_bytes(spec)
     if first_layer_table is None:
-        use_table = table_bytes is not None and table_bytes <= FIRST_LAYER_TABLE_MAX_BYTES
+        first = spec.convs[0]
+        flash = sum(4 * c.cout * c.row_words + 2 * c.cout for c in spec.convs) + CODE_BYTES_ESTIMATE
+        with_table = flash - 4 * first.cout * first.row_words + (table_bytes or 0) + 3 * 256
+        use_table = (table_bytes is not None and table_bytes <= FIRST_LAYER_TABLE_MAX_BYTES
+                     and with_table <= flash_budget)
     elif first_layer_table and table_bytes is None:
         raise UnsupportedLayerError(
             f"export_c: first_layer_table needs a thermometer encoding, not {spec.encoding.kind!r}.")
@@ -884,6 +895,9 @@ int glt_infer(const uint8_t *rgb, float *scores);
 /* 1 if this build counts bits with __builtin_popcount, 0 for the portable SWAR code. */
 int glt_popcount_builtin(void);
 
+/* Kernel variant of this build: 0 portable SWAR, 1 __builtin_popcount, 2 ARM DSP (USADA8). */
+int glt_kernel_variant(void);
+
 #ifdef __cplusplus
 }}
 #endif
@@ -1027,7 +1041,14 @@ Popcount
   -DGLT_USE_BUILTIN_POPCOUNT (GCC / Clang): use __builtin_popcount, worthwhile where it
   is one instruction (x86 with -mpopcnt, AArch64). Chosen automatically when the
   compiler targets x86 POPCNT (__POPCNT__); -DGLT_NO_BUILTIN_POPCOUNT forces SWAR.
-  glt_popcount_builtin() reports which one a build uses.
+  On ARMv7E-M (Cortex-M4 / M7, __ARM_FEATURE_DSP) the byte counters are summed by
+  one USADA8; -DGLT_NO_DSP forces the portable code (identical results).
+  glt_popcount_builtin() reports which one a build uses; glt_kernel_variant():
+  0 portable, 1 builtin popcount, 2 DSP.
+  First layer (GLT_L0_TABLE = 1, thermometer encodings whose table fits): each pixel
+  channel's thermometer level is one lookup (glt_enc_level), and the mismatches of all
+  output channels with that tap's planes are one row of glt_l0_table (one byte per
+  channel): a conv position is a sum of table words, no bit planes are encoded.
   The row kernel is instantiated with a constant row length for the sizes listed in
   GLT_SPECIALIZED_NK (words per weight row: {specialized}), so the compiler can
   schedule those loops with constant trip counts; other sizes use the generic kernel.

@@ -32,6 +32,15 @@ TASKS = {
             ("vww_96_int8.tflite", 1.0 / 255.0),
             ("vww_96_float.tflite", 1.0 / 255.0),
         ),
+        # More of the accuracy-vs-bytes frontier: Wake Vision person models (raw uint8 pixels,
+        # resized bilinearly to their own input size); scored and plotted, no latency ratio.
+        frontier=(
+            ("wake_vision/wv_quality_k_2_c_3.tflite", 1.0),
+            ("wake_vision/wv_quality_samy.tflite", 1.0),
+            ("wake_vision/wv_quality_cezar.tflite", 1.0),
+            ("wake_vision/wv_quality_mobilenetv2.tflite", 1.0),
+            ("wake_vision/wv_quality_mcunet-320kb-1mb_vww.tflite", 1.0),
+        ),
     ),
     "cifar10": dict(
         input_shape=(32, 32, 3), num_classes=10, dataset=("cifar10", "test"),
@@ -169,8 +178,14 @@ class TFLiteRunner:
         return len(self.flatbuffer)
 
     def prepare(self, images: np.ndarray) -> list:
-        """Raw pixels (N, H, W, C) -> a list of model-ready (1, H, W, C) inputs."""
-        x = np.asarray(images, np.float32) * self.pixel_scale
+        """Raw pixels (N, H, W, C) -> a list of model-ready (1, H, W, C) inputs (resized
+        bilinearly first when the model takes another size, as the anchors were scored)."""
+        x = np.asarray(images, np.float32)
+        if tuple(x.shape[1:3]) != tuple(self.input_shape[1:3]):
+            import tensorflow as tf
+
+            x = tf.image.resize(x, self.input_shape[1:3], method="bilinear").numpy()
+        x = x * self.pixel_scale
         if self.input_dtype.kind in "iu":
             scale, zero_point = self.in_q
             info = np.iinfo(self.input_dtype)
@@ -254,19 +269,27 @@ def conversion_entry(result, name: str, model) -> BenchEntry:
     return BenchEntry(name, task, "ours (LCE)", TFLiteRunner(result.flatbuffer, kind="lce"), extra)
 
 
-def reference_entries(tasks, anchors: Optional[Path]) -> list:
+REFERENCE, FRONTIER = "reference (TFLite)", "anchor (TFLite)"
+
+
+def reference_entries(tasks, anchors: Optional[Path], *, frontier: bool = False) -> list:
+    """The task's reference models (latency ratios are taken against them) and, with
+    ``frontier``, the other anchors of the accuracy-vs-bytes frontier (scored only)."""
     entries = []
     if anchors is None:
         print("bench: reference models not found (set GLT_KERAS_ANCHORS or --anchors).", file=sys.stderr)
         return entries
     for task in tasks:
-        for file, pixel_scale in TASKS[task]["references"]:
+        files = [(f, scale, REFERENCE) for f, scale in TASKS[task]["references"]]
+        if frontier:
+            files += [(f, scale, FRONTIER) for f, scale in TASKS[task].get("frontier", ())]
+        for file, pixel_scale, kind in files:
             path = anchors / file
             if not path.is_file():
                 print(f"bench: missing reference {path}", file=sys.stderr)
                 continue
             runner = TFLiteRunner(path, kind="tflite", pixel_scale=pixel_scale)
-            entries.append(BenchEntry(Path(file).stem, task, "reference (TFLite)", runner))
+            entries.append(BenchEntry(Path(file).stem, task, kind, runner))
     return entries
 
 
@@ -293,7 +316,7 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
             {e.name: (e.runner.run_one, e.runner.prepare(timing)) for e in group},
             warmup=warmup, repeats=repeats, rounds=rounds,
         )
-        references = [e for e in group if e.kind.startswith("reference")]
+        references = [e for e in group if e.kind == REFERENCE]
         for e in group:
             row = {"name": e.name, "task": task, "kind": e.kind, "bytes": e.runner.bytes,
                    "input": str(e.runner.input_dtype), **stats[e.name], **e.extra}
@@ -319,6 +342,41 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
         "data": data_info,
         "rows": rows,
     }
+
+
+def plot_frontier(results: dict, path, *, task: str, highlight=None, title=None) -> Optional[Path]:
+    """Accuracy against ``.tflite`` bytes (log scale) of every scored model of ``task`` in
+    ``results``: ours as filled circles (``highlight`` in red), anchors as grey squares.
+    Written to ``path`` (PNG) through a temporary file; ``None`` when nothing was scored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = TASKS[task].get("metric", "accuracy")
+    rows = [r for r in results["rows"] if r["task"] == task and r.get(metric) is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    for r in rows:
+        ours = r["kind"].startswith("ours")
+        color = "tab:red" if r["name"] == highlight else ("tab:blue" if ours else "0.45")
+        ax.scatter(r["bytes"], 100 * r[metric], marker="o" if ours else "s", s=46 if ours else 30,
+                   color=color, zorder=3)
+        ax.annotate(r["name"], (r["bytes"], 100 * r[metric]), textcoords="offset points", xytext=(5, 3),
+                    fontsize=7, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel(".tflite bytes (log scale)")
+    ax.set_ylabel(("mean per-class accuracy" if metric != "accuracy" else "accuracy") + " (%)")
+    ax.set_title(title or f"{task}: accuracy vs size ({results['data'].get(task, '')})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def to_markdown(results: dict) -> str:
@@ -360,6 +418,9 @@ def add_arguments(p) -> None:
                    help="an untrained glt_net topology (glt96 -> VWW 96x96, glt32 -> CIFAR-10); repeatable")
     p.add_argument("--int8-io", action="store_true", help="convert our models with int8 I/O")
     p.add_argument("--no-references", action="store_true", help="skip the MLPerf Tiny reference models")
+    p.add_argument("--frontier", action="store_true",
+                   help="also score the other anchors (Wake Vision person models) for the accuracy-vs-bytes frontier")
+    p.add_argument("--plot", metavar="DIR", help="write <task>_frontier.png (accuracy vs bytes) per task here")
     p.add_argument("--anchors", metavar="DIR", help="folder of the reference .tflite files")
     p.add_argument("--limit", type=int, default=1000, help="labelled images per task (0: all; default 1000)")
     p.add_argument("--warmup", type=int, default=10)
@@ -410,7 +471,7 @@ def collect_entries(args) -> list:
         raise ValueError("nothing to benchmark: give zoo names, --model, --tflite or --topology.")
     if not args.no_references:
         tasks = sorted({e.task for e in entries if e.task})
-        entries += reference_entries(tasks, anchors_dir(args.anchors))
+        entries += reference_entries(tasks, anchors_dir(args.anchors), frontier=args.frontier)
     return entries
 
 
@@ -422,6 +483,12 @@ def run(args) -> int:
                         repeats=args.repeats, rounds=args.rounds)
     table = to_markdown(results)
     print(table)
+    if args.plot:
+        Path(args.plot).mkdir(parents=True, exist_ok=True)
+        for task in sorted({r["task"] for r in results["rows"] if r["task"]}):
+            written = plot_frontier(results, Path(args.plot) / f"{task}_frontier.png", task=task)
+            if written:
+                print(f"wrote {written}")
     if args.json:
         atomic_write(args.json, json.dumps(results, indent=2))
     if args.readme:

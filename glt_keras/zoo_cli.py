@@ -50,7 +50,7 @@ def _check_same_network(run_recipe, zoo_recipe) -> None:
 
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
-    from .bench import anchors_dir, conversion_entry, reference_entries, run_bench
+    from .bench import anchors_dir, conversion_entry, plot_frontier, reference_entries, run_bench
     from .convert import strip_flatbuffer_strings, verify_tflite
     from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
@@ -99,8 +99,12 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     verify_tflite(stripped, model, default_images(model.input_shape[1:]))
     entry = conversion_entry(conversion, name, model)
     task = entry.task
-    entries = [entry] + (reference_entries([task], anchors_dir(None)) if task else [])
+    entries = [entry] + (reference_entries([task], anchors_dir(None), frontier=True) if task else [])
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)
+    if task:
+        plot_frontier(bench, out_dir / "frontier.png", task=task, highlight=name,
+                      title=f"{name} among the anchors: accuracy vs size ({bench['data'].get(task, '')})")
+    teachers = teacher_scores(recipe, splits) if recipe.kd.get("teachers") else None
     ours = next(r for r in bench["rows"] if r["name"] == name)
     summary = model_summary(model)
     run_summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -125,6 +129,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         "lce": {"all_binary": ours.get("float_convs", 1) == 0, "lce_bconv2d": ours.get("lce_bconv2d"),
                 "real_layers": real_layers},
         "benchmark": {"machine": bench["machine"], "data": bench["data"], "rows": bench["rows"]},
+        **({"teachers": teachers} if teachers else {}),
         "training": {
             "command": f"glt-keras train {name}",
             "epochs": run_summary.get("epochs"),
@@ -157,6 +162,23 @@ def convert_for_zoo(model, real_layers=(), *, name=None):
     return conversion
 
 
+def teacher_scores(recipe, splits) -> dict:
+    """The recipe's teachers' own accuracy on its validation / test images (each teacher alone,
+    then their average, as it taught): reported on the card, never used to train or select."""
+    from .training.teachers import load_teachers
+
+    scores = {}
+    specs = recipe.kd["teachers"]
+    groups = [[spec] for spec in specs] + ([specs] if len(specs) > 1 else [])
+    for i, group in enumerate(groups):
+        ensemble = load_teachers(group, classes=recipe.classes)
+        label = " + ".join(t.name for t in ensemble.teachers)
+        label = label if label not in scores else f"{label} (#{i + 1})"
+        scores[label] = {split_name: float((ensemble.predict(pair[0]).argmax(-1) == pair[1]).mean())
+                         for split_name, pair in (("val", splits.val), ("test", splits.test)) if pair is not None}
+    return scores
+
+
 def _pct(v):
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -183,6 +205,12 @@ def write_card(name: str) -> Path:
         for split, v in m.items():
             lines.append(f"| {split} ({v['dataset']}) | {v['images']} | {_pct(v['accuracy'])} | "
                          f"{_pct(v['mean_per_class_accuracy'])} | {v['loss']:.4f} |")
+        if entry.get("teachers"):
+            lines += ["", "## Teachers (their own accuracy on the same images; they labelled the training views)", "",
+                      "| teacher | " + " | ".join(next(iter(entry["teachers"].values()))) + " |",
+                      "|---|" + "---|" * len(next(iter(entry["teachers"].values())))]
+            for label, by_split in entry["teachers"].items():
+                lines.append(f"| {label} | " + " | ".join(_pct(v) for v in by_split.values()) + " |")
         lines += ["", "## Size and compute", "", "| | |", "|---|---|",
                   f"| parameters | {s['params']:,} ({s['binary_params']:,} binary, {s['real_params']:,} real-valued) |",
                   f"| binary weight bytes | {s['binary_weight_bytes']:,} |",
@@ -208,7 +236,8 @@ def write_card(name: str) -> Path:
                   f"{training_commands(t)} — {t['epochs']} epochs, {t['train_seconds']} s of training "
                   f"({t['images_per_second']} images/s on a 2-core CPU, {t['sessions']} session(s)). "
                   "Per-epoch log: [`train_history.csv`](train_history.csv).", ""]
-        for plot, caption in (("thermometer.png", "Learned thermometer (global tone curve)"),
+        for plot, caption in (("frontier.png", "Accuracy vs .tflite bytes, beside every anchor model"),
+                              ("thermometer.png", "Learned thermometer (global tone curve)"),
                               ("thresholds.png", "Thresholds per epoch"), ("curves.png", "Loss and accuracy"),
                               ("pruning.png", "Pruned fraction per epoch")):
             if (ZOO_DIR / name / plot).exists():

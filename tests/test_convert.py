@@ -314,3 +314,39 @@ def test_bench_runners_and_timing(logits_result):
     table = to_markdown({"rows": [row], "machine": {"cpus": 2, "load_average": None},
                          "settings": {"repeats": 6, "warmup": 1, "rounds": 3}, "data": {}})
     assert "| ours |" in table
+
+
+def test_bench_anchor_of_another_input_size_is_fed_resized_pixels(tmp_path):
+    import tensorflow as tf
+
+    from glt_keras.bench import TFLiteRunner
+
+    inputs = tf.keras.Input((12, 12, 3))
+    model = tf.keras.Model(inputs, tf.keras.layers.GlobalAveragePooling2D()(inputs))
+    path = tmp_path / "anchor.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    runner = TFLiteRunner(path, kind="tflite", pixel_scale=1 / 255)
+    images = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3)).astype(np.uint8)
+    prepared = runner.prepare(images)
+    assert prepared[0].shape == (1, 12, 12, 3)
+    want = tf.image.resize(images.astype("float32"), (12, 12), method="bilinear").numpy() / 255
+    np.testing.assert_allclose(prepared[1][0], want[1], rtol=1e-6)
+
+
+def test_bench_frontier_anchors_and_plot(tmp_path):
+    from glt_keras import bench
+
+    anchors = bench.anchors_dir()
+    if anchors is not None and (anchors / "wake_vision").is_dir():
+        entries = bench.reference_entries(["vww"], anchors, frontier=True)
+        kinds = {e.name: e.kind for e in entries}
+        assert kinds["vww_96_int8"] == bench.REFERENCE and kinds["wv_quality_k_2_c_3"] == bench.FRONTIER
+        assert {e.kind for e in bench.reference_entries(["vww"], anchors)} == {bench.REFERENCE}
+    rows = [{"name": "ours", "task": "vww", "kind": "ours (LCE)", "bytes": 120_000, "accuracy": 0.8},
+            {"name": "anchor", "task": "vww", "kind": bench.FRONTIER, "bytes": 8_000, "accuracy": 0.7},
+            {"name": "other task", "task": "cifar10", "kind": "ours (LCE)", "bytes": 9, "accuracy": 0.1}]
+    results = {"rows": rows, "data": {"vww": "vww_val500/val (500 images)"}}
+    path = bench.plot_frontier(results, tmp_path / "frontier.png", task="vww", highlight="ours")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    assert bench.plot_frontier({"rows": rows[:1] and [{**rows[0], "accuracy": None}], "data": {}},
+                               tmp_path / "none.png", task="vww") is None

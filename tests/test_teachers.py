@@ -250,3 +250,17 @@ def test_make_dataset_balances_on_given_classes():
     images, labels = next(iter(ds))
     share = float((images.numpy()[:, 0, 0, 0] > 0).mean())
     assert 0.35 < share < 0.65 and (labels.numpy() == -1).all()
+
+
+def test_card_reports_each_teacher_and_their_average(teacher_files):
+    from glt_keras.training.run import Splits
+    from glt_keras.zoo_cli import teacher_scores
+
+    x = np.concatenate([np.full((3, 12, 12, 3), 240, np.uint8), np.full((1, 12, 12, 3), 10, np.uint8)])
+    y = np.array([1, 1, 0, 0])  # the brightness teacher gets 3 of 4
+    swapped = {"path": str(teacher_files["float"]), "classes": ["bright", "dark"]}  # gets 1 of 4
+    recipe = Recipe(name="t", input_shape=(12, 12, 3), classes=CLASSES, model={"topology": "tiny"},
+                    kd={"teachers": [str(teacher_files["float"]), swapped]})
+    scores = teacher_scores(recipe, Splits(train=(x, y), val=(x, y), test=None, class_names=CLASSES))
+    assert list(scores.values())[0] == {"val": 0.75} and list(scores.values())[1] == {"val": 0.25}
+    assert len(scores) == 3 and " + " in list(scores)[2]

@@ -636,12 +636,14 @@ def bitslice_tables(rows: np.ndarray, mism_thr: np.ndarray, groups_of_rows: np.n
                 pieces.append(run)
     return planes.astype(np.uint32), z.astype(np.uint32), cw_info, [tuple(p) for p in pieces], nb
 
-def _group_contiguous_rows(spec: ModelSpec, producers) -> None:
+def _group_contiguous_rows(spec: ModelSpec, producers) -> dict:
     """For each producer layer index i in ``producers`` (bit-sliced), reorder its output
     channels within each of the next layer's input groups so that the channels computed
     from the same input group of layer i are contiguous (the next layer's weights are
     permuted to match: same network). The bit-sliced kernel then writes whole runs of
-    lanes instead of single bits."""
+    lanes instead of single bits. Returns {i: newpos}: output position j of layer i now
+    holds the channel Keras puts at position newpos[j]."""
+    moved = {}
     for i in producers:
         conv, nxt = spec.convs[i], spec.convs[i + 1]
         grp = conv.perm // (conv.cout // conv.groups)
@@ -653,6 +655,7 @@ def _group_contiguous_rows(spec: ModelSpec, producers) -> None:
         if np.array_equal(newpos, np.arange(conv.cout)):
             continue
         conv.perm = conv.perm[newpos]
+        moved[i] = newpos
         kb = nxt.kernel_bits
         cout_g = nxt.cout // nxt.groups
         new = np.empty_like(kb)
@@ -660,6 +663,7 @@ def _group_contiguous_rows(spec: ModelSpec, producers) -> None:
             g0 = (o // cout_g) * cg
             new[:, :, :, o] = kb[:, :, newpos[g0 : g0 + cg] - g0, o]
         nxt.kernel_bits = new
+    return moved
 
 
 #: Largest first-layer mismatch table exported by default (bytes of flash).
@@ -827,7 +831,7 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     bs_layers = [i for i, c in enumerate(spec.convs)
                  if bitslice and not c.head and not (i == 0 and use_table)
                  and _bitslice_nb(32 * c.row_words) <= BITSLICE_MAX_NB]
-    _group_contiguous_rows(spec, bs_layers)
+    moved = _group_contiguous_rows(spec, bs_layers)
     plan = plan_memory(spec, first_layer_table=use_table)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -970,7 +974,8 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
             "negated_rows": int(conv.flip.sum()) if conv.flip is not None else 0,
             "binary_macs": conv.conv_h * conv.conv_w * conv.cout * conv.k_bits,
             "out_layout": {"h": conv.out_h, "w": conv.out_w, "channels": conv.cout, "cpg": out_cpg,
-                           "wpg": out_wpg, "wpp": out_wpp},
+                           "wpg": out_wpg, "wpp": out_wpp,
+                           **({"keras_channel": moved[idx].tolist()} if idx in moved else {})},
             "arena": {"in_off": lp.in_off, "in_words": lp.in_words, "out_off": lp.out_off,
                       "out_words": lp.out_words},
         })

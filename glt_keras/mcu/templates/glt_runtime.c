@@ -564,6 +564,7 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
                          uint32_t *scratch)
 {
     const uint32_t nk = L->row_words;
+    (void)nk; /* unused when no row size is specialised */
 #if GLT_BS_LIST > 0
     if (L->bs != NULL) {
         if (L->bs_nb == 10u) {

@@ -658,6 +658,46 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                         }
                     }
                 }
+#if GLT_L0_CW % 8 == 0
+                /* 8 words (32 rows) per pass: one pointer load per 8 additions */
+                for (b = 0; b < GLT_L0_CW; b += 8u) {
+                    uint32_t e[8], f[8], t0, i;
+                    for (i = 0; i < 8u; ++i) {
+                        e[i] = f[i] = 0;
+                    }
+                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+                        for (t = t0; t < t1; ++t) {
+                            const uint32_t *p = ptr[t] + b;
+                            a0 += p[0];
+                            a1 += p[1];
+                            a2 += p[2];
+                            a3 += p[3];
+                            a4 += p[4];
+                            a5 += p[5];
+                            a6 += p[6];
+                            a7 += p[7];
+                        }
+#define GLT_L0_WIDEN(i, v)                        \
+    e[i] += (v) & 0x00FF00FFu;                    \
+    f[i] += ((v) >> 8) & 0x00FF00FFu
+                        GLT_L0_WIDEN(0, a0);
+                        GLT_L0_WIDEN(1, a1);
+                        GLT_L0_WIDEN(2, a2);
+                        GLT_L0_WIDEN(3, a3);
+                        GLT_L0_WIDEN(4, a4);
+                        GLT_L0_WIDEN(5, a5);
+                        GLT_L0_WIDEN(6, a6);
+                        GLT_L0_WIDEN(7, a7);
+#undef GLT_L0_WIDEN
+                    }
+                    for (i = 0; i < 8u; ++i) {
+                        cnt[2u * (b + i)] = e[i];
+                        cnt[2u * (b + i) + 1u] = f[i];
+                    }
+                }
+#else
                 for (b = 0; b < GLT_L0_CW; b += 4u) {
                     uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
                     for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
@@ -688,6 +728,7 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                     cnt[2u * b + 6u] = e3;
                     cnt[2u * b + 7u] = f3;
                 }
+#endif
                 /* bit = (mismatches <= thr), packed in the consumer layout */
                 for (j = 0; j < cout; ++j) {
                     const uint32_t m = (cnt[2u * (j >> 2) + (j & 1u)] >> ((j & 2u) << 3)) & 0xFFFFu;

@@ -389,11 +389,14 @@ def test_default_export_uses_table_for_thermometers(tiny):
 
 
 def test_qemu_dsp_and_portable_kernels_identical(toolchain, tiny, tiny_host, tmp_path):
-    """Cortex-M4: the DSP (USADA8) build, the portable build (-DGLT_NO_DSP) and the
-    host build (portable and builtin popcount) give bit-identical scores."""
+    """Cortex-M4, popcount kernels (bitslice=False): the DSP (USADA8) build, the
+    portable build (-DGLT_NO_DSP) and the host build (portable and builtin popcount)
+    give bit-identical scores, equal to the default (bit-sliced) export's."""
     from glt_keras.mcu.qemu import build_firmware, run_firmware
 
-    _, _, out, x = tiny
+    model, _, _, x = tiny
+    out = tmp_path / "popcount"
+    export_c(model, out, bitslice=False)
     host = tiny_host.infer(x[:2])
     for builtin in (False, True):
         np.testing.assert_array_equal(build_host(out, builtin_popcount=builtin).infer(x[:2]), host)
@@ -408,3 +411,75 @@ def test_qemu_dsp_and_portable_kernels_identical(toolchain, tiny, tiny_host, tmp
     dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / "portable" / "lib_glt_runtime.o")],
                          capture_output=True, text=True, check=True).stdout
     assert "usada8" not in dis
+
+
+def _simulate_bitslice(planes, z, cws, pieces, nb, fields, out_words):
+    """The bit-sliced kernel in numpy integers (one conv position, no pooling)."""
+    k = planes.shape[1] - 1
+    lanes = ((planes[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int64)  # (st, K+1, 32)
+    zval = (((z[:, :, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int64)
+            << np.arange(nb)[None, None, :, None]).sum(2)  # (st, 2, 32)
+    acc = []
+    for g, st, mask in cws:
+        x = fields[g]  # (K,) bits, stream order
+        n1 = int(x.sum())
+        clear = 2 * n1 > k
+        listed = np.flatnonzero(x == (0 if clear else 1))
+        planes_of = 32 * (listed // 32) + 31 - listed % 32
+        c = lanes[st, planes_of].sum(0)
+        n = k - n1 if clear else n1
+        s = 2 * c + (1 << (nb - 1)) - n + zval[st, int(clear)]
+        bit = ((s >> nb) & 1) ^ int(clear)
+        acc.append(int((bit << np.arange(32)).sum()) & mask)
+    out = [0] * out_words
+    for c, w, mask, shift in pieces:
+        v = acc[c] & mask
+        out[w] |= (v << shift if shift >= 0 else v >> -shift) & 0xFFFFFFFF
+    return out
+
+
+@pytest.mark.parametrize("row_words,groups,cout,out_cpg", [(3, 3, 120, 40), (9, 2, 64, 32), (2, 1, 45, 45)])
+def test_bitslice_tables_match_mismatch_counts(row_words, groups, cout, out_cpg):
+    """The bit-sliced tables (transposed planes, threshold planes, compute words and
+    pieces) give bit = (mismatches <= thr) for every row, including thresholds at and
+    beyond the extremes and fields with few / many set bits."""
+    from glt_keras.mcu.export import bitslice_tables, row_positions
+
+    rng = np.random.default_rng(row_words)
+    k = 32 * row_words
+    rows = rng.integers(0, 2**32, (cout, row_words), dtype=np.uint64).astype(np.uint32)
+    thr = rng.integers(-3, k + 3, cout)
+    thr[:4] = [-5, 0, k, k + 7]
+    group_of_row = (np.arange(cout) // 5) % groups
+    planes, z, cws, pieces, nb = bitslice_tables(rows, thr, group_of_row, out_cpg)
+    word, bit = row_positions(cout, out_cpg)
+    stream = ((rows[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(cout, k)
+    for density in (0.0, 0.1, 0.5, 0.5001, 0.9, 1.0):
+        fields = (rng.random((groups, k)) < density).astype(np.int64)
+        ours = _simulate_bitslice(planes, z, cws, pieces, nb, fields, int(word.max()) + 1)
+        mism = (stream != fields[group_of_row]).sum(1)
+        expected = [0] * (int(word.max()) + 1)
+        for j in range(cout):
+            expected[word[j]] |= int(mism[j] <= thr[j]) << int(bit[j])
+        assert ours == expected, density
+
+
+def test_bitslice_and_popcount_exports_identical(tiny, tiny_host, tmp_path):
+    """The default bit-sliced export, the popcount export (bitslice=False) and the
+    bit-sliced kernel's portable bit listing (-DGLT_NO_CLZ) agree bit for bit, layer by
+    layer (layer_outputs maps the reordered channels back to Keras order)."""
+    model, result, out, x = tiny
+    assert any(layer.get("bitslice") for layer in result.layers)
+    assert "glt_conv_row_bs" in (out / "glt_runtime.c").read_text()
+    export_c(model, tmp_path / "popcount", bitslice=False)
+    popcount = build_host(tmp_path / "popcount", capture=True)
+    ref = tiny_host.infer(x)
+    np.testing.assert_array_equal(popcount.infer(x).view(np.uint32), ref.view(np.uint32))
+    noclz = build_host(out, cflags=("-O2", "-DGLT_NO_CLZ"))
+    np.testing.assert_array_equal(noclz.infer(x).view(np.uint32), ref.view(np.uint32))
+    for builtin in (False, True):
+        np.testing.assert_array_equal(build_host(out, builtin_popcount=builtin).infer(x).view(np.uint32),
+                                      ref.view(np.uint32))
+    for image in x[:3]:
+        for a, b in zip(tiny_host.layer_outputs(image), popcount.layer_outputs(image)):
+            np.testing.assert_array_equal(a, b)

@@ -543,6 +543,129 @@ def _group_formula(groups_of_rows: np.ndarray, groups: int):
     return None
 
 
+#: Bit-sliced kernels need 2^nb > 3 K (see bitslice_tables); larger rows use popcount.
+BITSLICE_MAX_NB = 12
+
+
+def _bitslice_nb(k: int) -> int:
+    """Planes of the bit-sliced counters / thresholds for a field of k bits."""
+    nb = 1
+    while (1 << nb) <= 3 * k or (1 << (nb - 1)) < k + 1:
+        nb += 1
+    return nb
+
+
+def row_positions(cout: int, out_cpg: int):
+    """(word, bit) of each weight row j (consumer order) in an output pixel, as the
+    popcount kernel writes them: ceil(out_cpg / 32) words per consumer group."""
+    word, bit = np.zeros(cout, dtype=np.int64), np.zeros(cout, dtype=np.int64)
+    r = wi = 0
+    for j in range(cout):
+        word[j], bit[j] = wi, r & 31
+        if (r & 31) == 31 or r + 1 == out_cpg:
+            wi += 1
+        r = r + 1 if r + 1 < out_cpg else 0
+    return word, bit
+
+
+def bitslice_tables(rows: np.ndarray, mism_thr: np.ndarray, groups_of_rows: np.ndarray, out_cpg: int):
+    """Bit-sliced form of one layer (the kernel glt_conv_row_bs).
+
+    rows: (cout, row_words) uint32 weight rows (consumer order), mism_thr: bit of row j
+    = (mismatches <= mism_thr[j]). The rows of each input group are cut into compute
+    words of up to 32 lanes (one row each). Per compute word: K + 1 planes (plane p lane
+    b = weight bit i of the lane's row, p = 32 * (i // 32) + 31 - i % 32, so that a clz
+    of an activation word indexes its plane; plane K = 0), then 2 * nb threshold planes.
+    Per conv position, the kernel lists the set bits of the field (n1 of K), or its clear
+    bits when n1 > K / 2 (n = number listed), and counts per lane c = sum of the listed
+    planes: set bits -> c = d = #(x & w), mismatches = n1 + P - 2 d; clear bits -> c = e =
+    #(~x & w), mismatches = n1 - P + 2 e (P = popcount of the row). Both tests are
+    2 c - n - A >= 0 with a per-lane A (clear: the bit is its negation), evaluated as bit
+    nb of 2 c + (2^(nb-1) - n) + Z, Z = 2^(nb-1) - A with A clamped (|2 c - n| <= K).
+    The bits of a compute word reach the output pixel's words through pieces (runs of
+    lanes that land on consecutive bits of one output word).
+
+    The planes are stored per storage word (32 rows, sorted by input group); a storage
+    word holding rows of two groups serves two compute words (lane masks).
+
+    Returns (planes (storage, K + 1), z (storage, 2, nb) with z[:, 0] = set-bit planes,
+    z[:, 1] = clear-bit planes, compute words [(group, storage word, lane mask)] sorted
+    by group, pieces [(compute word, out word, lane mask, shift)], nb)."""
+    cout, row_words = rows.shape
+    k = 32 * row_words
+    nb = _bitslice_nb(k)
+    word, bit = row_positions(cout, out_cpg)
+    stream = ((rows[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(cout, k).astype(np.uint64)
+    pos = np.arange(k)
+    perm = 32 * (pos // 32) + 31 - pos % 32  # plane index of stream bit i
+    groups_of_rows = np.asarray(groups_of_rows)
+    sorted_rows = np.argsort(groups_of_rows, kind="stable")  # rows by input group
+    lanes = [sorted_rows[s0 : s0 + 32] for s0 in range(0, cout, 32)]  # storage words
+    nst = len(lanes)
+    planes = np.zeros((nst, k + 1), dtype=np.uint64)
+    pop = stream.sum(1).astype(np.int64)
+    thr = np.asarray(mism_thr, dtype=np.int64)
+    a_set = np.clip(pop - thr, -k, k + 1)
+    a_clr = np.clip(pop + thr + 1 - k, -k, k + 1)
+    z = np.zeros((nst, 2, nb), dtype=np.uint64)
+    half = 1 << (nb - 1)
+    cws = {}  # (group, storage word) -> lane mask
+    for st, chunk in enumerate(lanes):
+        for b, j in enumerate(chunk):
+            planes[st, perm] |= stream[j] << np.uint64(b)
+            for m, a in enumerate((a_set[j], a_clr[j])):
+                zv = half - int(a)
+                assert 0 <= zv < (1 << nb)
+                for lev in range(nb):
+                    if (zv >> lev) & 1:
+                        z[st, m, lev] |= np.uint64(1) << np.uint64(b)
+            key = (int(groups_of_rows[j]), st)
+            cws[key] = cws.get(key, 0) | (1 << b)
+    cw_info = [(g, st, m) for (g, st), m in sorted(cws.items())]
+    pieces = []
+    for c, (g, st, m) in enumerate(cw_info):
+        run = None
+        for b, j in enumerate(lanes[st]):
+            if not (m >> b) & 1:
+                continue
+            w, shift = int(word[j]), int(bit[j]) - b
+            if run is not None and run[1] == w and run[3] == shift:
+                run[2] |= 1 << b
+            else:
+                run = [c, w, 1 << b, shift]
+                pieces.append(run)
+    return planes.astype(np.uint32), z.astype(np.uint32), cw_info, [tuple(p) for p in pieces], nb
+
+def _group_contiguous_rows(spec: ModelSpec, producers) -> dict:
+    """For each producer layer index i in ``producers`` (bit-sliced), reorder its output
+    channels within each of the next layer's input groups so that the channels computed
+    from the same input group of layer i are contiguous (the next layer's weights are
+    permuted to match: same network). The bit-sliced kernel then writes whole runs of
+    lanes instead of single bits. Returns {i: newpos}: output position j of layer i now
+    holds the channel Keras puts at position newpos[j]."""
+    moved = {}
+    for i in producers:
+        conv, nxt = spec.convs[i], spec.convs[i + 1]
+        grp = conv.perm // (conv.cout // conv.groups)
+        cg = nxt.cin_g
+        newpos = np.arange(conv.cout)
+        for g0 in range(0, conv.cout, cg):
+            idx = np.arange(g0, g0 + cg)
+            newpos[idx] = idx[np.argsort(grp[idx], kind="stable")]
+        if np.array_equal(newpos, np.arange(conv.cout)):
+            continue
+        conv.perm = conv.perm[newpos]
+        moved[i] = newpos
+        kb = nxt.kernel_bits
+        cout_g = nxt.cout // nxt.groups
+        new = np.empty_like(kb)
+        for o in range(nxt.cout):
+            g0 = (o // cout_g) * cg
+            new[:, :, :, o] = kb[:, :, newpos[g0 : g0 + cg] - g0, o]
+        nxt.kernel_bits = new
+    return moved
+
+
 #: Largest first-layer mismatch table exported by default (bytes of flash).
 FIRST_LAYER_TABLE_MAX_BYTES = 32 * 1024
 #: Default flash budget of the library: the first-layer table is only used when the
@@ -657,7 +780,8 @@ class ExportResult:
 
 
 def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
-             first_layer_table: bool | None = None, flash_budget: int = FLASH_BUDGET_BYTES) -> ExportResult:
+             first_layer_table: bool | None = None, flash_budget: int = FLASH_BUDGET_BYTES,
+             bitslice: bool = True) -> ExportResult:
     """Generate a self-contained C99 library computing ``model`` on uint8 HWC images.
 
     Writes ``{name}.h`` (the API: ``int glt_infer(const uint8_t *rgb, float *scores)``
@@ -679,6 +803,11 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     table and an estimate of the code) stays within ``flash_budget`` bytes; ``True``
     requires it; ``False`` never.
 
+    ``bitslice`` (default): the hidden binary layers use the bit-sliced kernel (weights
+    transposed to one 32-lane plane per input bit and output word, counted only over
+    the set -- or clear -- bits of each receptive field, see :func:`bitslice_tables`);
+    ``False``: the XNOR-popcount kernel on weight rows (same outputs, bit for bit).
+
     Example:
         >>> result = export_c(model, "build/c_model")      # doctest: +SKIP
         >>> result.peak_ram_bytes                          # doctest: +SKIP
@@ -699,6 +828,10 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
             f"export_c: first_layer_table needs a thermometer encoding, not {spec.encoding.kind!r}.")
     else:
         use_table = bool(first_layer_table)
+    bs_layers = [i for i, c in enumerate(spec.convs)
+                 if bitslice and not c.head and not (i == 0 and use_table)
+                 and _bitslice_nb(32 * c.row_words) <= BITSLICE_MAX_NB]
+    moved = _group_contiguous_rows(spec, bs_layers)
     plan = plan_memory(spec, first_layer_table=use_table)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -717,6 +850,7 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     layer_summaries = []
     weight_bytes = 0
     const_bytes = 0
+    bs_max_cw = 0
     thr_type = "int16_t" if max(c.k_bits for c in convs) < 32767 else "int32_t"
     if thr_type != "int16_t":  # pragma: no cover - kernels would need > 32k bits per output
         raise UnsupportedLayerError("export_c: a convolution has more than 32766 inputs per output.")
@@ -770,7 +904,27 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
         weights = _pack_rows(conv, order)
         data.append(f"/* {conv.name}: {conv.kh}x{conv.kw}, {conv.in_c}->{conv.cout} channels, "
                     f"groups={conv.groups}, {conv.in_h}x{conv.in_w} -> {conv.out_h}x{conv.out_w} */\n")
-        if idx == 0 and use_table:  # computed from glt_l0_table: no packed rows
+        groups_of_rows = order // (conv.cout // conv.groups)
+        use_bs = idx in bs_layers
+        bs_ref, bs_count, bs_nb, bsq_ref, bsq_count = "NULL", 0, 0, "NULL", 0
+        if use_bs:
+            mism = conv.k_bits - conv.thr_pop[order]
+            planes, zs, cws, pieces, bs_nb = bitslice_tables(
+                weights.reshape(conv.cout, conv.row_words), mism, groups_of_rows, out_cpg)
+            kp = planes.shape[1]
+            data.append(_c_array("uint32_t", f"{tag}_bsp", planes.reshape(-1), per_line=6))
+            data.append(_c_array("uint32_t", f"{tag}_bsz", zs.reshape(-1), per_line=6))
+            data.append(f"static const glt_bs_cw_t {tag}_bs[{len(cws)}] = {{\n" + ",\n".join(
+                f"    {{{tag}_bsp + {st * kp}, {tag}_bsz + {st * 2 * bs_nb}, 0x{m:08X}u, {g}}}"
+                for g, st, m in cws) + "\n};\n")
+            data.append(f"static const glt_bs_piece_t {tag}_bsq[{len(pieces)}] = {{\n" + ",\n".join(
+                f"    {{0x{m:08X}u, {sh}, {c}, {w}}}" for c, w, m, sh in pieces) + "\n};\n")
+            weight_bytes += 4 * planes.size
+            const_bytes += 4 * (planes.size + zs.size) + 12 * len(cws) + 8 * len(pieces)
+            bs_ref, bs_count = f"{tag}_bs", len(cws)
+            bsq_ref, bsq_count = f"{tag}_bsq", len(pieces)
+            bs_max_cw = max(bs_max_cw, len(cws))
+        if (idx == 0 and use_table) or use_bs:  # no packed rows
             data.append(_c_array("uint32_t", f"{tag}_w", [0], per_line=6))
         else:
             data.append(_c_array("uint32_t", f"{tag}_w", weights, per_line=6))
@@ -779,7 +933,6 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
         pad = _pad_vector(conv)
         data.append(_c_array("uint32_t", f"{tag}_pad", pad, per_line=6))
         const_bytes += 4 * len(pad)
-        groups_of_rows = order // (conv.cout // conv.groups)
         formula = _group_formula(groups_of_rows, conv.groups)
         if formula is None:
             data.append(_c_array("uint16_t", f"{tag}_grp", groups_of_rows, per_line=16))
@@ -792,6 +945,8 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
             data.append(_c_array("float", f"{tag}_offset", conv.offset, per_line=4, fmt=_float_literal))
             const_bytes += 8 * conv.cout
             thr_ref, scale_ref, offset_ref = "NULL", f"{tag}_scale", f"{tag}_offset"
+        elif use_bs:
+            thr_ref, scale_ref, offset_ref = "NULL", "NULL", "NULL"
         else:
             # bit = pop >= thr_pop  <=>  mismatches <= K - thr_pop
             mism = conv.k_bits - conv.thr_pop[order]
@@ -804,6 +959,7 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
                 conv.ph, conv.pw, conv.pad_top, conv.pad_left, in_wpp, in_wpg, conv.cout,
                 grp_div, grp_mod, grp_table, out_wpp, out_cpg, out_wpg, conv.k_bits,
                 conv.cin_g, conv.row_words, int(conv.dense), f"{tag}_w", thr_ref, f"{tag}_pad", f"{lp.in_off}u", f"{lp.out_off}u", scale_ref, offset_ref,
+                bs_ref, bsq_ref, bs_count, bsq_count, bs_nb,
             )) + "}"
         )
         layer_summaries.append({
@@ -811,19 +967,24 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
             "input": [conv.in_h, conv.in_w, conv.in_c], "output": [conv.out_h, conv.out_w, conv.cout],
             "kernel": [conv.kh, conv.kw], "groups": conv.groups, "k_bits": conv.k_bits,
             "row_words": conv.row_words, "dense_rows": conv.dense,
-            "weight_bytes": 4 * len(l0_table) if idx == 0 and use_table else 4 * len(weights),
+            "weight_bytes": (4 * len(l0_table) if idx == 0 and use_table
+                             else 4 * planes.size if use_bs else 4 * len(weights)),
             "table": bool(idx == 0 and use_table),
+            "bitslice": bool(use_bs),
             "negated_rows": int(conv.flip.sum()) if conv.flip is not None else 0,
             "binary_macs": conv.conv_h * conv.conv_w * conv.cout * conv.k_bits,
             "out_layout": {"h": conv.out_h, "w": conv.out_w, "channels": conv.cout, "cpg": out_cpg,
-                           "wpg": out_wpg, "wpp": out_wpp},
+                           "wpg": out_wpg, "wpp": out_wpp,
+                           **({"keras_channel": moved[idx].tolist()} if idx in moved else {})},
             "arena": {"in_off": lp.in_off, "in_words": lp.in_words, "out_off": lp.out_off,
                       "out_words": lp.out_words},
         })
 
     max_rows = max((c.ph - 1) * c.sh + c.kh for c in convs)
     # Inline a constant-size kernel for the common row sizes (at most 4: code size).
-    row_words = sorted({c.row_words for c in convs[1 if use_table else 0:-1]})
+    row_words = sorted({c.row_words for i, c in enumerate(convs[:-1])
+                        if not (i == 0 and use_table) and not layer_summaries[i]["bitslice"]})
+    bs_list = max([16 + 16 * c.row_words for c, l in zip(convs, layer_summaries) if l.get("bitslice")] or [0])
     max_win = max(c.ph * c.pw * c.kh * c.kw for c in convs)
     specialized = " ".join(f"X({n})" for n in row_words if n <= 60)
     specialized = " ".join(specialized.split(" ")[:4])
@@ -886,6 +1047,9 @@ extern "C" {{
 #define GLT_L0_CW {_table_words_per_level(first)}
 /* Words per weight row with a specialised (unrolled) kernel. */
 #define GLT_SPECIALIZED_NK(X) {specialized}
+/* Entries of the bit-sliced kernel's list of set / clear field bits (0: unused). */
+#define GLT_BS_LIST {bs_list}
+#define GLT_BS_MAX_CW {max(bs_max_cw, 1)}
 
 /* Classify one image: rgb = GLT_INPUT_HEIGHT x GLT_INPUT_WIDTH x GLT_INPUT_CHANNELS
  * uint8 pixels (row-major HWC), scores = GLT_NUM_CLASSES floats. Returns GLT_OK, or

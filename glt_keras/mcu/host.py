@@ -237,6 +237,10 @@ class HostLibrary:
             h, w, c, cpg, wpg, wpp = (lay[k] for k in ("h", "w", "channels", "cpg", "wpg", "wpp"))
             bits = np.unpackbits(chunk.reshape(h, w, wpp).view(np.uint8), axis=-1, bitorder="little")
             bits = bits.reshape(h, w, wpp // wpg, wpg * 32)[..., :cpg].reshape(h, w, -1)[..., :c]
+            if "keras_channel" in lay:  # position j holds Keras channel keras_channel[j]
+                keras_bits = np.empty_like(bits)
+                keras_bits[..., np.asarray(lay["keras_channel"])] = bits
+                bits = keras_bits
             outputs.append(np.where(bits > 0, 1, -1).astype(np.int8))
         return outputs
 

@@ -6,6 +6,24 @@
 #include <stdint.h>
 #include <stddef.h>
 
+/* Bit-sliced kernel: a compute word = up to 32 weight rows of one input group (one
+ * lane each). planes = its K + 1 weight planes, z = its 2 * nb threshold planes (set-bit
+ * test, then clear-bit test). See bitslice_tables in export.py. */
+typedef struct {
+    const uint32_t *planes;
+    const uint32_t *z;
+    uint32_t lanes;             /* lanes in use */
+    uint16_t group;             /* input group */
+} glt_bs_cw_t;
+
+/* out[word] |= (bits of compute word cw & mask) shifted left by shift (right if < 0). */
+typedef struct {
+    uint32_t mask;
+    int8_t shift;
+    uint8_t cw;
+    uint16_t word;
+} glt_bs_piece_t;
+
 /* One binarized convolution: conv (XNOR-popcount) -> [BN + sign as an integer
  * threshold] -> [max-pool as an OR of bits], or, for the head, conv -> integer sums. */
 typedef struct {
@@ -32,6 +50,10 @@ typedef struct {
     uint32_t in_off, out_off;   /* word offsets of input / output in glt_arena */
     const float *scale;         /* head: folded BN scale per class */
     const float *offset;        /* head: folded BN offset per class */
+    const glt_bs_cw_t *bs;      /* bit-sliced kernel: compute words sorted by group, or NULL */
+    const glt_bs_piece_t *bsq;  /* ... and the pieces of the output words */
+    uint16_t bs_count, bsq_count;
+    uint8_t bs_nb;              /* planes of the counters and thresholds */
 } glt_conv_t;
 
 /* Input encoding (uint8 pixel -> bit planes), written straight into the packed

@@ -247,6 +247,202 @@ static void glt_gather(const glt_conv_t *L, const uint32_t *const *rows, uint32_
     }
 }
 
+#if GLT_BS_LIST > 0
+/* ---- bit-sliced kernel -------------------------------------------------------------
+ * 32 output channels (one output word) at a time: the weights are stored as one 32-lane
+ * plane per input bit (export.py: bitslice_tables). For a conv position, the set bits
+ * of the receptive field (or its clear bits, when more than half are set) are listed
+ * once per input group; the listed planes of each output word are summed per lane by
+ * Harley-Seal carry-save adders into bit-sliced counters (ones, twos, fours, eights,
+ * then a ripple counter), and the threshold test of all 32 lanes is one bit-sliced
+ * addition of per-lane constants. Same integers as the popcount kernel, bit for bit. */
+#define GLT_BS_MAXNB 12
+
+/* Carry-save adder on 32 lanes: a + b + c = l + 2 h. l may be a. */
+#define GLT_CSA(h, l, a, b, c)                          \
+    do {                                                \
+        const uint32_t u_ = (a) ^ (b), a_ = (a), c_ = (c); \
+        (h) = (a_ & (b)) | (u_ & c_);                    \
+        (l) = u_ ^ c_;                                   \
+    } while (0)
+
+GLT_INLINE uint32_t glt_pop32(uint32_t x)
+{
+#if GLT_BUILTIN_POPCOUNT
+    return (uint32_t)__builtin_popcount(x);
+#else
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+    return (x * 0x01010101u) >> 24;
+#endif
+}
+
+/* Append the plane indices 32 k + (31 - b) of the set bits b of a[k] ^ flip, k < nk. */
+GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk, uint32_t flip)
+{
+    uint32_t k, base;
+    for (k = 0, base = 0; k < nk; ++k, base += 32u) {
+        uint32_t x = a[k] ^ flip;
+#if defined(__GNUC__) && !defined(GLT_NO_CLZ)
+        while (x != 0u) {
+            const uint32_t n = (uint32_t)__builtin_clz(x);
+            *lst++ = (uint16_t)(base + n);
+            x &= ~(0x80000000u >> n);
+        }
+#else
+        uint32_t n;
+        for (n = 0; x != 0u; ++n, x <<= 1) {
+            if (x & 0x80000000u) {
+                *lst++ = (uint16_t)(base + n);
+            }
+        }
+#endif
+    }
+    return lst;
+}
+
+/* 32 lanes of: bit nb of 2 c + Z + r, c = the sum of the count (a multiple of 16)
+ * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast). c < 2^(nb - 2). */
+GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t count,
+                                const uint32_t *z, const uint32_t nb, uint32_t r)
+{
+    uint32_t ones = 0, twos = 0, fours = 0, eights = 0;
+    uint32_t hi[GLT_BS_MAXNB - 6];   /* levels 4 .. nb - 3 of c */
+    uint32_t zr[GLT_BS_MAXNB + 1];   /* Z + r, levels 0 .. nb */
+    uint32_t k, n, carry, a, b;
+    for (k = 0; k + 6u < nb; ++k) {
+        hi[k] = 0;
+    }
+    for (n = 0; n < count; n += 16u, lst += 16) {
+        uint32_t tA, tB, fA, fB, eA, eB, s16, p0, p1;
+#define GLT_BS_PAIR(i, t)     \
+    p0 = W[lst[i]];           \
+    p1 = W[lst[(i) + 1]];     \
+    GLT_CSA(t, ones, ones, p0, p1)
+        GLT_BS_PAIR(0, tA);
+        GLT_BS_PAIR(2, tB);
+        GLT_CSA(fA, twos, twos, tA, tB);
+        GLT_BS_PAIR(4, tA);
+        GLT_BS_PAIR(6, tB);
+        GLT_CSA(fB, twos, twos, tA, tB);
+        GLT_CSA(eA, fours, fours, fA, fB);
+        GLT_BS_PAIR(8, tA);
+        GLT_BS_PAIR(10, tB);
+        GLT_CSA(fA, twos, twos, tA, tB);
+        GLT_BS_PAIR(12, tA);
+        GLT_BS_PAIR(14, tB);
+        GLT_CSA(fB, twos, twos, tA, tB);
+        GLT_CSA(eB, fours, fours, fA, fB);
+        GLT_CSA(s16, eights, eights, eA, eB);
+#undef GLT_BS_PAIR
+        for (k = 0; s16 != 0u; ++k) { /* ripple the sixteens into hi (c < 2^(nb - 2)) */
+            const uint32_t c = hi[k] & s16;
+            hi[k] ^= s16;
+            s16 = c;
+        }
+    }
+    /* zr = Z + r (r broadcast) */
+    carry = 0;
+    for (k = 0; k < nb; ++k) {
+        const uint32_t m = 0u - ((r >> k) & 1u), x = z[k] ^ carry;
+        zr[k] = x ^ m;
+        carry = (z[k] & carry) | (x & m);
+    }
+    zr[nb] = carry;
+    /* 2 c + zr: level 0 has no carry out; level k adds c(k - 1); c(nb - 2..) = 0 */
+    carry = 0;
+#define GLT_MAJ(x, y) (a = (x), b = (y), carry = (a & b) | ((a ^ b) & carry))
+    GLT_MAJ(ones, zr[1]);
+    GLT_MAJ(twos, zr[2]);
+    GLT_MAJ(fours, zr[3]);
+    GLT_MAJ(eights, zr[4]);
+    for (k = 5; k + 1u < nb; ++k) {
+        GLT_MAJ(k - 5u + 6u < nb ? hi[k - 5u] : 0u, zr[k]);
+    }
+    carry &= zr[nb - 1u]; /* level nb - 1: c = 0 */
+#undef GLT_MAJ
+    return zr[nb] ^ carry;
+}
+
+/* One output row of a binary layer with the bit-sliced kernel. */
+GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
+                                   uint32_t *scratch, const uint32_t nb)
+{
+    uint16_t lst[GLT_BS_LIST];
+    uint32_t acc[GLT_BS_MAX_CW];
+    const uint32_t nk = L->row_words, K = 32u * nk, nq = (uint32_t)L->ph * L->pw;
+    const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
+    const glt_bs_cw_t *const cw = L->bs;
+    uint32_t ox, q, k, c, c1;
+    for (ox = 0; ox < L->out_w; ++ox) {
+        uint32_t *o = out + ox * out_wpp;
+        glt_gather(L, rows, ox, scratch);
+        for (c = 0; c < ncw; ++c) {
+            acc[c] = 0;
+        }
+        for (q = 0; q < nq; ++q) {
+            for (c = 0; c < ncw; c = c1) {
+                const uint32_t g = cw[c].group;
+                const uint32_t *a = scratch + (g * nq + q) * nk;
+                uint32_t n1 = 0, flip, n, count, todo = 0;
+                uint16_t *e;
+                /* max-pool: skip the group when all its lanes are +1 already */
+                for (c1 = c; c1 < ncw && cw[c1].group == g; ++c1) {
+                    todo |= acc[c1] ^ cw[c1].lanes;
+                }
+                if (todo == 0u) {
+                    continue;
+                }
+                for (k = 0; k < nk; ++k) {
+                    n1 += glt_pop32(a[k]);
+                }
+                flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* list the clear bits */
+                n = flip ? K - n1 : n1;
+                e = glt_bs_list(lst, a, nk, flip);
+                while ((uint32_t)(e - lst) & 15u) {
+                    *e++ = (uint16_t)K; /* the zero plane */
+                }
+                count = (uint32_t)(e - lst);
+                for (; c < c1; ++c) {
+                    if (acc[c] != cw[c].lanes) {
+                        const uint32_t bits = glt_bs_eval(cw[c].planes, lst, count, cw[c].z + (flip & nb), nb,
+                                                          (1u << (nb - 1u)) - n);
+                        acc[c] |= (bits ^ flip) & cw[c].lanes;
+                    }
+                }
+            }
+        }
+        for (k = 0; k < out_wpp; ++k) {
+            o[k] = 0;
+        }
+        for (k = 0; k < L->bsq_count; ++k) {
+            const glt_bs_piece_t *p = &L->bsq[k];
+            const uint32_t v = acc[p->cw] & p->mask;
+            o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
+        }
+    }
+}
+
+GLT_NOINLINE void glt_conv_row_bs10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
+                                    uint32_t *scratch)
+{
+    glt_conv_row_bs_nb(L, rows, out, scratch, 10u);
+}
+
+GLT_NOINLINE void glt_conv_row_bs11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
+                                    uint32_t *scratch)
+{
+    glt_conv_row_bs_nb(L, rows, out, scratch, 11u);
+}
+
+GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
+                                  uint32_t *scratch)
+{
+    glt_conv_row_bs_nb(L, rows, out, scratch, L->bs_nb);
+}
+#endif /* GLT_BS_LIST */
+
 /* One output row of a binary layer: bits of sign(BN(conv)), OR-pooled, packed in the
  * next layer's input layout. nk = words per weight row; inlined with a constant nk for
  * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). */
@@ -368,6 +564,19 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
                          uint32_t *scratch)
 {
     const uint32_t nk = L->row_words;
+    (void)nk; /* unused when no row size is specialised */
+#if GLT_BS_LIST > 0
+    if (L->bs != NULL) {
+        if (L->bs_nb == 10u) {
+            glt_conv_row_bs10(L, rows, out, scratch);
+        } else if (L->bs_nb == 11u) {
+            glt_conv_row_bs11(L, rows, out, scratch);
+        } else {
+            glt_conv_row_bs(L, rows, out, scratch);
+        }
+        return;
+    }
+#endif
 #define GLT_CALL_ROW(N)                             \
     if (nk == N##u) {                               \
         glt_conv_row_##N(L, rows, out, scratch);    \
@@ -449,6 +658,46 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                         }
                     }
                 }
+#if GLT_L0_CW % 8 == 0
+                /* 8 words (32 rows) per pass: one pointer load per 8 additions */
+                for (b = 0; b < GLT_L0_CW; b += 8u) {
+                    uint32_t e[8], f[8], t0, i;
+                    for (i = 0; i < 8u; ++i) {
+                        e[i] = f[i] = 0;
+                    }
+                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+                        for (t = t0; t < t1; ++t) {
+                            const uint32_t *p = ptr[t] + b;
+                            a0 += p[0];
+                            a1 += p[1];
+                            a2 += p[2];
+                            a3 += p[3];
+                            a4 += p[4];
+                            a5 += p[5];
+                            a6 += p[6];
+                            a7 += p[7];
+                        }
+#define GLT_L0_WIDEN(i, v)                        \
+    e[i] += (v) & 0x00FF00FFu;                    \
+    f[i] += ((v) >> 8) & 0x00FF00FFu
+                        GLT_L0_WIDEN(0, a0);
+                        GLT_L0_WIDEN(1, a1);
+                        GLT_L0_WIDEN(2, a2);
+                        GLT_L0_WIDEN(3, a3);
+                        GLT_L0_WIDEN(4, a4);
+                        GLT_L0_WIDEN(5, a5);
+                        GLT_L0_WIDEN(6, a6);
+                        GLT_L0_WIDEN(7, a7);
+#undef GLT_L0_WIDEN
+                    }
+                    for (i = 0; i < 8u; ++i) {
+                        cnt[2u * (b + i)] = e[i];
+                        cnt[2u * (b + i) + 1u] = f[i];
+                    }
+                }
+#else
                 for (b = 0; b < GLT_L0_CW; b += 4u) {
                     uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
                     for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
@@ -479,6 +728,7 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                     cnt[2u * b + 6u] = e3;
                     cnt[2u * b + 7u] = f3;
                 }
+#endif
                 /* bit = (mismatches <= thr), packed in the consumer layout */
                 for (j = 0; j < cout; ++j) {
                     const uint32_t m = (cnt[2u * (j >> 2) + (j & 1u)] >> ((j & 2u) << 3)) & 0xFFFFu;

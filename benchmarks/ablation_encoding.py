@@ -1,5 +1,6 @@
-"""Input-encoding ablation (the paper's claim): natural binary coding vs fixed thermometer vs
-GLT, and GLT with vs without knowledge distillation, on the same network and budget.
+"""Ablations on one network and budget: input encodings (the paper's claim: natural binary coding
+vs fixed thermometer vs GLT, and GLT with vs without knowledge distillation) and teachers from
+files (a recipe with ``kd.teachers``: none, the first teacher alone, all of them).
 
 Each variant is the zoo recipe with one change, trained with the same (shortened) schedule,
 seed and data; accuracy is measured by the project's evaluation code on the recipe's
@@ -8,6 +9,8 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 6 --out runs/ablation
     python benchmarks/ablation_encoding.py vww_binary --epochs 8 --variants binary_planes fixed glt
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
+    python benchmarks/ablation_encoding.py recipes/vww_binary_teachers.yaml --epochs 12 \
+        --variants no_teacher first_teacher teachers --out runs/ablation_teachers
 
 Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds 0 1``:
 ``OUT/<recipe>_ablation_seeds_0_1.json``; with ``--readme``, also the table into the README
@@ -24,11 +27,28 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {
+def _without_teachers(recipe) -> dict:
+    """Hard labels only: sources that only the teachers label are left out, pasted people are
+    labelled person, sampling balances on the hard labels."""
+    sources = recipe.data["train"] if isinstance(recipe.data["train"], list) else [recipe.data["train"]]
+    kept = []
+    for spec in sources:
+        if spec.get("labels") == "teacher":
+            continue
+        if "paste" in spec and spec["paste"].get("label") == "teacher":
+            spec = {**spec, "paste": {**spec["paste"], "label": "person"}}
+        kept.append(spec)
+    return dict(data={"train": kept, "balance": True}, kd={"teachers": None})
+
+
+VARIANTS = {  # name -> the recipe's changes (or a function of the recipe giving them)
     "binary_planes": dict(model={"encoding": "binary_planes"}),
     "fixed": dict(model={"encoding": "fixed"}),
     "glt": dict(model={"encoding": "glt"}),
     "glt_kd": dict(model={"encoding": "glt"}, kd={"teacher": "twin"}),  # teacher: same schedule
+    "no_teacher": _without_teachers,
+    "first_teacher": lambda recipe: dict(kd={"teachers": recipe.kd["teachers"][:1]}),
+    "teachers": lambda recipe: {},  # the recipe's own teachers
 }
 
 
@@ -67,7 +87,10 @@ def main(argv=None) -> int:
     rows = []
     base_seed = int(base.training.get("seed", 0))
     for seed, variant in [(seed, v) for seed in (args.seeds or [base_seed]) for v in args.variants]:
-        change = dict(VARIANTS[variant])
+        change = VARIANTS[variant]
+        change = dict(change(base) if callable(change) else change)
+        if variant in ("first_teacher", "teachers") and not base.kd.get("teachers"):
+            parser.error(f"variant {variant} needs a recipe with kd.teachers")
         if "kd" in change:
             change["kd"] = {**change["kd"], "teacher_epochs": args.epochs}
         name = f"{base.name}_{variant}" + ("" if seed == base_seed else f"_seed{seed}")
@@ -82,7 +105,8 @@ def main(argv=None) -> int:
         summary_file = run_dir / "summary.json"
         trained = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         row = {"variant": variant, "seed": seed, "encoding": recipe.model.get("encoding"),
-               "kd": bool(recipe.kd.get("teacher")), "epochs": args.epochs,
+               "kd": bool(recipe.kd.get("teacher")),
+               "teachers": len(recipe.kd.get("teachers") or []), "epochs": args.epochs,
                "epoch_images": recipe.data.get("epoch_images") or len(splits.train[1]),
                "binary_weight_bytes": model_summary(model)["binary_weight_bytes"],
                # Student training time (a KD variant's teacher is trained first, not counted).
@@ -96,8 +120,8 @@ def main(argv=None) -> int:
                 model, x, y, class_names=recipe.classes,
                 image_size=recipe.input_shape[:2])["mean_per_class_accuracy"]
         rows.append(row)
-    keys = ["variant", "seed", "encoding", "kd", "epochs", "epoch_images", "binary_weight_bytes", "val_accuracy",
-            "test_accuracy"]
+    keys = ["variant", "seed", "encoding", "kd"] + (["teachers"] if any(r["teachers"] for r in rows) else [])
+    keys += ["epochs", "epoch_images", "binary_weight_bytes", "val_accuracy", "test_accuracy"]
     keys += sorted({k for r in rows for k in r if k.endswith("_accuracy") and k not in keys}) + ["train_seconds"]
     keys = [k for k in keys if any(k in r for r in rows)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

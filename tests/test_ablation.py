@@ -54,3 +54,17 @@ def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(abla
     assert [(r["variant"], r["seed"]) for r in rows] == [("fixed", 0), ("fixed", 1)]
     assert rows[0]["train_seconds"] == seconds["fixed"] and (out / "toy_fixed_seed1" / "best_weights.h5").exists()
     assert load_recipe(out / "toy_fixed_seed1" / "recipe.yaml").training["seed"] == 1
+
+
+def test_teacher_variants_change_only_the_teaching(ablation):
+    base = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "vww_binary_teachers.yaml")
+    none = base.with_changes(**ablation.VARIANTS["no_teacher"](base))
+    assert not none.kd["teachers"] and none.data["balance"] is True
+    sources = none.data["train"]
+    assert not any(s.get("labels") == "teacher" for s in sources)  # nothing is left unlabelled
+    assert all(s["paste"]["label"] == "person" for s in sources if "paste" in s)
+    assert len(sources) == len(base.data["train"]) - 1  # only imagenette (teacher-labelled) is dropped
+    one = base.with_changes(**ablation.VARIANTS["first_teacher"](base))
+    assert one.kd["teachers"] == base.kd["teachers"][:1] and one.data == base.data
+    assert base.with_changes(**ablation.VARIANTS["teachers"](base)).to_dict() == base.to_dict()
+    assert one.model == none.model == base.model  # the same network

@@ -647,7 +647,7 @@ def _prepare_data(model_or_recipe, data, val_data, *, subset, data_dir, seed):
     if data is None:
         if recipe is None:
             raise ValueError("method needs data: pass data=(x, y) (uint8 images, int labels).")
-        from .run import load_splits
+        from .splits import load_splits
 
         splits = load_splits(recipe, data_dir=data_dir, subset=subset)
         data = splits.train
@@ -668,7 +668,7 @@ def _train_stream(train, recipe, batch_size, seed):
 
     x, y = train
     if recipe is not None:
-        from .run import make_train_dataset
+        from .splits import make_train_dataset
 
         ds = make_train_dataset(recipe, x, y, batch_size=min(batch_size, len(y)))
     else:
@@ -986,7 +986,8 @@ def evaluate_variant(recipe: Recipe, run_dir, *, images=None, convert: bool = Tr
     """
     from ..convert import to_tflite
     from ..convert.verify import VerificationError
-    from .run import evaluate, load_splits
+    from .evaluation import evaluate
+    from .splits import load_splits
 
     run_dir = Path(run_dir)
     model = recipe.build_model(classifier_activation=None)

@@ -1,6 +1,6 @@
 """A run's epoch checkpoints (model + optimizer state, written atomically, restored with
-fallback to the last intact epoch), the checks of its weight files, and the weight files a
-recipe starts from (``init_weights``)."""
+fallback to the last intact epoch), the checks of its weight files, and the weight file a
+recipe starts from (``pruning.init_weights`` / ``training.init_weights``: :func:`resolve_init_weights`)."""
 from __future__ import annotations
 
 import json
@@ -136,3 +136,33 @@ def _set_aside(path: Path) -> Path:
     aside = path.with_name(path.stem + f".damaged-{time.strftime('%Y%m%d-%H%M%S')}" + path.suffix)
     os.replace(path, aside)
     return aside
+
+
+def resolve_init_weights(spec, root=None, *, key="pruning.init_weights"):
+    """``pruning.init_weights`` (or ``training.init_weights``) -> an existing weight file (a path relative to the project
+    root or absolute; a run folder means its ``best_weights.h5``). Raises a
+    FileNotFoundError naming the file and the command that produces it."""
+    from pathlib import Path
+
+    from ..recipe import ZOO_DIR
+
+    root = Path(root) if root is not None else ZOO_DIR.parent
+    path = Path(spec)
+    if not path.is_absolute():
+        path = root / path
+    if path.is_dir() or (not path.suffix and not path.exists()):
+        path = path / "best_weights.h5"
+    if path.exists():
+        return path
+    zoo_dir = ZOO_DIR.resolve()
+    if path.parent.parent.resolve() == zoo_dir:
+        base = path.parent.name
+        how = (
+            f"it holds the published {base} zoo model. Produce it with:\n"
+            f"  glt-keras train {base} && glt-keras zoo publish runs/{base}"
+        )
+    elif path.name == "best_weights.h5":
+        how = f"it is written by a training run: glt-keras train <recipe> --out {path.parent}"
+    else:
+        how = "train and save the model it names first"
+    raise FileNotFoundError(f"{key}: {path} does not exist; {how}")

@@ -37,8 +37,11 @@ from .._io import atomic_write
 from ..data.augment import random_subset
 from ..models import load_weights
 from ..recipe import Recipe, load_recipe
-from .checkpoints import CheckpointError, EpochCheckpoint, _check_best_weights, checkpoint_candidates, restore_checkpoint
+from .checkpoints import (CheckpointError, EpochCheckpoint, _check_best_weights, checkpoint_candidates,
+                          resolve_init_weights, restore_checkpoint)
+from . import pruning as pruning_lib
 from .history import RunLogger, _thermometer, extend_schedule
+from .mixbin.variants import binary_start
 from .schedule import make_optimizer
 from .splits import UNLABELED, Splits, load_splits, make_eval_dataset, make_train_dataset
 
@@ -121,8 +124,6 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    from . import pruning as pruning_lib
-
     # A shrunk recipe (pruning.full_model) trains its full-width network with pruning.
     recipe = pruning_lib.training_recipe(recipe)
     prune = pruning_lib.pruning_settings(recipe)
@@ -155,9 +156,9 @@ def train(
     init_weights = None
     if not resuming:  # resolved before any output, so a missing file fails at once
         if prune and prune.get("init_weights"):
-            init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])
+            init_weights = resolve_init_weights(prune["init_weights"])
         elif cfg.get("init_weights"):
-            init_weights = pruning_lib.resolve_init_weights(cfg["init_weights"], key="training.init_weights")
+            init_weights = resolve_init_weights(cfg["init_weights"], key="training.init_weights")
     teachers = None
     if recipe.kd.get("teachers"):  # checked before any output: a bad file fails at once
         if recipe.kd.get("teacher") or teacher_model is not None:
@@ -208,8 +209,6 @@ def train(
     real_layers = recipe.model.get("real_layers") or []
     if init_weights is not None and cfg.get("real_from_binary") and real_layers:
         # init_weights is the fully binary network: its real layers start as the binary convs they replace.
-        from .mixbin import binary_start
-
         init_weights = binary_start(recipe, real_layers, init_weights, run_dir / "start_weights.h5",
                                     calibration=random_subset(256, splits.train[0], seed=cfg["seed"]))
 
@@ -300,8 +299,6 @@ def train(
 def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose=1) -> dict:
     """Shrink the best (else the final) masked weights of a pruning run: shrunk_weights.h5,
     shrunk_recipe.yaml, shrunk_model.json and shrunk/ (see the module docstring)."""
-    from . import pruning as pruning_lib
-
     best = run_dir / "best_weights.h5"
     masked = recipe.build_model(classifier_activation=None)
     if best.exists():

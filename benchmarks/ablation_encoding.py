@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     _threads(args.threads)
     from glt_keras.models import load_weights, model_summary
     from glt_keras.recipe import load_recipe
-    from glt_keras.training.run import evaluate, extra_eval_sets, load_splits, train
+    from glt_keras.training.evaluation import evaluate
+    from glt_keras.training.run import train
+    from glt_keras.training.splits import extra_eval_sets, load_splits
 
     base = load_recipe(args.recipe)
     out = Path(args.out)

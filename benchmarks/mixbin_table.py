@@ -3,7 +3,7 @@
 
 For a recipe, every (budget, method) pair selects the real-valued layers
 (``glt_keras.training.mixbin.select_layers``), the chosen network is trained with the
-recipe (``glt_keras.training.run.train``), evaluated on the recipe's test split (else
+recipe (``glt_keras.training.mixbin_run.train_selection``), evaluated on the recipe's test split (else
 validation), converted with LCE and verified. Networks with the same real layers are
 trained once (budget 0 is the fully binary network for every method). Results are
 written after every row to ``OUT/results.json`` and ``OUT/table.md``; a rerun with the same
@@ -172,7 +172,7 @@ def plot(rows, meta, path) -> None:
 def write_report(state: dict, out: Path) -> None:
     """``results.json``, ``table.md`` and ``accuracy_vs_bytes.png`` from the state (atomic writes)."""
     from glt_keras._io import atomic_write
-    from glt_keras.training import mixbin
+    from glt_keras.training.mixbin_run import _json_safe
 
     rows = []
     for sel in state.get("selections", {}).values():
@@ -180,7 +180,7 @@ def write_report(state: dict, out: Path) -> None:
                      "cost": sel["cost"], "result": state.get("trained", {}).get(",".join(sel["layers"]), {})})
     rows.sort(key=lambda r: (r["budget"], r["method"]))
     state["rows"] = rows
-    atomic_write(out / "results.json", json.dumps(mixbin._json_safe(state), indent=2))
+    atomic_write(out / "results.json", json.dumps(_json_safe(state), indent=2))
     atomic_write(out / "table.md", markdown(rows, state["meta"]))
     plot(rows, state["meta"], out / "accuracy_vs_bytes.png")
 
@@ -209,13 +209,13 @@ def main(argv=None) -> int:
         _threads(args.threads)
     from glt_keras.data import random_subset
     from glt_keras.recipe import load_recipe
-    from glt_keras.training import mixbin
-    from glt_keras.training.run import load_splits
+    from glt_keras.training import mixbin, mixbin_run
+    from glt_keras.training.splits import load_splits
 
     recipe = load_recipe(args.recipe)
     init_weights = init_label = args.init_weights
     if init_weights is not None:
-        from glt_keras.training.pruning import resolve_init_weights
+        from glt_keras.training.checkpoints import resolve_init_weights
         from glt_keras.zoo import pretrained_weights, sha256_of
 
         init_weights = str(pretrained_weights(recipe.name) if init_weights == "zoo"
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
                 continue
             run_dir = out / "runs" / (("real_" + "_".join(layers)) if layers else "binary")
             resume = (run_dir / "checkpoints" / "last.json").exists()
-            result = mixbin.train_selection(
+            result = mixbin_run.train_selection(
                 recipe, layers, out_dir=run_dir, epochs=args.epochs, subset=args.subset,
                 steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
                 verify_images=args.verify_images, resume=resume, verbose=0, eval_images=eval_pair,

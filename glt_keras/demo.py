@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from .bench import anchors_dir, conversion_entry, reference_entries, run_bench, to_markdown
     from .convert import to_tflite
     from .data import load_arrays
-    from .training.run import confusion_markdown, evaluate
+    from .training.evaluation import confusion_markdown, evaluate
 
     t0 = time.time()
     recipe = zoo.get_recipe(args.model)

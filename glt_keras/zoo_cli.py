@@ -55,7 +55,9 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
-    from .training.run import _thermometer, evaluate, extra_eval_sets, load_splits
+    from .training.evaluation import evaluate
+    from .training.history import _thermometer
+    from .training.splits import extra_eval_sets, load_splits
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")

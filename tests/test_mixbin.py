@@ -10,6 +10,7 @@ import yaml
 from glt_keras import models
 from glt_keras.models import glt_net
 from glt_keras.training import mixbin
+from glt_keras.training.mixbin import surgery
 
 SHAPE = (16, 16, 3)
 TINY = dict(input_shape=SHAPE, num_classes=2, topology="tiny", widths=(64, 64), groups=(1, 2),
@@ -358,9 +359,9 @@ def test_recalibrating_all_batchnorms_at_once_equals_layer_by_layer():
     at_once = mixbin.with_real_layers(one_by_one, ["block2"])
     one_by_one = mixbin.with_real_layers(one_by_one, ["block2"])
     for c in mixbin.candidates(one_by_one):
-        mixbin._recalibrate_bn(one_by_one, c.conv, x)
+        surgery._recalibrate_bn(one_by_one, c.conv, x)
     before = at_once(x).numpy()
-    mixbin._recalibrate_all(at_once, x)
+    surgery._recalibrate_all(at_once, x)
     for c in mixbin.candidates(one_by_one):
         bn = c.conv.replace("_conv", "_bn")
         np.testing.assert_allclose(at_once.get_layer(bn).moving_mean.numpy(),
@@ -385,7 +386,7 @@ def test_a_real_path_started_from_the_binary_one_computes_the_same_on_pm1_inputs
 
     binary_before, real_before = both()
     assert np.abs(binary_before - real_before).max() > 1e-2  # latent weights: a different function
-    mixbin._binarize_kernel(layer, layer.bn_real)
+    surgery._binarize_kernel(layer, layer.bn_real)
     binary_after, real_after = both()
     np.testing.assert_allclose(binary_after, binary_before, atol=1e-5)  # the binary path is unchanged
     np.testing.assert_allclose(real_after, binary_after, atol=1e-3)  # interior: same padding-free sums

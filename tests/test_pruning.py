@@ -368,7 +368,7 @@ def test_shrunk_recipe_builds_the_shrunk_model_with_equal_outputs(pruned_run, im
     import json
 
     from glt_keras.recipe import load_recipe
-    from glt_keras.training.run import load_splits, make_eval_dataset
+    from glt_keras.training.splits import load_splits, make_eval_dataset
 
     recipe, run, _ = pruned_run
     info = json.loads((run / "shrunk_model.json").read_text())

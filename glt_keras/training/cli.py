@@ -52,7 +52,8 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .run import confusion_markdown, evaluate, load_splits
+    from .evaluation import confusion_markdown, evaluate
+    from .splits import load_splits
     from ..data import load_arrays
 
     _threads(args.threads)

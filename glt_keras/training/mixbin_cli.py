@@ -15,7 +15,7 @@ from ..cli import non_negative_int
 
 def cmd_mixbin(args):
     from ..recipe import load_recipe
-    from . import mixbin
+    from . import mixbin, mixbin_run
     from .cli import _threads
 
     _threads(args.threads)
@@ -30,7 +30,7 @@ def cmd_mixbin(args):
     out = Path(args.out) if args.out else Path("runs") / mixbin.variant_name(recipe, selection)
     if args.train:
         print(f"training {recipe.name} with real layers {selection.layers or 'none'} -> {out}")
-        trained = mixbin.train_selection(
+        trained = mixbin_run.train_selection(
             recipe, selection, out_dir=out, epochs=args.epochs, subset=args.subset,
             steps_per_epoch=args.steps_per_epoch, teacher=args.teacher, data_dir=args.data_dir,
             resume=args.resume, verbose=args.verbose, init_weights=args.init_weights,
@@ -45,7 +45,7 @@ def cmd_mixbin(args):
     if args.json:
         from .._io import atomic_write
 
-        atomic_write(args.json, json.dumps(mixbin._json_safe(result), indent=2))
+        atomic_write(args.json, json.dumps(mixbin_run._json_safe(result), indent=2))
     return 0
 
 

@@ -136,10 +136,11 @@ def test_missing_archive_names_where_it_looked(tmp_path, cache_env):
 
 
 def test_datasets_table():
-    assert set(gd.DATASETS) == {"cifar10", "vww_val500", "person_scenes", "inria_person", "caltech101"}
+    assert set(gd.DATASETS) == {"cifar10", "vww_val500", "person_scenes", "inria_person", "caltech101",
+                                "imagenette", "pennfudan", "coco128"}
     assert list(gd.DATASETS["cifar10"].class_names) == [
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    for name in ("vww_val500", "person_scenes", "inria_person"):
+    for name in ("vww_val500", "person_scenes", "inria_person", "pennfudan", "coco128"):
         assert list(gd.DATASETS[name].class_names) == ["non_person", "person"]
     cal = gd.DATASETS["caltech101"].class_names
     assert len(cal) == 102 and "BACKGROUND_Google" in cal and list(cal) == sorted(cal)

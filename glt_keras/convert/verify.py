@@ -88,6 +88,33 @@ def lce_interpreter(fb, *, num_threads: int = 1, use_xnnpack: bool = False):
         raise ValueError(f"The LCE interpreter cannot load {source}: {err}") from err
 
 
+class TFLiteModel:
+    """A ``.tflite`` classifier in LCE's interpreter (:func:`lce_interpreter`: indirect BGEMM)
+    with the little of a Keras model that evaluation uses: ``name``, ``input_shape``,
+    ``output_shape`` and ``predict`` (raw pixels in, float scores out; int8 I/O quantized and
+    dequantized with the model's parameters)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.interpreter = lce_interpreter(path)
+        if len(self.interpreter.input_shapes) != 1 or len(self.interpreter.output_shapes) != 1:
+            raise ValueError(f"{path}: only single-input, single-output models can be run this way.")
+        self.name = Path(path).stem
+        self.input_shape = (None,) + tuple(int(d) for d in self.interpreter.input_shapes[0][1:])
+        self.output_shape = (None,) + tuple(int(d) for d in self.interpreter.output_shapes[0][1:])
+
+    def predict(self, data, verbose: int = 0) -> np.ndarray:
+        """Scores for an array of images, or for an iterable of batches (``images`` or
+        ``(images, labels)``, e.g. a ``tf.data.Dataset``)."""
+        batches = [data] if isinstance(data, np.ndarray) else data
+        outs = []
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            outs.append(run_interpreter(self.interpreter, np.asarray(images, np.float32))[0])
+        return np.concatenate(outs)
+
+
 def check_images(images, expected_shape, *, name: str = "images") -> np.ndarray:
     """Validate a batch of raw-pixel images against a model input ``(H, W, C)``; float32 copy."""
     expected = tuple(int(d) for d in expected_shape)

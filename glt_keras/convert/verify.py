@@ -198,7 +198,9 @@ def threshold_ties(keras_model, images: np.ndarray):
     thermometer threshold of ``keras_model``'s input encoding, and one example
     ``(image, channel, value, threshold, layer name)``; ``([], None)`` without such a layer.
     Integer pixels never tie: the effective thresholds are half-integers."""
-    layer = next((l for l in _iter_layers(keras_model) if callable(getattr(l, "effective_thresholds", None))
+    from .inspect import iter_layers
+
+    layer = next((l for l in iter_layers(keras_model) if callable(getattr(l, "effective_thresholds", None))
                   and getattr(l, "built", False)), None)
     if layer is None or images.ndim != 4:
         return [], None
@@ -213,14 +215,6 @@ def threshold_ties(keras_model, images: np.ndarray):
         return [], None
     n, hh, ww, c, k = np.argwhere(close)[0]
     return tied, (int(n), int(c), float(x[n, hh, ww, c]), float(t[c, k]), layer.name)
-
-
-def _iter_layers(model):
-    for layer in getattr(model, "layers", ()):
-        if getattr(layer, "layers", None):
-            yield from _iter_layers(layer)
-        else:
-            yield layer
 
 
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -14,10 +14,13 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``.
 
     A reader never sees a half-written file, and an interrupted write leaves the old file.
+    A symbolic link, device, pipe or folder at ``path`` is refused (``FileExistsError`` /
+    ``IsADirectoryError``): the rename would replace it with a regular file.
     Missing parent folders are created. The file keeps the mode of the one it replaces, or
     gets the usual ``0o666 & ~umask`` (``mkstemp`` alone would leave it owner-only).
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -42,3 +45,22 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
             pass
         raise
     return path
+
+
+def check_replaceable(path: PathLike) -> None:
+    """Raise a one-line ``OSError`` unless ``path`` is absent or a regular file (not a symbolic
+    link, device, pipe or folder), so that writing it replaces nothing else."""
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); refusing to replace it with a "
+            "regular file: write to the link's target or remove the link."
+        )
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a file path.")
+    if not path.is_file():
+        raise FileExistsError(
+            f"{path} is not a regular file (a device, pipe or socket); refusing to replace it."
+        )

@@ -339,6 +339,10 @@ def to_markdown(results: dict) -> str:
              f"{results['settings']['warmup']} warm-up runs, interleaved in "
              f"{results['settings']['rounds']} rounds; {m['cpus']} CPUs, load average "
              f"{m['load_average']}. `x REF`: our median latency / the reference's."]
+    if not any(k in str(m.get("platform", "")).lower() for k in ("aarch64", "arm64")):
+        notes.append("On this non-ARM machine LCE runs its binary convolutions without optimized kernels "
+                     "(LCE has optimized binary kernels only on AArch64; larq/compute-engine issues 591 "
+                     "and 803), so these latency ratios say little about binarization.")
     notes += [f"data {task}: {d}" for task, d in results["data"].items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 

@@ -38,13 +38,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors that state a problem with the user's input or files in their message: bad
+    values, missing / damaged / protected files, checkpoints. Anything else is a bug and
+    keeps its traceback."""
+    return isinstance(err, (ValueError, OSError)) or getattr(err, "user_error", False)
+
+
+def _one_line(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"glt-keras {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"glt-keras {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"glt-keras {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 
@@ -60,6 +96,11 @@ def run_script(prog: str, description: str, add_arguments, run, argv=None) -> in
     args = parser.parse_args(argv)
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2

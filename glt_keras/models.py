@@ -266,9 +266,25 @@ def save_weights(model: tf.keras.Model, path) -> Path:
     if path.name.endswith(".weights.h5") or path.suffix != ".h5":
         raise ValueError(f"{path}: use a name ending in '_weights.h5' (HDF5, loads by layer name).")
     tmp = path.with_name(path.stem + ".partial.h5")
-    model.save_weights(str(tmp))
+    try:
+        model.save_weights(str(tmp))
+        _check_readable_h5(tmp)  # a full disk can leave a short file that h5py still wrote
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
+
+
+def _check_readable_h5(path: Path) -> None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+    except Exception as err:  # h5py raises several types for damaged files
+        raise OSError(f"weight file {path} could not be read back after writing: "
+                      f"{type(err).__name__}: {err}") from err
 
 
 def load_weights(model: tf.keras.Model, path, *, by_name: bool = False) -> None:

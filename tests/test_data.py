@@ -505,6 +505,71 @@ def test_paste_augment_deterministic():
     assert (bright > 0.01).all()
 
 
+def test_paste_augment_with_cutouts_uses_their_masks():
+    scenes = np.zeros((2, 64, 64, 3), np.uint8)
+    person = np.full((40, 20, 3), 200, np.uint8)
+    solid = np.ones((40, 20), np.float32)
+    out, y = gd.paste_augment(scenes, [(person, solid)], n=4, seed=0, match_exposure=0, height_range=(0.5, 0.5))
+    assert y.tolist() == [1] * 4
+    for image in out:  # a 32x16 block of the person's colour, nothing else changed
+        lit = (image == 200).all(-1)
+        rows, cols = np.flatnonzero(lit.any(1)), np.flatnonzero(lit.any(0))
+        assert len(rows) == 32 and 12 <= len(cols) <= 16  # may stick out sideways by a quarter
+        assert lit.sum() == len(rows) * len(cols) and (image[~lit] == 0).all()
+    invisible, _ = gd.paste_augment(scenes, [(person, np.zeros_like(solid))], n=2, seed=0)
+    np.testing.assert_array_equal(invisible, 0)
+    with pytest.raises(ValueError, match="cut-outs"):
+        gd.paste_augment(scenes, [(person, solid[:5])], n=1)
+
+
+def _mask_png(ids):
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(ids, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_new_person_sets_and_their_cutouts(tmp_path, cache_env):
+    """imagenette (class folders per split), pennfudan (images, masks left out) and coco128
+    (person by the VWW area rule; polygons with COCO category ids, 1 = person)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _make_tar(data / "imagenette_96.tar.gz", {
+        "imagenette/train/tench/a.jpg": _img_bytes(RED, (96, 96), "JPEG"),
+        "imagenette/train/church/b.jpg": _img_bytes(BLUE, (96, 96), "JPEG"),
+        "imagenette/val/church/c.jpg": _img_bytes(BLUE, (96, 96), "JPEG")})
+    train = gd.load_arrays("imagenette", "train", data_dir=data)
+    assert len(train) == 2 and sorted(train.class_names[c] for c in train.y) == ["church", "tench"]
+    assert len(gd.load_arrays("imagenette", "val", data_dir=data)) == 1
+
+    ids = np.zeros((64, 80), np.uint8)
+    ids[4:60, 10:30] = 1  # a person 56 px tall, 20 wide
+    ids[20:40, 50:60] = 2  # one 20 px tall: below min_height
+    _make_tar(data / "pennfudan_256.tar.gz", {
+        "pennfudan/images/P1.jpg": _img_bytes(RED, (80, 64), "JPEG"),
+        "pennfudan/masks/P1_mask.png": _mask_png(ids),
+        "pennfudan/labels.csv": b"image,mask\n"})
+    penn = gd.load_arrays("pennfudan", "train", data_dir=data)
+    assert len(penn) == 1 and penn.y.tolist() == [1] and penn.files[0].endswith("images/P1.jpg")
+    cuts = gd.person_cutouts("pennfudan", data_dir=data, min_height=30)
+    assert [c[0].shape for c in cuts] == [(56, 20, 3)] and cuts[0][1].min() == 1.0
+    assert len(gd.person_cutouts("pennfudan", data_dir=data, min_height=10)) == 2
+
+    boxes = {"big": "0 0.5 0.5 0.1 0.1\n", "small": "0 0.5 0.5 0.05 0.05\n2 0.5 0.5 0.9 0.9\n"}
+    members = {f"coco128_train2017/images/{k}.jpg": _img_bytes(RED, (100, 100), "JPEG") for k in boxes}
+    members.update({f"coco128_train2017/labels_boxes/{k}.txt": v.encode() for k, v in boxes.items()})
+    members["coco128_train2017/labels_polygons/big.txt"] = (
+        b"1 0.1 0.1 0.5 0.1 0.5 0.9 0.1 0.9\n"  # a person 80 px tall
+        b"3 0.6 0.1 0.9 0.1 0.9 0.9\n")  # COCO category 3: a car
+    _make_tar(data / "coco128_train2017_256.tar.gz", members)
+    coco = gd.load_arrays("coco128", "train", data_dir=data)
+    labels = dict(zip([f.rsplit("/", 1)[-1] for f in coco.files], coco.y.tolist()))
+    assert labels == {"big.jpg": 1, "small.jpg": 0}  # 1% of the image vs 0.25%
+    people = gd.person_cutouts("coco128", data_dir=data)
+    assert len(people) == 1 and 78 <= people[0][0].shape[0] <= 82 and 38 <= people[0][0].shape[1] <= 42
+    with pytest.raises(ValueError, match="No person masks"):
+        gd.person_cutouts("imagenette", data_dir=data)
+
+
 # --------------------------------------------------------------------------------------------
 # the real archives in ../shared/data
 
@@ -598,3 +663,18 @@ def test_random_subset_spans_a_class_sorted_set():
     assert len(random_subset(5000, y)) == 1000  # at most all
     with pytest.raises(ValueError, match="different lengths"):
         random_subset(3, x, y[:10])
+
+
+def test_real_pennfudan_and_coco128(real, real_data_dir):
+    penn, coco = real("pennfudan", "train"), real("coco128", "train")
+    assert penn.x.shape == (170, 128, 128, 3) and penn.y.tolist() == [1] * 170
+    assert coco.x.shape == (128, 128, 128, 3) and coco.class_counts().tolist() == [75, 53]
+    assert len(gd.person_cutouts("pennfudan", data_dir=real_data_dir)) > 350  # 423 people, the tall ones
+    assert len(gd.person_cutouts("coco128", data_dir=real_data_dir)) > 50
+
+
+@needs_all
+def test_real_imagenette(real):
+    train, val = real("imagenette", "train"), real("imagenette", "val")
+    assert train.x.shape == (9469, 96, 96, 3) and val.x.shape == (3925, 96, 96, 3)
+    assert (train.class_counts() > 800).all()

@@ -298,3 +298,115 @@ def test_glt96_within_cortex_m4_budget(toolchain, tmp_path):
           f"{run.instructions_per_inference} instructions / inference")
     assert fw.library_flash_bytes <= 128 * 1024
     assert sram <= 64 * 1024
+
+
+# -- first layer by table lookup, DSP / portable / builtin kernels -------------------------
+def test_level_and_first_layer_tables_match_planes():
+    """The thermometer level LUT and the first-layer mismatch table reproduce the planes
+    XOR weights for all 256 pixel values, thresholds 0 (always +1) and 256 (never)."""
+    from glt_keras.mcu.export import (ConvSpec, EncodingSpec, ModelSpec, first_layer_table_words,
+                                      level_table, _table_words_per_level)
+
+    rng = np.random.default_rng(7)
+    levels, channels = 5, 3
+    thr = np.sort(rng.integers(1, 256, (channels, levels)), axis=1)
+    thr[0, 0], thr[1, -1], thr[2, :2], thr[2, -1] = 0, 256, 0, 256  # edge thresholds
+    thr = np.sort(thr, axis=1)
+    enc = EncodingSpec("encoding", "thermometer", channels, levels, thr)
+    lv = level_table(enc)
+    p = np.arange(256)
+    planes = p[None, :, None] >= thr[:, None, :]  # (C, 256, L)
+    assert np.array_equal(lv, planes.sum(-1))
+    # a level is a prefix of planes (thresholds ascend)
+    assert np.array_equal(planes, np.arange(levels)[None, None, :] < lv[..., None])
+    for groups in (1, 5):  # 5: 3 planes per group, channels split between groups
+        cout, kh, kw = 10, 2, 3
+        cin_g = channels * levels // groups
+        kernel = rng.random((kh, kw, cin_g, cout)) < 0.5
+        conv = ConvSpec(name="c1", bn=None, pool_layer=None, head=False, in_h=4, in_w=4,
+                        in_c=channels * levels, groups=groups, kh=kh, kw=kw, sh=1, sw=1, pad_top=0,
+                        pad_left=0, conv_h=4, conv_w=4, ph=1, pw=1, out_h=4, out_w=4, cout=cout,
+                        kernel_bits=kernel, perm=rng.permutation(cout))
+        spec = ModelSpec("m", (4, 4, channels), 2, False, enc, [conv])
+        words = first_layer_table_words(spec, conv.perm)
+        cw = _table_words_per_level(conv)
+        table = words.view(np.uint8).reshape(kh, kw, channels, levels + 1, 4 * cw)
+        bits = kernel[..., conv.perm]
+        for j in range(cout):
+            g = conv.perm[j] // (cout // groups)
+            for c in range(channels):
+                for value in (0, 1, 127, 128, 255, *thr[c].clip(0, 255).tolist()):
+                    x = np.zeros(channels * levels, bool)
+                    x[c * levels:(c + 1) * levels] = planes[c, value]
+                    xg = x[g * cin_g:(g + 1) * cin_g]
+                    mask = np.zeros(channels * levels, bool)
+                    mask[c * levels:(c + 1) * levels] = True
+                    mg = mask[g * cin_g:(g + 1) * cin_g]
+                    want = ((xg != bits[:, :, :, j]) & mg).sum((2,))  # (kh, kw)
+                    assert np.array_equal(table[:, :, c, lv[c, value], j], want), (groups, j, c, value)
+        assert np.all(table[..., cout:] == 0)  # padding rows
+
+
+def test_first_layer_table_equals_bitplane_path(tmp_path, monkeypatch):
+    """Table and encoder + XNOR-popcount first layers give identical scores (host), for
+    every pixel value, with integer thresholds 0 and 256 forced into the spec."""
+    import glt_keras.mcu.export as ex
+
+    model = randomize(odd_model(LearnedThermometer(5, name="encoding"), softmax=False, groups=5), seed=11)
+    real_parse = ex.parse_model
+
+    def parse_with_edges(m):
+        spec = real_parse(m)
+        if spec.encoding.thresholds is None:
+            return spec
+        t = spec.encoding.thresholds.copy()
+        t[0, 0], t[1, -1], t[2, 0], t[2, -1] = 0, 256, 0, 256
+        spec.encoding.thresholds = np.sort(t, axis=1)
+        return spec
+
+    monkeypatch.setattr(ex, "parse_model", parse_with_edges)
+    table = export_c(model, tmp_path / "table", first_layer_table=True)
+    plain = export_c(model, tmp_path / "plain", first_layer_table=False)
+    assert table.layers[0]["table"] and not plain.layers[0]["table"]
+    assert read_macros(tmp_path / "table" / "glt_model.h")["GLT_L0_TABLE"] == 1
+    x = images_for((13, 11, 3), n=6, seed=12)
+    x[2] = (np.arange(13 * 11 * 3) % 256).reshape(13, 11, 3)  # every pixel value in every channel
+    x[3] = ((np.arange(13 * 11 * 3) + 97) % 256).reshape(13, 11, 3)
+    a = build_host(tmp_path / "table", capture=True)
+    b = build_host(tmp_path / "plain", capture=True)
+    np.testing.assert_array_equal(a.infer(x), b.infer(x))
+    for image in x[2:4]:
+        for la, lb in zip(a.layer_outputs(image), b.layer_outputs(image)):
+            np.testing.assert_array_equal(la, lb)
+    assert 0.05 < (a.layer_outputs(x[2])[0] > 0).mean() < 0.95
+    with pytest.raises(UnsupportedLayerError, match="thermometer"):
+        export_c(odd_model(BinaryPlanes(name="encoding"), softmax=False, groups=4), tmp_path / "bp",
+                 first_layer_table=True)
+
+
+def test_default_export_uses_table_for_thermometers(tiny):
+    _, result, out, _ = tiny
+    assert result.layers[0]["table"]
+    assert read_macros(out / "glt_model.h")["GLT_L0_TABLE"] == 1
+
+
+def test_qemu_dsp_and_portable_kernels_identical(toolchain, tiny, tiny_host, tmp_path):
+    """Cortex-M4: the DSP (USADA8) build, the portable build (-DGLT_NO_DSP) and the
+    host build (portable and builtin popcount) give bit-identical scores."""
+    from glt_keras.mcu.qemu import build_firmware, run_firmware
+
+    _, _, out, x = tiny
+    host = tiny_host.infer(x[:2])
+    for builtin in (False, True):
+        np.testing.assert_array_equal(build_host(out, builtin_popcount=builtin).infer(x[:2]), host)
+    runs = {}
+    for label, flags in (("dsp", ()), ("portable", ("-DGLT_NO_DSP",))):
+        fw = build_firmware(out, x[:2], cpu="cortex-m4", build_dir=tmp_path / label, extra_cflags=flags)
+        runs[label] = run_firmware(fw, timeout=300)
+        np.testing.assert_array_equal(runs[label].scores, host)
+    dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / "dsp" / "lib_glt_runtime.o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "usada8" in dis
+    dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / "portable" / "lib_glt_runtime.o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "usada8" not in dis

@@ -434,7 +434,7 @@ def test_missing_init_weights_names_the_file_and_command(tmp_path, image_folder)
     with pytest.raises(FileNotFoundError, match=r"no_such_base_weights\.h5(.|\n)*glt-keras train no_such_base"):
         train(recipe, out_dir=tmp_path / "run", verbose=0)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ValueError, match="unknown pruning keys"):
+    with pytest.raises(ValueError, match=r"pruning\.target is not a known key \(did you mean .target_ratio.\?"):
         train(_tiny_recipe(image_folder, pruning={"target": 0.5}), out_dir=tmp_path / "run2", verbose=0)
 
 

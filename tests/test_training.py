@@ -149,18 +149,31 @@ def test_resume_with_more_epochs_replans_the_rate_and_records_it(tmp_path, image
         "`glt-keras train x`"
 
 
-def test_corrupt_checkpoint_gives_clear_error_and_keeps_previous(tmp_path, image_folder):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, image_folder, capsys):
     run = tmp_path / "run"
     recipe = tiny_recipe(image_folder, epochs=3)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, out_dir=run, verbose=0, callbacks=[StopAfter(2)])
-    data_file = next((run / "checkpoints/epoch_2").glob("ckpt.data-*"))
-    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
-    with pytest.raises(CheckpointError, match=r"epoch_2.*corrupt"):
-        train(recipe, out_dir=run, verbose=0, resume=True)
-    assert (run / "checkpoints/epoch_1/ckpt.index").exists()
     # A partial write (the temp folder of an interrupted save) is never the pointer's target.
     assert json.loads((run / "checkpoints/last.json").read_text())["path"] == "epoch_2"
+    data_file = next((run / "checkpoints/epoch_2").glob("ckpt.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
+    summary = train(recipe, out_dir=run, verbose=0, resume=True)
+    err = capsys.readouterr().err
+    assert "epoch_2 is damaged or corrupt" in err and "resuming from the intact epoch_1 (epoch 1)" in err
+    assert _history(run) == [1, 2, 3] and summary["epochs"] == 3
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, image_folder):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(image_folder, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, out_dir=run, verbose=0, callbacks=[StopAfter(2)])
+    for data_file in (run / "checkpoints").glob("epoch_*/ckpt.data-*"):
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"epoch_2.*corrupt.*every earlier one"):
+        train(recipe, out_dir=run, verbose=0, resume=True)
+    assert (run / "checkpoints/epoch_1/ckpt.index").exists()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, image_folder):

@@ -99,11 +99,14 @@ def c_identifier(stem: str) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from .._io import atomic_write
+    from .._io import atomic_write, check_replaceable
     from .c_array import write_c_array
     from .tflite import StrictConversionError, conversion_result_json, to_tflite
     from .verify import VerificationError
 
+    check_replaceable(args.output)  # a link or device at -o: refused before the conversion
+    if args.json:
+        check_replaceable(args.json)
     images = None
     if args.images:
         if not Path(args.images).is_file():

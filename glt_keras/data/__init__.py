@@ -5,6 +5,7 @@ TensorFlow is imported only by the functions that need it (``make_dataset``,
 ``load_tfds_stl10``), so the array loaders stay quick to import.
 """
 from .augment import make_dataset, paste_augment, random_subset, resize_uint8
+from .cutouts import person_cutouts
 from .sources import (
     DATASETS,
     CorruptImageError,
@@ -34,6 +35,7 @@ __all__ = [
     "load_tfds_stl10",
     "make_dataset",
     "paste_augment",
+    "person_cutouts",
     "person_scenes_sources",
     "random_subset",
     "resize_uint8",

@@ -28,7 +28,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
                  crop: str = "none", pad: int = 4, flip: bool = True,
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
-                 seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False):
+                 seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False,
+                 balance_by=None):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
     Args:
@@ -59,6 +60,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         seed: seed for shuffling, sampling and augmentation.
         num_classes: number of classes for ``balance`` (default ``max(y) + 1``); classes without
             images are left out of the sampling.
+        balance_by: (with ``balance``) the class of each image to balance on, when it is not
+            ``y`` (e.g. the teachers' label of images whose ``y`` is -1, unlabelled).
         drop_remainder: drop the last incomplete batch.
     """
     import tensorflow as tf
@@ -108,10 +111,13 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         return ds.map(load, num_parallel_calls=autotune).prefetch(autotune)
 
     if balance:
-        k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+        groups = y if balance_by is None else np.asarray(balance_by)
+        if groups.shape != y.shape:
+            raise ValueError(f"balance_by must have shape {y.shape}, got {groups.shape}")
+        k = int(num_classes) if num_classes is not None else int(groups.max()) + 1
         per_class = []
         for c in range(k):
-            idx = np.flatnonzero(y == c).astype(np.int64)
+            idx = np.flatnonzero(groups == c).astype(np.int64)
             if len(idx):
                 per_class.append(tf.data.Dataset.from_tensor_slices(idx)
                                  .shuffle(len(idx), seed=seed + 1 + c, reshuffle_each_iteration=True)
@@ -192,18 +198,21 @@ def paste_augment(scenes, persons, *, n: Optional[int] = None, seed: int = 0,
                   height_range: Tuple[float, float] = (0.2, 0.9), person_fraction: float = 0.75,
                   max_people: int = 1, feather: float = 0.35, flip: bool = True,
                   match_exposure: float = 0.5):
-    """Synthesise ``person`` scenes by pasting person windows into no-person scenes.
+    """Synthesise ``person`` scenes by pasting people into no-person scenes.
 
-    Each output is a random scene with 1..``max_people`` random person windows (e.g. INRIA
-    64x128 crops, where the person is ~``person_fraction`` of the window height) pasted with a
-    soft elliptical mask, scaled so the person is ``height_range`` (fraction of the scene
-    height, VWW-like 20-90%) tall, at a random position that keeps the person inside the
-    scene, randomly mirrored, its exposure moved ``match_exposure`` of the way towards the
-    scene's. Deterministic for a given ``seed``.
+    ``persons`` is either an array of person windows (e.g. INRIA 64x128 crops, where the person
+    is ~``person_fraction`` of the window height), pasted with a soft elliptical mask, or a list
+    of cut-outs ``(rgb (h, w, 3) uint8, alpha (h, w) float in [0, 1])`` as
+    :func:`glt_keras.data.person_cutouts` gives, pasted with their own masks (the person fills
+    the cut-out: ``person_fraction`` is 1 for them). Each output is a random scene with
+    1..``max_people`` random people, scaled so the person is ``height_range`` (fraction of the
+    scene height, VWW-like 20-90%) tall, at a random position that keeps the person inside the
+    scene vertically, randomly mirrored, its exposure moved ``match_exposure`` of the way towards
+    the scene's. Deterministic for a given ``seed``.
 
     Args:
         scenes: uint8 ``(N, H, W, 3)`` scenes without people.
-        persons: uint8 ``(M, h, w, 3)`` person windows.
+        persons: uint8 ``(M, h, w, 3)`` person windows, or a list of cut-outs.
         n: number of images to make (default ``len(scenes)``).
 
     Returns:
@@ -212,31 +221,44 @@ def paste_augment(scenes, persons, *, n: Optional[int] = None, seed: int = 0,
     from PIL import Image
 
     scenes = np.asarray(scenes)
-    persons = np.asarray(persons)
-    for name, a in (("scenes", scenes), ("persons", persons)):
-        if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8 or len(a) == 0:
-            raise ValueError(f"{name} must be a non-empty uint8 (N, H, W, 3) array, got {a.dtype} {a.shape}")
+    if isinstance(persons, (list, tuple)):
+        cutouts = [(np.asarray(rgb), np.asarray(alpha, np.float32)) for rgb, alpha in persons]
+        if not cutouts or any(rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8
+                              or alpha.shape != rgb.shape[:2] for rgb, alpha in cutouts):
+            raise ValueError("persons: cut-outs must be a non-empty list of (uint8 (h, w, 3), alpha (h, w)) pairs")
+    else:
+        windows = np.asarray(persons)
+        if windows.ndim != 4 or windows.shape[-1] != 3 or windows.dtype != np.uint8 or len(windows) == 0:
+            raise ValueError(f"persons must be a non-empty uint8 (N, H, W, 3) array, got {windows.dtype} {windows.shape}")
+        ellipse = _soft_ellipse(*windows.shape[1:3], person_fraction, feather)
+        cutouts = None
+    if scenes.ndim != 4 or scenes.shape[-1] != 3 or scenes.dtype != np.uint8 or len(scenes) == 0:
+        raise ValueError(f"scenes must be a non-empty uint8 (N, H, W, 3) array, got {scenes.dtype} {scenes.shape}")
     if not 0 < height_range[0] <= height_range[1]:
         raise ValueError(f"height_range must satisfy 0 < low <= high, got {height_range}")
     n = len(scenes) if n is None else int(n)
     rng = np.random.default_rng(seed)
     H, W = scenes.shape[1:3]
-    ph0, pw0 = persons.shape[1:3]
     out = np.empty((n,) + scenes.shape[1:], np.uint8)
     luma = np.array([0.299, 0.587, 0.114], np.float32)
     for i in range(n):
         canvas = scenes[rng.integers(len(scenes))].astype(np.float32)
         for _ in range(int(rng.integers(1, max_people + 1))):
-            person = persons[rng.integers(len(persons))]
+            if cutouts is None:
+                person, alpha, fraction = windows[rng.integers(len(windows))], ellipse, person_fraction
+            else:
+                (person, alpha), fraction = cutouts[rng.integers(len(cutouts))], 1.0
             if flip and rng.random() < 0.5:
-                person = person[:, ::-1]
+                person, alpha = person[:, ::-1], alpha[:, ::-1]
+            ph0, pw0 = person.shape[:2]
             person_h = rng.uniform(*height_range) * H
-            wh = max(2, int(round(person_h / person_fraction)))
+            wh = max(2, int(round(person_h / fraction)))
             ww = max(2, int(round(wh * pw0 / ph0)))
             win = np.asarray(Image.fromarray(np.ascontiguousarray(person)).resize((ww, wh), Image.Resampling.LANCZOS),
                              np.float32)
-            mask = _soft_ellipse(wh, ww, person_fraction, feather)
-            margin_y = (1.0 - person_fraction) / 2 * wh
+            mask = np.asarray(Image.fromarray(np.ascontiguousarray(alpha, np.float32)).resize(
+                (ww, wh), Image.Resampling.BILINEAR), np.float32)
+            margin_y = (1.0 - fraction) / 2 * wh
             y0 = int(round(rng.uniform(-margin_y, max(-margin_y, H - wh + margin_y))))
             x0 = int(round(rng.uniform(-0.25 * ww, max(-0.25 * ww, W - 0.75 * ww))))
             ys, xs = max(0, y0), max(0, x0)
@@ -244,7 +266,7 @@ def paste_augment(scenes, persons, *, n: Optional[int] = None, seed: int = 0,
             if ye <= ys or xe <= xs:
                 continue
             patch = win[ys - y0:ye - y0, xs - x0:xe - x0]
-            m = mask[ys - y0:ye - y0, xs - x0:xe - x0, None]
+            m = np.clip(mask[ys - y0:ye - y0, xs - x0:xe - x0, None], 0.0, 1.0)
             region = canvas[ys:ye, xs:xe]
             if match_exposure:
                 p_mean = float((patch @ luma * m[..., 0]).sum() / max(m.sum(), 1e-3))

@@ -150,6 +150,10 @@ stegosaurus stop_sign strawberry sunflower tick trilobite umbrella watch water_l
 wild_cat windsor_chair wrench yin_yang
 """.split())
 assert len(CALTECH101_CLASSES) == 102
+IMAGENETTE_CLASSES = ["cassette_player", "chain_saw", "church", "english_springer", "french_horn",
+                      "garbage_truck", "gas_pump", "golf_ball", "parachute", "tench"]
+#: The VWW rule: an image shows a person when a person box covers more than this share of it.
+VWW_PERSON_AREA = 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +196,21 @@ DATASETS: Dict[str, DatasetInfo] = {
         (112, 112), prefix="caltech101/", folders=("caltech101", "caltech101_128"),
         description="Caltech-101 + BACKGROUND_Google (102 classes), fixed train.txt/test.txt "
                     "split, squashed to 112x112 (take 96x96 crops)."),
+    "imagenette": DatasetInfo(
+        "imagenette", "imagenette_96.tar.gz", tuple(IMAGENETTE_CLASSES), ("train", "val"), (96, 96),
+        prefix="imagenette/", folders=("imagenette", "imagenette_96"),
+        description="Imagenette v2 (10 easy ImageNet classes), official train/val split, 96x96. "
+                    "About one photo in six shows people (no person labels: a teacher labels them)."),
+    "pennfudan": DatasetInfo(
+        "pennfudan", "pennfudan_256.tar.gz", tuple(PERSON_CLASSES), ("train",), (128, 128),
+        prefix="pennfudan/", folders=("pennfudan", "pennfudan_256"),
+        description="Penn-Fudan pedestrians: 170 street photos, every one showing people "
+                    "(label person), squashed to 128x128. Their masks: glt_keras.data.person_cutouts."),
+    "coco128": DatasetInfo(
+        "coco128", "coco128_train2017_256.tar.gz", tuple(PERSON_CLASSES), ("train",), (128, 128),
+        prefix="coco128_train2017/", folders=("coco128_train2017", "coco128_train2017_256"),
+        description="The first 128 COCO train2017 images (never VWW's), squashed to 128x128; person "
+                    "if a class-0 box covers more than 0.5% of the image (the VWW rule)."),
 }
 
 PERSON_SCENES_VAL_FRACTION = 0.10
@@ -502,7 +521,42 @@ def _assemble_caltech101(info, images, texts):
     return out
 
 
+def _assemble_imagenette(info, images, texts):
+    return _by_folder(info, images, lambda n: n[len(info.prefix):].split("/", 1)[0], class_depth=1)
+
+
+def _assemble_pennfudan(info, images, texts):
+    names = sorted(images)
+    return {"train": Dataset(_stack(names, images, info.image_size), np.ones(len(names), np.int32),
+                             list(info.class_names), files=np.array(names, dtype=str))}
+
+
+def coco_person_area(label_text: str) -> float:
+    """The largest person box's share of the image, from a YOLO box file (class 0 = person).
+
+        >>> coco_person_area("0 0.5 0.5 0.1 0.2\\n2 0.5 0.5 0.9 0.9")
+        0.020000000000000004
+    """
+    areas = [float(w) * float(h) for cls, _, _, w, h in
+             (line.split()[:5] for line in label_text.splitlines() if line.strip()) if int(cls) == 0]
+    return max(areas, default=0.0)
+
+
+def _assemble_coco128(info, images, texts):
+    names = sorted(images)
+    y = []
+    for name in names:
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        text = texts.get(f"{info.prefix}labels_boxes/{stem}.txt", b"").decode("utf-8")
+        y.append(int(coco_person_area(text) > VWW_PERSON_AREA))
+    return {"train": Dataset(_stack(names, images, info.image_size), np.array(y, np.int32),
+                             list(info.class_names), files=np.array(names, dtype=str))}
+
+
 _ASSEMBLERS = {
+    "imagenette": _assemble_imagenette,
+    "pennfudan": _assemble_pennfudan,
+    "coco128": _assemble_coco128,
     "cifar10": _assemble_cifar10,
     "vww_val500": _assemble_vww_val500,
     "person_scenes": _assemble_person_scenes,
@@ -511,8 +565,13 @@ _ASSEMBLERS = {
 }
 
 
+#: Image folders of an archive that are the data set's images (the rest are masks).
+_IMAGE_FOLDERS = {"pennfudan": "images/", "coco128": "images/"}
+
+
 def _wanted(info: DatasetInfo) -> Callable[[str], bool]:
-    return lambda name: name.startswith(info.prefix)
+    prefix = info.prefix + _IMAGE_FOLDERS.get(info.name, "")
+    return lambda name: name.startswith(prefix)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import numpy as np
 import larq as lq
 import tensorflow as tf
 
+from .checks import check_pixels
+
 PIXEL_MAX = 255.0
 #: Smallest gap between consecutive thresholds (pixel units), built into the
 #: parameterisation so that ordering survives float32 saturation of the softmax.
@@ -32,10 +34,13 @@ def snap_thresholds(t):
     return tf.floor(t + SNAP_BAND) + 0.5
 
 
-def _as_pixels(inputs):
+def _as_pixels(inputs, layer=None):
     if inputs.dtype != tf.float32:
         inputs = tf.cast(inputs, tf.float32)
-    return inputs
+    if layer is None:
+        return inputs
+    # NaN / inf, normalised or out-of-range pixels, a wrong image size: a clear error (checks.py).
+    return check_pixels(inputs, getattr(layer, "_build_input_shape", None), layer.name)
 
 
 def _check_channels(layer, input_shape):
@@ -270,7 +275,7 @@ class LearnedThermometer(tf.keras.layers.Layer):
 
     # -- forward ---------------------------------------------------------------
     def call(self, inputs):
-        x = _as_pixels(inputs)
+        x = _as_pixels(inputs, self)
         t = self._effective_thresholds_tensor()  # (rows, M) half-integers
         if not self.per_channel:
             t = tf.tile(t, [self.channels, 1])
@@ -330,7 +335,7 @@ class BinaryPlanes(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
-        x = tf.clip_by_value(tf.round(_as_pixels(inputs)), 0.0, PIXEL_MAX)
+        x = tf.clip_by_value(tf.round(_as_pixels(inputs, self)), 0.0, PIXEL_MAX)
         x = tf.repeat(x, self.levels, axis=-1)
         weights = tf.constant([2.0 ** (7 - k) for k in range(8)] * self.channels)
         bits = tf.math.floormod(tf.math.floor(x / weights), 2.0)
@@ -353,7 +358,7 @@ class RealInput(tf.keras.layers.Layer):
     levels = 1
 
     def call(self, inputs):
-        return _as_pixels(inputs) / 127.5 - 1.0
+        return _as_pixels(inputs, self) / 127.5 - 1.0
 
 
 ENCODINGS = {

@@ -35,10 +35,73 @@ def load_model(name_or_path: str, weights="pretrained"):
     return zoo.load(name_or_path, weights=weights)
 
 
+#: What export-c wrote into an output folder, with SHA-256: files it may overwrite later.
+MANIFEST = ".glt_export_manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_out_dir(out_dir, names, *, force: bool = False) -> None:
+    """Refuse (``FileExistsError``, one line) to overwrite a file in ``out_dir`` that export-c
+    did not write there, or that was edited since (its SHA-256 differs from the manifest's);
+    ``force`` overwrites them. Symbolic links and special files are never replaced."""
+    from .._io import check_replaceable
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"-o {out_dir} is a file, not a folder.")
+    try:
+        written = json.loads((out_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        written = {}
+    foreign = []
+    for name in names:
+        path = out_dir / name
+        check_replaceable(path)
+        if path.exists() and written.get(name) != _sha256(path):
+            foreign.append(name)
+    if foreign and not force:
+        raise FileExistsError(
+            f"{out_dir} holds {', '.join(foreign)}, not written by export-c or edited since; refusing to "
+            "overwrite: pass --force, or choose another -o."
+        )
+
+
+def write_manifest(out_dir, files) -> None:
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / MANIFEST, json.dumps(
+        {"files": {Path(f).name: _sha256(Path(f)) for f in files}}, indent=1, sort_keys=True))
+
+
+def _export_names(model, name) -> list:
+    """The names of the files export_c writes for this model (exported once into a temp folder)."""
+    import tempfile
+
+    from .export import export_c
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return [Path(p).name for p in export_c(model, tmp, name=name).files]
+
+
 def cmd_export_c(args) -> int:
     from .report import format_report, mcu_report
 
     model = load_model(args.model, args.weights)
+    names = _export_names(model, args.name)
+    check_out_dir(args.out, names, force=args.force)
+    try:
+        return _export(model, args, format_report, mcu_report)
+    finally:
+        present = [Path(args.out) / n for n in names if (Path(args.out) / n).is_file()]
+        if present:
+            write_manifest(args.out, present)
+
+
+def _export(model, args, format_report, mcu_report) -> int:
     if args.images:
         import numpy as np
 
@@ -89,4 +152,6 @@ def register(subparsers) -> None:
                    help="also cross-compile and run bare-metal under QEMU: sizes, SRAM, instructions")
     p.add_argument("--qemu-images", type=int, default=2, metavar="N", help="images embedded in the firmware")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite files in -o DIR that export-c did not write there, or that were edited since")
     p.set_defaults(func=cmd_export_c)

@@ -464,14 +464,19 @@ def _consumer_layout(nxt: ConvSpec | None):
     return cin_g, wpg, wpg * nxt.groups
 
 
-def plan_memory(spec: ModelSpec) -> MemoryPlan:
+def plan_memory(spec: ModelSpec, first_layer_table: bool = False) -> MemoryPlan:
+    """``first_layer_table``: the first layer reads the uint8 image through lookup
+    tables (no ring of encoded rows, no gather scratch for it)."""
     convs = spec.convs
     first = convs[0]
-    ring_rows = (first.ph - 1) * first.sh + first.kh
+    ring_rows = 0 if first_layer_table else (first.ph - 1) * first.sh + first.kh
     sizes = []
     for idx, conv in enumerate(convs):
         in_wpp = _wpg(conv.cin_g) * conv.groups
-        if idx == 0:
+        if idx == 0 and first_layer_table:
+            in_words = 0
+            in_what = "the uint8 image (read through the level and mismatch tables)"
+        elif idx == 0:
             in_words = ring_rows * conv.in_w * in_wpp
             in_what = f"ring of {ring_rows} encoded input rows"
         else:
@@ -485,7 +490,7 @@ def plan_memory(spec: ModelSpec) -> MemoryPlan:
             out_what = f"{conv.out_h}x{conv.out_w}x{conv.cout} bits"
         sizes.append((conv, in_words, out_words, in_what, out_what))
     pingpong = max(a + b for _, a, b, _, _ in sizes)
-    scratch = max(c.ph * c.pw * c.row_words * c.groups for c in convs)
+    scratch = max(c.ph * c.pw * c.row_words * c.groups for c in convs[1 if first_layer_table else 0:])
     plan = MemoryPlan(arena_words=pingpong + scratch, pingpong_words=pingpong, scratch_words=scratch,
                       ring_rows=ring_rows)
     low = True  # where the current layer's input lives
@@ -536,6 +541,66 @@ def _group_formula(groups_of_rows: np.ndarray, groups: int):
         if np.array_equal((j // div) % groups, groups_of_rows):
             return div, groups
     return None
+
+
+#: Largest first-layer mismatch table exported by default (bytes of flash).
+FIRST_LAYER_TABLE_MAX_BYTES = 32 * 1024
+#: Default flash budget of the library: the first-layer table is only used when the
+#: weights, thresholds, table and code (estimated) fit in it.
+FLASH_BUDGET_BYTES = 128 * 1024
+#: Code of the runtime on Cortex-M (-O2, a few specialised kernels), an upper estimate.
+CODE_BYTES_ESTIMATE = 12 * 1024
+
+
+def _table_words_per_level(conv: ConvSpec) -> int:
+    """uint32 words per (tap, level) of the first-layer table: one byte per output row,
+    padded to a multiple of 16 rows (the kernel sums blocks of 4 words)."""
+    return 4 * -(-conv.cout // 16)
+
+
+def first_layer_table_bytes(spec: ModelSpec) -> int | None:
+    """Flash bytes of the first layer's mismatch table, or None when the encoding is
+    not a thermometer (the table is indexed by the thermometer level)."""
+    enc, first = spec.encoding, spec.convs[0]
+    if enc.kind != "thermometer" or first.head or enc.levels > 255:
+        return None
+    return 4 * first.kh * first.kw * enc.channels * (enc.levels + 1) * _table_words_per_level(first)
+
+
+def level_table(enc: EncodingSpec) -> np.ndarray:
+    """(channels, 256) uint8: thermometer level of every pixel value = the number of
+    integer thresholds <= pixel, so planes 0..level-1 of the channel are +1."""
+    p = np.arange(256)
+    return (p[None, :, None] >= enc.thresholds[:, None, :]).sum(-1).astype(np.uint8)
+
+
+def first_layer_table_words(spec: ModelSpec, order: np.ndarray) -> np.ndarray:
+    """The first layer as a lookup table: byte j of row (tap, level) = the mismatches
+    between weight row j (consumer order, negated rows already flipped) and the
+    thermometer planes of one pixel channel at level n, over the planes of row j's
+    group. tap = (ky * kw + kx) * channels + c; a padded pixel (+1 everywhere) is level
+    ``levels``. Returns uint32 words (taps * (levels + 1), words per level)."""
+    enc, conv = spec.encoding, spec.convs[0]
+    L, C = enc.levels, enc.channels
+    bits = conv.kernel_bits[..., order]  # (kh, kw, cin_g, cout), True = +1
+    cout_g = conv.cout // conv.groups
+    row_group = order // cout_g
+    cw = _table_words_per_level(conv)
+    table = np.zeros((conv.kh, conv.kw, C, L + 1, 4 * cw), dtype=np.int64)
+    n = np.arange(L + 1)
+    for c in range(C):
+        for k in range(L):
+            plane = c * L + k
+            g, i = divmod(plane, conv.cin_g)
+            rows = np.flatnonzero(row_group == g)
+            on = n > k  # plane k of channel c is +1 at level n
+            w = bits[:, :, i, :][:, :, rows]  # (kh, kw, rows)
+            table[:, :, c, :, rows] += (on[None, None, :, None] != w[:, :, None, :]).transpose(3, 0, 1, 2)
+    if table.max() > 255:  # pragma: no cover - levels <= 255
+        raise UnsupportedLayerError("export_c: first-layer table entry above 255.")
+    table = table.reshape(-1, cw, 4).astype(np.uint32)
+    words = table[..., 0] | (table[..., 1] << 8) | (table[..., 2] << 16) | (table[..., 3] << 24)
+    return words.reshape(-1).astype(np.uint32)
 
 
 # ------------------------------------------------------------------------------------
@@ -591,7 +656,8 @@ class ExportResult:
         }
 
 
-def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> ExportResult:
+def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
+             first_layer_table: bool | None = None, flash_budget: int = FLASH_BUDGET_BYTES) -> ExportResult:
     """Generate a self-contained C99 library computing ``model`` on uint8 HWC images.
 
     Writes ``{name}.h`` (the API: ``int glt_infer(const uint8_t *rgb, float *scores)``
@@ -605,6 +671,14 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
     naming the layer and its class, for anything the C library cannot reproduce
     exactly (real-valued convolutions, teacher input paths, branches, ...).
 
+    ``first_layer_table``: compute the first layer (and the thermometer) with lookup
+    tables indexed by each pixel's thermometer level instead of encoding bit planes and
+    XNOR-popcounting them (same integers, far fewer instructions). ``None`` (default):
+    when the encoding is a thermometer, the table takes at most
+    :data:`FIRST_LAYER_TABLE_MAX_BYTES` and the library with it (weights, thresholds,
+    table and an estimate of the code) stays within ``flash_budget`` bytes; ``True``
+    requires it; ``False`` never.
+
     Example:
         >>> result = export_c(model, "build/c_model")      # doctest: +SKIP
         >>> result.peak_ram_bytes                          # doctest: +SKIP
@@ -613,7 +687,19 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
     if not name.isidentifier():
         raise ValueError(f"export_c: name must be a C identifier, got {name!r}.")
     spec = parse_model(model)
-    plan = plan_memory(spec)
+    table_bytes = first_layer_table_bytes(spec)
+    if first_layer_table is None:
+        first = spec.convs[0]
+        flash = sum(4 * c.cout * c.row_words + 2 * c.cout for c in spec.convs) + CODE_BYTES_ESTIMATE
+        with_table = flash - 4 * first.cout * first.row_words + (table_bytes or 0) + 3 * 256
+        use_table = (table_bytes is not None and table_bytes <= FIRST_LAYER_TABLE_MAX_BYTES
+                     and with_table <= flash_budget)
+    elif first_layer_table and table_bytes is None:
+        raise UnsupportedLayerError(
+            f"export_c: first_layer_table needs a thermometer encoding, not {spec.encoding.kind!r}.")
+    else:
+        use_table = bool(first_layer_table)
+    plan = plan_memory(spec, first_layer_table=use_table)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Sources of an earlier export (possibly under another name) would clash at link time.
@@ -660,6 +746,16 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
     else:
         enc_init = (f"const glt_encoding_t glt_encoding = {{GLT_ENC_BITPLANES, {enc.channels}, "
                     f"{enc.levels}, NULL, glt_enc_dst, glt_enc_chan_dst}};\n")
+    if use_table:
+        lv = level_table(enc)
+        data.append("/* Thermometer level of each pixel value, per channel. */\n")
+        data.append(_c_array("uint8_t", "glt_enc_level", lv.reshape(-1), per_line=32).replace("static const", "const"))
+        const_bytes += lv.size
+        l0_table = first_layer_table_words(spec, convs[0].perm)
+        data.append(f"/* {convs[0].name} as a table: [tap][level][row / 4], 4 rows of mismatches per word. */\n")
+        data.append(_c_array("uint32_t", "glt_l0_table", l0_table, per_line=6).replace("static const", "const"))
+        weight_bytes += 4 * len(l0_table)
+        const_bytes += 4 * len(l0_table)
 
     # -- layers -----------------------------------------------------------------------------
     for idx, (conv, lp) in enumerate(zip(convs, plan.layers)):
@@ -674,9 +770,12 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
         weights = _pack_rows(conv, order)
         data.append(f"/* {conv.name}: {conv.kh}x{conv.kw}, {conv.in_c}->{conv.cout} channels, "
                     f"groups={conv.groups}, {conv.in_h}x{conv.in_w} -> {conv.out_h}x{conv.out_w} */\n")
-        data.append(_c_array("uint32_t", f"{tag}_w", weights, per_line=6))
-        weight_bytes += 4 * len(weights)
-        const_bytes += 4 * len(weights)
+        if idx == 0 and use_table:  # computed from glt_l0_table: no packed rows
+            data.append(_c_array("uint32_t", f"{tag}_w", [0], per_line=6))
+        else:
+            data.append(_c_array("uint32_t", f"{tag}_w", weights, per_line=6))
+            weight_bytes += 4 * len(weights)
+            const_bytes += 4 * len(weights)
         pad = _pad_vector(conv)
         data.append(_c_array("uint32_t", f"{tag}_pad", pad, per_line=6))
         const_bytes += 4 * len(pad)
@@ -712,7 +811,8 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
             "input": [conv.in_h, conv.in_w, conv.in_c], "output": [conv.out_h, conv.out_w, conv.cout],
             "kernel": [conv.kh, conv.kw], "groups": conv.groups, "k_bits": conv.k_bits,
             "row_words": conv.row_words, "dense_rows": conv.dense,
-            "weight_bytes": 4 * len(weights),
+            "weight_bytes": 4 * len(l0_table) if idx == 0 and use_table else 4 * len(weights),
+            "table": bool(idx == 0 and use_table),
             "negated_rows": int(conv.flip.sum()) if conv.flip is not None else 0,
             "binary_macs": conv.conv_h * conv.conv_w * conv.cout * conv.k_bits,
             "out_layout": {"h": conv.out_h, "w": conv.out_w, "channels": conv.cout, "cpg": out_cpg,
@@ -723,7 +823,7 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model") -> Expo
 
     max_rows = max((c.ph - 1) * c.sh + c.kh for c in convs)
     # Inline a constant-size kernel for the common row sizes (at most 4: code size).
-    row_words = sorted({c.row_words for c in convs[:-1]})
+    row_words = sorted({c.row_words for c in convs[1 if use_table else 0:-1]})
     max_win = max(c.ph * c.pw * c.kh * c.kw for c in convs)
     specialized = " ".join(f"X({n})" for n in row_words if n <= 60)
     specialized = " ".join(specialized.split(" ")[:4])
@@ -780,6 +880,10 @@ extern "C" {{
 #define GLT_ENC_CHANNELS {enc.channels}
 #define GLT_ENC_LEVELS {enc.levels}
 #define GLT_ENC_WPP {_wpg(first.cin_g) * first.groups}
+/* 1: the first layer reads the image through glt_enc_level and glt_l0_table. */
+#define GLT_L0_TABLE {int(use_table)}
+#define GLT_L0_TAPS {first.kh * first.kw * enc.channels}
+#define GLT_L0_CW {_table_words_per_level(first)}
 /* Words per weight row with a specialised (unrolled) kernel. */
 #define GLT_SPECIALIZED_NK(X) {specialized}
 
@@ -790,6 +894,9 @@ int glt_infer(const uint8_t *rgb, float *scores);
 
 /* 1 if this build counts bits with __builtin_popcount, 0 for the portable SWAR code. */
 int glt_popcount_builtin(void);
+
+/* Kernel variant of this build: 0 portable SWAR, 1 __builtin_popcount, 2 ARM DSP (USADA8). */
+int glt_kernel_variant(void);
 
 #ifdef __cplusplus
 }}
@@ -934,7 +1041,14 @@ Popcount
   -DGLT_USE_BUILTIN_POPCOUNT (GCC / Clang): use __builtin_popcount, worthwhile where it
   is one instruction (x86 with -mpopcnt, AArch64). Chosen automatically when the
   compiler targets x86 POPCNT (__POPCNT__); -DGLT_NO_BUILTIN_POPCOUNT forces SWAR.
-  glt_popcount_builtin() reports which one a build uses.
+  On ARMv7E-M (Cortex-M4 / M7, __ARM_FEATURE_DSP) the byte counters are summed by
+  one USADA8; -DGLT_NO_DSP forces the portable code (identical results).
+  glt_popcount_builtin() reports which one a build uses; glt_kernel_variant():
+  0 portable, 1 builtin popcount, 2 DSP.
+  First layer (GLT_L0_TABLE = 1, thermometer encodings whose table fits): each pixel
+  channel's thermometer level is one lookup (glt_enc_level), and the mismatches of all
+  output channels with that tap's planes are one row of glt_l0_table (one byte per
+  channel): a conv position is a sum of table words, no bit planes are encoded.
   The row kernel is instantiated with a constant row length for the sizes listed in
   GLT_SPECIALIZED_NK (words per weight row: {specialized}), so the compiler can
   schedule those loops with constant trip counts; other sizes use the generic kernel.

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
+
+from ..cli import non_negative_int, positive_int
 
 
 def _threads(n):
@@ -13,21 +16,38 @@ def _threads(n):
 
 
 def cmd_train(args):
+    from pathlib import Path
+
+    from ..recipe import load_recipe
     from .run import train
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them.")
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before TensorFlow starts
+    out = Path(args.out or Path("runs") / recipe.name)
     _threads(args.threads)
-    summary = train(
-        args.recipe,
-        out_dir=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        data_dir=args.data_dir,
-        strategy=args.strategy,
-        subset=args.subset,
-        steps_per_epoch=args.steps_per_epoch,
-        verbose=args.verbose,
-    )
+    try:
+        summary = train(
+            recipe,
+            out_dir=out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            data_dir=args.data_dir,
+            strategy=args.strategy,
+            subset=args.subset,
+            steps_per_epoch=args.steps_per_epoch,
+            verbose=args.verbose,
+        )
+    except KeyboardInterrupt:
+        again = " ".join(
+            ["glt-keras train", args.recipe, "--resume", "--out", str(out)]
+            + (["--epochs", str(args.epochs)] if args.epochs else [])
+            + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
+        print(f"\nglt-keras train: interrupted; every completed epoch is saved in {out / 'checkpoints'}. "
+              f"Continue with: {again}", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
 
 
@@ -70,9 +90,9 @@ def cmd_eval(args):
           f"{result['mean_per_class_accuracy']:.4f}, loss {result['loss']:.4f} on {result['images']} images")
     print(confusion_markdown(result))
     if args.json:
-        from pathlib import Path
+        from .._io import atomic_write
 
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write(args.json, json.dumps(result, indent=2))
 
 
 def _is_folder(data: str) -> bool:
@@ -157,15 +177,17 @@ def _load_model(name_or_recipe, weights=None):
 def register(subparsers):
     p = subparsers.add_parser("train", help="train a zoo recipe or a recipe file")
     p.add_argument("recipe", help="zoo recipe name (e.g. cifar10_binary) or path to a recipe .yaml")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (checkpoints, history, best weights) and start again")
     p.add_argument("--out", help="run folder (default runs/<recipe>)")
     p.add_argument("--data-dir", help="folder with the data archives (default $GLT_DATA_DIR or ../shared/data)")
     p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default")
-    p.add_argument("--subset", type=int, help="use at most this many images per split (smoke runs)")
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
+    p.add_argument("--subset", type=positive_int, help="use at most this many images per split (smoke runs)")
+    p.add_argument("--steps-per-epoch", type=positive_int)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="TensorFlow intra-op threads (0: all cores)")
     p.add_argument("--verbose", type=int, default=1, help="1: progress bar, 2: one line per epoch")
     p.set_defaults(func=cmd_train)
 
@@ -177,5 +199,5 @@ def register(subparsers):
                                   "vww_val500:val (default: the recipe's test/val; required for a model file)")
     p.add_argument("--data-dir")
     p.add_argument("--json", help="write the result as JSON")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=non_negative_int, default=0)
     p.set_defaults(func=cmd_eval)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cli import non_negative_int
+
 
 def cmd_mixbin(args):
     from ..recipe import load_recipe
@@ -41,7 +43,9 @@ def cmd_mixbin(args):
             if key in trained:
                 print(f"- {key}: {trained[key]}")
     if args.json:
-        Path(args.json).write_text(json.dumps(mixbin._json_safe(result), indent=2))
+        from .._io import atomic_write
+
+        atomic_write(args.json, json.dumps(mixbin._json_safe(result), indent=2))
     return 0
 
 
@@ -70,6 +74,6 @@ def register(subparsers):
     p.add_argument("--out", help="run folder (default runs/<recipe>_mixbin_<method>_<by><budget>)")
     p.add_argument("--json", help="write the selection (and the training result) as JSON")
     p.add_argument("--data-dir")
-    p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="TensorFlow intra-op threads (0: all cores)")
     p.add_argument("--verbose", type=int, default=2)
     p.set_defaults(func=cmd_mixbin)

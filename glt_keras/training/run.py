@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,18 @@ from ..models import load_weights, save_weights
 from ..recipe import Recipe, load_recipe
 
 
+#: The label of an image that has none (``labels: teacher``): only the teachers' targets train on it.
+UNLABELED = -1
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt."""
+
+    user_error = True  # the command line states it in one line (glt_keras.cli.is_user_error)
+
+
+#: What a run leaves in its folder: a fresh start there needs ``overwrite=True``.
+RUN_FILES = ("checkpoints", "history.csv", "best_weights.h5", "summary.json", "thresholds.json")
 
 
 # ----------------------------------------------------------------------------- data
@@ -80,7 +91,9 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
     else:
         ds = load_arrays(spec["dataset"], spec["split"], data_dir=data_dir)
     label_map = spec.get("label_map")
-    if label_map is None:
+    if spec.get("labels") == "teacher":  # no hard label: the recipe's teachers label every view
+        x, y = ds.x, np.full(len(ds.x), UNLABELED, np.int64)
+    elif label_map is None:
         if list(ds.class_names) != list(classes):
             raise ValueError(
                 f"data source {spec}: classes {list(ds.class_names)} differ from the recipe's "
@@ -110,11 +123,14 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
 
 
 def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
-    """Synthetic positives: person windows pasted into scenes without people.
+    """Synthetic positives: people pasted into scenes without people.
 
-    ``{scenes: {dataset, split, class}, persons: {dataset, split, class}, n, label}``
+    ``{scenes: {dataset, split, class}, persons: PERSONS, n, label, height_range, seed}``;
+    PERSONS is ``{dataset, split, class}`` (windows, pasted with an elliptical mask) or
+    ``{dataset: pennfudan | coco128, masks: true}`` (people cut out by their masks), or a
+    list of those. ``label: teacher`` leaves the label to the recipe's teachers.
     """
-    from ..data import load_arrays, paste_augment
+    from ..data import load_arrays, paste_augment, person_cutouts
 
     def pick(part):
         ds = load_arrays(part["dataset"], part["split"], data_dir=data_dir)
@@ -123,14 +139,23 @@ def _pasted_source(spec: dict, classes: list, data_dir, size_hw):
     scenes = pick(spec["scenes"])
     if size_hw is not None:
         scenes = resize_uint8(scenes, size_hw)
-    x, _ = paste_augment(scenes, pick(spec["persons"]), n=int(spec["n"]), seed=int(spec.get("seed", 0)))
-    return x, np.full(len(x), classes.index(spec.get("label", "person")), "int32")
+    parts = spec["persons"] if isinstance(spec["persons"], list) else [spec["persons"]]
+    if all(part.get("masks") for part in parts):
+        persons = [cut for part in parts for cut in person_cutouts(part["dataset"], data_dir=data_dir)]
+    elif len(parts) == 1:
+        persons = pick(parts[0])
+    else:
+        raise ValueError(f"paste: persons {parts}: either one set of windows or cut-outs with masks: true.")
+    x, _ = paste_augment(scenes, persons, n=int(spec["n"]), seed=int(spec.get("seed", 0)),
+                         height_range=tuple(spec.get("height_range", (0.2, 0.9))))
+    label = spec.get("label", "person")
+    return x, np.full(len(x), UNLABELED if label == "teacher" else classes.index(label), "int32")
 
 
 def _holdout(x, y, fraction, seed):
     rng = np.random.default_rng(seed)
     val_idx = []
-    for c in np.unique(y):
+    for c in np.unique(y[y >= 0]):  # images labelled by the teachers only stay in training
         idx = rng.permutation(np.flatnonzero(y == c))
         val_idx.append(idx[: max(1, int(round(len(idx) * fraction)))])
     val_idx = np.sort(np.concatenate(val_idx))
@@ -179,14 +204,16 @@ def extra_eval_sets(recipe: Recipe, *, data_dir=None) -> dict:
     return sets
 
 
-def make_train_dataset(recipe: Recipe, x, y, *, batch_size):
+def make_train_dataset(recipe: Recipe, x, y, *, batch_size, balance_by=None):
+    """The augmented training stream; ``balance_by``: the classes to balance on where ``y``
+    has none (``data.balance: teacher``)."""
     from ..data import make_dataset
 
     aug = dict(recipe.data.get("augment") or {})
     return make_dataset(
         x, y, batch_size=batch_size, training=True, image_size=recipe.input_shape[:2],
         seed=recipe.training["seed"], balance=bool(recipe.data.get("balance", False)),
-        drop_remainder=True, **aug,
+        balance_by=balance_by, num_classes=len(recipe.classes), drop_remainder=True, **aug,
     )
 
 
@@ -271,25 +298,88 @@ def save_checkpoint(directory: Path, checkpoint, epoch_var, epoch: int) -> Path:
     return final
 
 
+def checkpoint_candidates(directory: Path) -> list:
+    """Epoch checkpoints to resume from, best first: the one ``last.json`` names, then every
+    other complete ``epoch_K`` (newest first), so a damaged latest one has a fallback."""
+    directory = Path(directory)
+    found = {}
+    for path in directory.glob("epoch_*"):
+        if path.is_dir() and path.name[6:].isdigit() and (path / "ckpt.index").exists():
+            found[path.name] = int(path.name[6:])
+    order = sorted(found, key=found.get, reverse=True)
+    named = _pointer_target(directory)
+    if named in found:
+        order.remove(named)
+        # A later epoch than the pointer's was being written when the run stopped: not trusted.
+        order = [named] + [n for n in order if found[n] < found[named]]
+    return [(found[n], directory / n) for n in order]
+
+
+def _pointer_target(directory: Path):
+    """The checkpoint folder name ``last.json`` names, or None when it is missing or unreadable."""
+    try:
+        return str(json.loads((Path(directory) / "last.json").read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def restore_checkpoint(directory: Path, checkpoint) -> int:
-    """Restore the last complete checkpoint; returns its epoch. Clear errors otherwise."""
-    pointer = Path(directory) / "last.json"
-    if not pointer.exists():
-        raise CheckpointError(f"No checkpoint to resume from: {pointer} does not exist.")
+    """Restore the last intact epoch checkpoint; returns its epoch. When the latest one is
+    damaged (or ``last.json`` is), falls back to the previous intact one and says so on
+    stderr; ``CheckpointError`` when none can be read."""
+    directory = Path(directory)
+    pointer = directory / "last.json"
+    candidates = checkpoint_candidates(directory)
+    if not candidates:
+        raise CheckpointError(f"No checkpoint to resume from: {pointer} does not exist and "
+                              f"{directory} holds no complete epoch_K checkpoint.")
+    failures = []
+    for epoch, path in candidates:
+        try:
+            checkpoint.read(str(path / "ckpt")).assert_existing_objects_matched()
+        except Exception as err:  # TF raises several types for damaged files
+            failures.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+            continue
+        if failures or _pointer_target(directory) != path.name:
+            why = "; ".join(failures) if failures else f"{pointer} is missing or unreadable"
+            print(f"warning: checkpoint {candidates[0][1].name if failures else pointer.name} is damaged or "
+                  f"corrupt ({why}); resuming from the intact {path.name} (epoch {epoch}).", file=sys.stderr)
+        return epoch
+    raise CheckpointError(
+        f"Checkpoint {candidates[0][1]} is corrupt or does not match this model, and so is every "
+        f"earlier one in {directory} ({'; '.join(failures)})."
+    )
+
+
+def verify_weights_file(path: Path) -> None:
+    """Read every array of an HDF5 weight file: ``CheckpointError`` if it is truncated or corrupt."""
+    from ..models import _check_readable_h5
+
     try:
-        info = json.loads(pointer.read_text())
-        path = Path(directory) / info["path"] / "ckpt"
-        epoch = int(info["epoch"])
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"Checkpoint pointer {pointer} is corrupt ({err}).") from err
-    try:
-        checkpoint.read(str(path)).assert_existing_objects_matched()
-    except Exception as err:  # TF raises several types for damaged files
-        raise CheckpointError(
-            f"Checkpoint {path} is corrupt or does not match this model: {type(err).__name__}: "
-            f"{str(err)[:300]}. Earlier checkpoints are kept in {directory}."
-        ) from err
-    return epoch
+        _check_readable_h5(path)
+    except OSError as err:
+        cause = err.__cause__ or err
+        raise CheckpointError(f"weight file {path} is truncated or corrupt ({type(cause).__name__}: "
+                              f"{str(cause).splitlines()[0] if str(cause) else ''}).") from err
+
+
+def _check_best_weights(run_dir: Path) -> None:
+    """A run never reports success over a damaged best_weights.h5: it is set aside and named."""
+    best = run_dir / "best_weights.h5"
+    if best.exists():
+        try:
+            verify_weights_file(best)
+        except CheckpointError as err:
+            aside = _set_aside(best)
+            raise CheckpointError(f"{err} Moved to {aside.name}; the epoch checkpoints in "
+                                  f"{run_dir / 'checkpoints'} are kept.") from None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way (never deleted: it is the user's data)."""
+    aside = path.with_name(path.stem + f".damaged-{time.strftime('%Y%m%d-%H%M%S')}" + path.suffix)
+    os.replace(path, aside)
+    return aside
 
 
 # ----------------------------------------------------------------------------- logs and plots
@@ -311,13 +401,16 @@ class RunLogger(tf.keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
                  *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None,
-                 sessions=None):
+                 sessions=None, smoothing=1):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
         epoch's row may become the best weights (default: every epoch). ``schedule``: the
         run's learning-rate plans (``extend_schedule``), kept in summary.json. ``sessions``:
         how many sessions (this one included) trained the run, written at every epoch so that
-        a session killed mid-run still counts."""
+        a session killed mid-run still counts. ``smoothing`` > 1 adds ``val_accuracy_smooth``, the
+        mean validation accuracy of the last ``smoothing`` epochs, to every row (monitor it to
+        select on a score less noisy than one epoch's on a small validation set)."""
         super().__init__()
+        self.smoothing = int(smoothing)
         self.schedule = schedule
         self.sessions = sessions
         self.best_if = best_if or (lambda row: True)
@@ -331,6 +424,15 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.history_path = self.run_dir / "history.csv"
         self.rows = _read_history(self.history_path, before_epoch=start_epoch)
         self.best = max((r.get(monitor, -np.inf) for r in self.rows if self.best_if(r)), default=-np.inf)
+        best_path = self.run_dir / "best_weights.h5"
+        if best_path.exists():
+            try:
+                verify_weights_file(best_path)
+            except CheckpointError as err:  # the next epoch writes new best weights
+                aside = _set_aside(best_path)
+                self.best = -np.inf
+                print(f"warning: {err} Moved to {aside.name}; the next epoch writes new best weights.",
+                      file=sys.stderr)
         self.threshold_path = self.run_dir / "thresholds.json"
         self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
         self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
@@ -365,6 +467,9 @@ class RunLogger(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row.update(self.extra())
+        if self.smoothing > 1 and "val_accuracy" in row:
+            recent = [r["val_accuracy"] for r in self.rows[-(self.smoothing - 1):] if "val_accuracy" in r]
+            row["val_accuracy_smooth"] = float(np.mean(recent + [row["val_accuracy"]]))
         # larq's CaseOptimizer keeps one optimizer per predicate: log each one's rate.
         optimizer = self.model.optimizer
         for i, inner in enumerate(getattr(optimizer, "optimizers", None) or [optimizer]):
@@ -478,8 +583,14 @@ def get_strategy(name: str | None):
 
 
 # ----------------------------------------------------------------------------- training
-def _compile(model, optimizer, recipe: Recipe, teacher=None):
+def _compile(model, optimizer, recipe: Recipe, teacher=None, *, targets_from_data=False):
     smoothing = recipe.training.get("label_smoothing", 0.0)
+    if targets_from_data:
+        from .distill import TargetDistiller
+
+        distiller = TargetDistiller(model, alpha=recipe.kd["alpha"], temperature=recipe.kd["temperature"])
+        distiller.compile(optimizer=optimizer, metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return distiller
     if teacher is not None:
         from .distill import Distiller
 
@@ -512,11 +623,15 @@ def train(
     teacher_model=None,
     callbacks=(),
     verbose: int = 1,
+    overwrite: bool = False,
 ) -> dict:
     """Train a recipe; returns the run summary. See the module docstring for the run folder.
 
-    ``resume=True`` continues from the last complete epoch checkpoint with optimizer
-    state; a finished run resumed does nothing. ``subset`` / ``steps_per_epoch`` make
+    ``resume=True`` continues from the last intact epoch checkpoint with optimizer
+    state (in an empty folder it starts the run); a finished run resumed does nothing. A
+    folder that holds a run's files but no readable checkpoint is refused, as is a fresh
+    start into a folder holding a run unless ``overwrite=True`` (which deletes that run's
+    checkpoints, history and best weights first). ``subset`` / ``steps_per_epoch`` make
     quick runs for tests and smoke checks.
     """
     if not isinstance(recipe, Recipe):
@@ -533,17 +648,41 @@ def train(
     cfg = recipe.training
     run_dir = Path(out_dir or Path("runs") / recipe.name)
     ckpt_dir = run_dir / "checkpoints"
-    if not resume and (ckpt_dir / "last.json").exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --out.")
+    previous = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if previous and not resume and not overwrite:
         raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out."
+            f"{run_dir} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
+            "--overwrite to delete it and start again, or choose another --out."
         )
-    resuming = resume and (ckpt_dir / "last.json").exists()
+    if previous and resume and not checkpoint_candidates(ckpt_dir):
+        raise CheckpointError(
+            f"cannot resume {run_dir}: {ckpt_dir / 'last.json'} is missing and no epoch checkpoint "
+            f"remains, but the folder holds a run ({', '.join(previous)}); nothing was changed. "
+            "Pass --overwrite without --resume to start it again from scratch."
+        )
+    if previous and overwrite and not resume:
+        for name in RUN_FILES:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    resuming = resume and bool(checkpoint_candidates(ckpt_dir))
     init_weights = None
     if not resuming:  # resolved before any output, so a missing file fails at once
         if prune and prune.get("init_weights"):
             init_weights = pruning_lib.resolve_init_weights(prune["init_weights"])
         elif cfg.get("init_weights"):
             init_weights = pruning_lib.resolve_init_weights(cfg["init_weights"], key="training.init_weights")
+    teachers = None
+    if recipe.kd.get("teachers"):  # checked before any output: a bad file fails at once
+        if recipe.kd.get("teacher") or teacher_model is not None:
+            raise ValueError(f"recipe {recipe.name}: kd.teacher and kd.teachers both set; choose one.")
+        from .teachers import load_teachers
+
+        teachers = load_teachers(recipe.kd["teachers"], classes=recipe.classes,
+                                 base_dir=Path(recipe.path).parent if recipe.path else None)
+        if verbose:
+            print(f"{recipe.name}: teachers {teachers}.")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -556,7 +695,26 @@ def train(
             f"recipe {recipe.name}: the training set has {len(splits.train[1])} images, fewer than "
             f"one batch of {global_batch}; lower --batch-size or add data."
         )
-    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch)
+    unlabeled = int((splits.train[1] == UNLABELED).sum())
+    if unlabeled and teachers is None:
+        raise ValueError(f"recipe {recipe.name}: {unlabeled} training images have labels: teacher, "
+                         "but kd.teachers names no teacher.")
+    balance_by = None
+    if recipe.data.get("balance") == "teacher":
+        if teachers is None:
+            raise ValueError(f"recipe {recipe.name}: data.balance: teacher needs kd.teachers.")
+        from .teachers import sampling_classes
+
+        balance_by = sampling_classes(*splits.train, teachers, cache=run_dir / "teacher_classes.npz",
+                                      verbose=verbose)
+    elif unlabeled and recipe.data.get("balance"):
+        raise ValueError(f"recipe {recipe.name}: data.balance: true samples by hard label, and {unlabeled} "
+                         "training images are labelled by the teachers only; use balance: teacher.")
+    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch, balance_by=balance_by)
+    if teachers is not None:
+        from .teachers import with_teacher_targets
+
+        train_ds = with_teacher_targets(train_ds, teachers)
     # data.epoch_images: a shorter "epoch" than one pass (checkpoints and validation
     # more often on big sets; a defined length for class-balanced sampling).
     epoch_images = recipe.data.get("epoch_images") or len(splits.train[1])
@@ -585,12 +743,12 @@ def train(
         if teacher is None and recipe.kd.get("teacher"):
             teacher = load_teacher(recipe, data_dir=data_dir, verbose=verbose, subset=subset,
                                    steps_per_epoch=steps_per_epoch, run_root=run_dir.parent)
-        trainer = _compile(model, optimizer, recipe, teacher)
+        trainer = _compile(model, optimizer, recipe, teacher, targets_from_data=teachers is not None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
 
     start_epoch = 0
-    if resume and (ckpt_dir / "last.json").exists():
+    if resuming:
         # Create optimizer slots first so that every saved value has a home.
         start_epoch = restore_checkpoint(ckpt_dir, checkpoint)
         if verbose:
@@ -600,6 +758,7 @@ def train(
     if start_epoch >= cfg["epochs"]:
         if verbose:
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
+        _check_best_weights(run_dir)
         if prune and not (run_dir / "shrunk_model.json").exists():
             _export_pruned(recipe, model, run_dir, splits, verbose)  # killed before the export
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -614,7 +773,10 @@ def train(
     previous_summary = {}
     if start_epoch > 0 and (run_dir / "summary.json").exists():
         previous_summary = json.loads((run_dir / "summary.json").read_text())
-    logger = RunLogger(run_dir, model, start_epoch, monitor="val_accuracy" if val_ds is not None else "accuracy",
+    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    if val_ds is not None and int(cfg.get("select_smoothing", 1)) > 1:
+        monitor = "val_accuracy_smooth"
+    logger = RunLogger(run_dir, model, start_epoch, monitor=monitor, smoothing=int(cfg.get("select_smoothing", 1)),
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
                        extra=extra, best_if=best_if,
                        schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]),
@@ -639,6 +801,7 @@ def train(
         callbacks=all_callbacks,
         verbose=verbose,
     )
+    _check_best_weights(run_dir)
     summary = logger.write_summary(
         wall_seconds_this_session=round(time.time() - t0, 1),
         train_images=int(len(splits.train[1])),

@@ -51,6 +51,15 @@ typedef struct {
 #define GLT_ENC_SCATTER 0xFFFFu
 
 extern const glt_encoding_t glt_encoding;
+#if GLT_L0_TABLE
+/* First layer by table lookup: glt_enc_level[c * 256 + pixel] = thermometer level of
+ * the pixel (number of thresholds <= pixel); byte (j % 4) of
+ * glt_l0_table[(tap * (GLT_ENC_LEVELS + 1) + level) * GLT_L0_CW + j / 4] = mismatches of
+ * weight row j with the planes of that tap's channel at that level (tap = (ky * kw +
+ * kx) * channels + c). */
+extern const uint8_t glt_enc_level[];
+extern const uint32_t glt_l0_table[];
+#endif
 extern const glt_conv_t glt_layers[];
 extern uint32_t glt_arena[];
 

@@ -26,6 +26,15 @@ void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out);
 #define GLT_BUILTIN_POPCOUNT 0
 #endif
 
+/* Cortex-M4 / M7 DSP extension (ARMv7E-M): USADA8 sums the four byte counters of a
+ * word into a 32-bit total in one instruction. Chosen automatically when the compiler
+ * targets it (__ARM_FEATURE_DSP); -DGLT_NO_DSP forces the portable code (same results). */
+#if defined(__GNUC__) && defined(__ARM_FEATURE_DSP) && !defined(GLT_NO_DSP) && !GLT_BUILTIN_POPCOUNT
+#define GLT_ARM_DSP 1
+#else
+#define GLT_ARM_DSP 0
+#endif
+
 /* Unroll the short constant loops of the encoder (GCC >= 8). */
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
 #define GLT_UNROLL _Pragma("GCC unroll 32")
@@ -45,6 +54,22 @@ int glt_popcount_builtin(void)
 {
     return GLT_BUILTIN_POPCOUNT;
 }
+
+int glt_kernel_variant(void)
+{
+    return GLT_BUILTIN_POPCOUNT ? 1 : (GLT_ARM_DSP ? 2 : 0);
+}
+
+/* The SWAR masks of the unrolled kernel, in registers (see GLT_MASKS). */
+#if GLT_BUILTIN_POPCOUNT
+#define GLT_SWAR_MASKS const uint32_t m1 = 0u, m2 = 0u, m4 = 0u
+#elif defined(__GNUC__) && (defined(__arm__) || defined(__thumb__))
+#define GLT_SWAR_MASKS                                              \
+    uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu; \
+    __asm__("" : "+r"(m1), "+r"(m2), "+r"(m4))
+#else
+#define GLT_SWAR_MASKS const uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu
+#endif
 
 #if GLT_BUILTIN_POPCOUNT
 /* Number of differing bits between n = 3 * triples + rem activation words and weight words. */
@@ -118,6 +143,52 @@ GLT_INLINE uint32_t glt_mismatches(const uint32_t *a, const uint32_t *w, uint32_
 }
 #endif
 
+/* Number of differing bits between nk activation and weight words, nk a compile-time
+ * constant (the loop is unrolled). Portable SWAR: every three words are reduced to
+ * ones + 2 * twos by a carry-save adder; the nibble counts of up to three such triples
+ * are summed (<= 12 per nibble) before widening to bytes, the byte counts of up to
+ * three groups (<= 216 per byte) before the fold. With the DSP extension the fold is
+ * one USADA8. With a popcount instruction, __builtin_popcount per word. */
+GLT_INLINE uint32_t glt_mismatches_unrolled(const uint32_t *a, const uint32_t *w, const uint32_t nk,
+                                            const uint32_t m1, const uint32_t m2, const uint32_t m4)
+{
+#if GLT_BUILTIN_POPCOUNT
+    uint32_t total = 0, i;
+    (void)m1;
+    (void)m2;
+    (void)m4;
+    GLT_UNROLL
+    for (i = 0; i < nk; ++i) {
+        total += (uint32_t)__builtin_popcount(a[i] ^ w[i]);
+    }
+    return total;
+#else
+    uint32_t total = 0, bytes = 0, no = 0, nt = 0, i, k = 0, g = 0, t;
+    GLT_UNROLL
+    for (i = 0; i < nk; i += 3u) {
+        const uint32_t x0 = a[i] ^ w[i];
+        const uint32_t x1 = i + 1u < nk ? a[i + 1u] ^ w[i + 1u] : 0u;
+        const uint32_t x2 = i + 2u < nk ? a[i + 2u] ^ w[i + 2u] : 0u;
+        const uint32_t u = x0 ^ x1, ones = u ^ x2, twos = (x0 & x1) | (u & x2);
+        no += GLT_NIBBLES(t, ones);
+        nt += GLT_NIBBLES(t, twos);
+        if (++k == 3u || i + 3u >= nk) {
+            bytes += GLT_BYTES(no) + (GLT_BYTES(nt) << 1);
+            no = nt = k = 0;
+            if (++g == 3u || i + 3u >= nk) {
+#if GLT_ARM_DSP
+                __asm__("usada8 %0, %1, %2, %0" : "+r"(total) : "r"(bytes), "r"(0u));
+#else
+                total += glt_fold(bytes);
+#endif
+                bytes = g = 0;
+            }
+        }
+    }
+    return total;
+#endif
+}
+
 /* Copy the receptive fields of the ph * pw conv positions pooled into output column
  * ox into a contiguous buffer laid out [group][pool position][row_words], so that every
  * weight row is one contiguous dot product. A row is [ky][kx][word] of the group's
@@ -178,41 +249,97 @@ static void glt_gather(const glt_conv_t *L, const uint32_t *const *rows, uint32_
 
 /* One output row of a binary layer: bits of sign(BN(conv)), OR-pooled, packed in the
  * next layer's input layout. nk = words per weight row; inlined with a constant nk for
- * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount loops). */
+ * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). */
 GLT_INLINE void glt_conv_row_nk(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
-                                uint32_t *scratch, const uint32_t nk)
+                                uint32_t *scratch, const uint32_t nk, const int unrolled)
 {
     const uint32_t triples = nk / 3u, rem = nk % 3u;
     const uint32_t nq = (uint32_t)L->ph * L->pw;
     const uint32_t field = nq * nk;
     const uint32_t cout = L->cout, out_w = L->out_w, out_wpp = L->out_wpp;
-    const uint32_t out_cpg = L->out_cpg, out_wpg = L->out_wpg;
+    const uint32_t out_cpg = L->out_cpg;
     const uint32_t grp_div = L->grp_div, grp_mod = L->grp_mod;
     const uint16_t *row_group = L->row_group;
     const int16_t *thr = L->thr;
-    uint32_t ox, j, q, w;
+    uint32_t ox, j, q;
+    GLT_SWAR_MASKS;
     for (ox = 0; ox < out_w; ++ox) {
         uint32_t *o = out + ox * out_wpp;
         const uint32_t *wt = L->weights;
-        uint32_t r = 0, og = 0, gcount = 0, grp = 0;
+        uint32_t r = 0, gcount = 0, grp = 0, word = 0;
         glt_gather(L, rows, ox, scratch);
-        for (w = 0; w < out_wpp; ++w) {
-            o[w] = 0;
+        if (unrolled && row_group == NULL && (out_cpg & 31u) == 0u) {
+            /* Common case: whole output words of 32 rows, groups cycling by formula. */
+            const uint32_t *a = scratch;
+            const int16_t *th = thr;
+            uint32_t jw, b;
+            for (jw = 0; jw < cout; jw += 32u, th += 32) {
+                uint32_t bits = 0;
+                if (nq == 1u) {
+                    for (b = 0; b < 32u; ++b, wt += nk) {
+                        const uint32_t m = glt_mismatches_unrolled(a, wt, nk, m1, m2, m4);
+                        bits |= (uint32_t)((int32_t)m <= th[b]) << b;
+                        if (++gcount == grp_div) {
+                            gcount = 0;
+                            a += field;
+                            if (++grp == grp_mod) {
+                                grp = 0;
+                                a = scratch;
+                            }
+                        }
+                    }
+                } else {
+                    for (b = 0; b < 32u; ++b, wt += nk) {
+                        /* max-pool: OR of the positions' bits, stop at the first +1 */
+                        const uint32_t *aq = a;
+                        for (q = 0; q < nq; ++q, aq += nk) {
+                            if ((int32_t)glt_mismatches_unrolled(aq, wt, nk, m1, m2, m4) <= th[b]) {
+                                bits |= 1u << b;
+                                break;
+                            }
+                        }
+                        if (++gcount == grp_div) {
+                            gcount = 0;
+                            a += field;
+                            if (++grp == grp_mod) {
+                                grp = 0;
+                                a = scratch;
+                            }
+                        }
+                    }
+                }
+                *o++ = bits;
+            }
+            continue;
         }
         for (j = 0; j < cout; ++j, wt += nk) {
             const uint32_t *a = scratch + (row_group != NULL ? row_group[j] : grp) * field;
             const int32_t t = thr[j];
-            for (q = 0; q < nq; ++q, a += nk) {
-                if ((int32_t)glt_mismatches(a, wt, triples, rem) <= t) {
-                    o[og * out_wpg + (r >> 5)] |= 1u << (r & 31u);
-                    break;
+            if (nq == 1u) {
+                const uint32_t m = unrolled ? glt_mismatches_unrolled(a, wt, nk, m1, m2, m4)
+                                            : glt_mismatches(a, wt, triples, rem);
+                word |= (uint32_t)((int32_t)m <= t) << (r & 31u);
+            } else {
+                /* max-pool: OR of the pooled positions' bits, stop at the first +1 */
+                for (q = 0; q < nq; ++q, a += nk) {
+                    const uint32_t m = unrolled ? glt_mismatches_unrolled(a, wt, nk, m1, m2, m4)
+                                                : glt_mismatches(a, wt, triples, rem);
+                    if ((int32_t)m <= t) {
+                        word |= 1u << (r & 31u);
+                        break;
+                    }
                 }
             }
-            /* next output position in the consumer layout, next input group */
+            /* next output position in the consumer layout (ceil(out_cpg / 32) words
+             * per group, written in order): store each full word */
+            if ((r & 31u) == 31u || r + 1u == out_cpg) {
+                *o++ = word;
+                word = 0;
+            }
             if (++r == out_cpg) {
                 r = 0;
-                ++og;
             }
+            /* next input group */
             if (++gcount == grp_div) {
                 gcount = 0;
                 if (++grp == grp_mod) {
@@ -227,14 +354,14 @@ GLT_INLINE void glt_conv_row_nk(const glt_conv_t *L, const uint32_t *const *rows
     GLT_NOINLINE void glt_conv_row_##N(const glt_conv_t *L, const uint32_t *const *rows,      \
                                  uint32_t *out, uint32_t *scratch)                            \
     {                                                                                         \
-        glt_conv_row_nk(L, rows, out, scratch, N##u);                                         \
+        glt_conv_row_nk(L, rows, out, scratch, N##u, 1);                                      \
     }
 GLT_SPECIALIZED_NK(GLT_DEFINE_ROW)
 
 GLT_NOINLINE void glt_conv_row_any(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                              uint32_t *scratch)
 {
-    glt_conv_row_nk(L, rows, out, scratch, L->row_words);
+    glt_conv_row_nk(L, rows, out, scratch, L->row_words, 0);
 }
 
 static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
@@ -274,6 +401,102 @@ GLT_NOINLINE void glt_head_row(const glt_conv_t *L, const uint32_t *const *rows,
     }
 }
 
+#if GLT_L0_TABLE
+/* Taps summed in byte lanes before widening to 16 bits (each adds at most LEVELS). */
+#define GLT_L0_CHUNK (255u / GLT_ENC_LEVELS)
+
+/* One output row of the first layer straight from the uint8 image. The thermometer of
+ * a pixel channel is its level (a table lookup); the mismatches of all weight rows
+ * with the planes of one tap are one row of glt_l0_table, 4 rows per word (one byte
+ * each), so a conv position is a sum of table words: 4 rows per addition instead of
+ * an XOR-popcount per row. The same integers as glt_encode_row + glt_conv_row. */
+static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
+{
+    const glt_conv_t *L = &glt_layers[0];
+    const uint32_t tap_words = (GLT_ENC_LEVELS + 1u) * GLT_L0_CW;
+    const uint32_t cout = L->cout, out_wpp = L->out_wpp, out_cpg = L->out_cpg, out_wpg = L->out_wpg;
+    const int16_t *thr = L->thr;
+    const uint32_t *ptr[GLT_L0_TAPS];
+    uint32_t cnt[2 * GLT_L0_CW]; /* 16-bit lanes: [2w] rows 4w, 4w + 2; [2w + 1] rows 4w + 1, 4w + 3 */
+    uint32_t ox, dy, dx, ky, kx, c, t, b, j;
+    for (ox = 0; ox < L->out_w; ++ox) {
+        uint32_t *o = out + ox * out_wpp;
+        for (j = 0; j < out_wpp; ++j) {
+            o[j] = 0;
+        }
+        for (dy = 0; dy < L->ph; ++dy) {
+            const int32_t y0 = (int32_t)((oy * L->ph + dy) * L->sh) - L->pad_top;
+            for (dx = 0; dx < L->pw; ++dx) {
+                const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
+                const uint32_t *tap = glt_l0_table;
+                uint32_t r = 0, og = 0, word = 0;
+                t = 0;
+                /* ptr[t]: the table row of tap t at its pixel's level */
+                for (ky = 0; ky < L->kh; ++ky) {
+                    const int32_t y = y0 + (int32_t)ky;
+                    for (kx = 0; kx < L->kw; ++kx) {
+                        const int32_t x = x0 + (int32_t)kx;
+                        if (y >= 0 && y < (int32_t)L->in_h && x >= 0 && x < (int32_t)L->in_w) {
+                            const uint8_t *px = rgb + ((uint32_t)y * L->in_w + (uint32_t)x) * GLT_ENC_CHANNELS;
+                            GLT_UNROLL
+                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                ptr[t++] = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
+                            }
+                        } else { /* padding: every plane +1 = the top level */
+                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                ptr[t++] = tap + GLT_ENC_LEVELS * GLT_L0_CW;
+                            }
+                        }
+                    }
+                }
+                for (b = 0; b < GLT_L0_CW; b += 4u) {
+                    uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
+                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                        for (t = t0; t < t1; ++t) {
+                            const uint32_t *p = ptr[t] + b;
+                            a0 += p[0];
+                            a1 += p[1];
+                            a2 += p[2];
+                            a3 += p[3];
+                        }
+                        e0 += a0 & 0x00FF00FFu;
+                        f0 += (a0 >> 8) & 0x00FF00FFu;
+                        e1 += a1 & 0x00FF00FFu;
+                        f1 += (a1 >> 8) & 0x00FF00FFu;
+                        e2 += a2 & 0x00FF00FFu;
+                        f2 += (a2 >> 8) & 0x00FF00FFu;
+                        e3 += a3 & 0x00FF00FFu;
+                        f3 += (a3 >> 8) & 0x00FF00FFu;
+                    }
+                    cnt[2u * b] = e0;
+                    cnt[2u * b + 1u] = f0;
+                    cnt[2u * b + 2u] = e1;
+                    cnt[2u * b + 3u] = f1;
+                    cnt[2u * b + 4u] = e2;
+                    cnt[2u * b + 5u] = f2;
+                    cnt[2u * b + 6u] = e3;
+                    cnt[2u * b + 7u] = f3;
+                }
+                /* bit = (mismatches <= thr), packed in the consumer layout */
+                for (j = 0; j < cout; ++j) {
+                    const uint32_t m = (cnt[2u * (j >> 2) + (j & 1u)] >> ((j & 2u) << 3)) & 0xFFFFu;
+                    word |= (uint32_t)((int32_t)m <= thr[j]) << (r & 31u);
+                    if ((r & 31u) == 31u || r + 1u == out_cpg) {
+                        o[og * out_wpg + (r >> 5)] |= word;
+                        word = 0;
+                    }
+                    if (++r == out_cpg) {
+                        r = 0;
+                        ++og;
+                    }
+                }
+            }
+        }
+    }
+}
+#else
 /* Encode input row y (uint8 HWC pixels) into the first layer's packed layout. */
 static void glt_encode_row(const uint8_t *rgb, uint32_t y, uint32_t *dst)
 {
@@ -325,20 +548,25 @@ static void glt_encode_row(const uint8_t *rgb, uint32_t y, uint32_t *dst)
         }
     }
 }
+#endif /* GLT_L0_TABLE */
 
 int glt_infer(const uint8_t *rgb, float *scores)
 {
     const uint32_t *rows[GLT_MAX_ROWS];
+#if !GLT_L0_TABLE
     int32_t ring_tag[GLT_RING_ROWS];
+#endif
     uint32_t *scratch = glt_arena + GLT_SCRATCH_OFFSET;
     uint32_t l, oy, r;
 
     if (rgb == NULL || scores == NULL) {
         return GLT_ERR_NULL_ARGUMENT;
     }
+#if !GLT_L0_TABLE
     for (r = 0; r < GLT_RING_ROWS; ++r) {
         ring_tag[r] = -1;
     }
+#endif
     for (l = 0; l < GLT_NUM_CONV_LAYERS; ++l) {
         const glt_conv_t *L = &glt_layers[l];
         const uint32_t in_row = (uint32_t)L->in_w * L->in_wpp;
@@ -353,11 +581,19 @@ int glt_infer(const uint8_t *rgb, float *scores)
         }
         for (oy = 0; oy < L->out_h; ++oy) {
             const int32_t y0 = (int32_t)(oy * L->ph * L->sh) - L->pad_top;
+#if GLT_L0_TABLE
+            if (l == 0) {
+                glt_first_row(rgb, oy, glt_arena + L->out_off + oy * (uint32_t)L->out_w * L->out_wpp);
+                continue;
+            }
+#endif
             for (r = 0; r < nrows; ++r) {
                 const int32_t y = y0 + (int32_t)r;
                 if (y < 0 || y >= (int32_t)L->in_h) {
                     rows[r] = NULL;
-                } else if (l == 0) {
+                }
+#if !GLT_L0_TABLE
+                else if (l == 0) {
                     /* The first layer reads the thermometer planes of the uint8 image
                      * row by row from a small ring of encoded rows. */
                     uint32_t *slot = glt_arena + L->in_off + ((uint32_t)y % GLT_RING_ROWS) * in_row;
@@ -366,7 +602,9 @@ int glt_infer(const uint8_t *rgb, float *scores)
                         ring_tag[(uint32_t)y % GLT_RING_ROWS] = y;
                     }
                     rows[r] = slot;
-                } else {
+                }
+#endif
+                else {
                     rows[r] = in + (uint32_t)y * in_row;
                 }
             }

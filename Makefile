@@ -18,9 +18,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m glt_keras.demo
 
+# Tests whose answers depend on the CPU's float paths (input encoding, LCE conversion and
+# verification, C export): run again with oneDNN forced off and forced on. TensorFlow turns
+# oneDNN on by default only on some CPUs (AVX512-VNNI / BF16 / AMX), so both paths are
+# checked on every machine, whatever its default.
+CPU_PATH_TESTS := tests/test_layers.py tests/test_convert.py tests/test_mcu.py
+
 # pytest exits 5 when it collects no test: that fails here like any other error.
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest $(CPU_PATH_TESTS) -q -p no:cacheprovider
+	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest $(CPU_PATH_TESTS) -q -p no:cacheprovider
 
 clean-venv:
 	rm -rf $(VENV)

@@ -202,6 +202,19 @@ def write_card(name: str) -> Path:
     if entry is None:
         lines += ["", f"No trained weights yet. Train and publish with `{zoo.publish_commands(name)}`."]
     else:
+        lines += ["", "## Use", "", "```python",
+                  "import glt_keras.zoo as zoo",
+                  f"model = zoo.load(\"{name}\")  # raw RGB pixels 0..255 in, {len(recipe.classes)} scores out",
+                  "import larq_compute_engine as lce",
+                  "fb = lce.convert_keras_model(model)  # fully binary: every conv LceBconv2d",
+                  "from larq_compute_engine.tflite.python.interpreter import Interpreter",
+                  "scores = Interpreter(fb, use_indirect_bgemm=True).predict(pixels)",
+                  "```"]
+        if _has_grouped_convs(recipe):
+            lines += ["", "LCE's interpreter runs this model's grouped binary convolutions only with "
+                      "`use_indirect_bgemm=True` (or `use_reference_bconv=True`); with its default options it "
+                      "fails to prepare them (\"Grouped binary convolutions are not supported with this kernel\"). "
+                      f"`glt-keras convert {name} -o {name}.tflite` writes a flatbuffer verified against Keras."]
         m, s, t = entry["metrics"], entry["size"], entry["training"]
         lines += ["", "## Accuracy (`glt-keras eval`)", "", "| split | images | accuracy | mean per-class | loss |", "|---|---|---|---|---|"]
         for split, v in m.items():
@@ -249,6 +262,13 @@ def write_card(name: str) -> Path:
                       "[`confusion.json`](confusion.json).", ""]
         lines += [f"Weights: `{entry['weights']}`, SHA-256 `{entry['sha256']}`.", ""]
     return atomic_write(ZOO_DIR / name / "README.md", "\n".join(lines))
+
+
+def _has_grouped_convs(recipe) -> bool:
+    from .models import TOPOLOGIES
+
+    groups = recipe.model.get("groups") or TOPOLOGIES.get(recipe.model.get("topology", "glt96"), {}).get("groups", ())
+    return any(int(g) > 1 for g in groups)
 
 
 def training_commands(training: dict) -> str:

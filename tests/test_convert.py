@@ -225,13 +225,42 @@ def test_images_of_wrong_shape_or_dtype(logits_result, logits_model):
         verify_tflite(fb, logits_model, np.full((2,) + SHAPE, np.nan, np.float32))
 
 
-def test_mismatch_raises_verification_error(logits_result):
+def on_thresholds(model, n=4, tied=(1, 2)):
+    """Integer pixels, except images ``tied``: every pixel on an effective threshold (x.5)."""
+    x = pixels(n).astype(np.float32)
+    t = model.get_layer("encoding").effective_thresholds()
+    for i in tied:
+        x[i] = t[:, i % t.shape[1]]
+    return x
+
+
+def test_mismatch_raises_verification_error(logits_result, logits_model):
     other = tiny(classifier_activation=None)  # same architecture, other random weights
+    x = on_thresholds(logits_model, tied=(1,))
     with pytest.raises(VerificationError, match="does not match Keras") as info:
-        verify_tflite(logits_result.flatbuffer, other, pixels(4))
+        verify_tflite(logits_result.flatbuffer, other, x)
     assert isinstance(info.value, ValueError) and info.value.result.passed is False
+    # Images off the thresholds fail too: not blamed on ties.
+    assert info.value.result.threshold_ties is None and "threshold" not in str(info.value)
     result = verify_tflite(logits_result.flatbuffer, other, pixels(4), raise_on_failure=False)
     assert result.passed is False
+
+
+def test_failure_only_at_threshold_ties_says_so(logits_result, logits_model, monkeypatch):
+    # Keras rounds inputs on a threshold down, LCE up: only the two images whose pixels sit
+    # on the effective thresholds (85.5-like floats; uint8 pixels never do) disagree.
+    enc = logits_model.get_layer("encoding")
+    call = enc.call
+    monkeypatch.setattr(enc, "call", lambda inputs, *a, **k: call(inputs - 1e-4, *a, **k))
+    x = on_thresholds(logits_model, tied=(1, 2))
+    with pytest.raises(VerificationError, match=r"does not match Keras.*Likely cause: every failing image "
+                       r"\(\d of 4\) has inputs on or within 0.000977 of an effective threshold of "
+                       r"'encoding'.*integer pixels never tie") as info:
+        verify_tflite(logits_result.flatbuffer, logits_model, x)
+    assert "\n" not in str(info.value)
+    assert "effective threshold" in info.value.result.to_markdown()
+    # The same model on the integer images alone passes.
+    assert verify_tflite(logits_result.flatbuffer, logits_model, x[[0, 3]]).passed
 
 
 def test_bad_options(logits_model, workdir):

@@ -7,6 +7,7 @@ import larq_compute_engine as lce
 from glt_keras import models
 from glt_keras.layers.binary import BinaryConv2D, ChannelShuffle
 from glt_keras.layers.encoding import (
+    SNAP_BAND,
     BinaryPlanes,
     FixedThermometer,
     LearnedThermometer,
@@ -20,13 +21,97 @@ def pixels(shape, seed=0):
 
 # ----------------------------------------------------------------------------- thermometer
 def test_thermometer_output_matches_threshold_comparison():
-    enc = LearnedThermometer(levels=4, initial_thresholds=[[10, 50, 100, 200]] * 3)
+    enc = LearnedThermometer(levels=4, initial_thresholds=[[10.2, 50.7, 100.4, 200.9]] * 3)
     x = pixels((2, 5, 5, 3))
     out = enc(x).numpy()
     t = enc.thresholds()
     expected = np.where(x[..., :, None] >= t[None, None, None], 1.0, -1.0).reshape(2, 5, 5, 12)
     np.testing.assert_array_equal(out, expected)
-    np.testing.assert_allclose(t, [[10, 50, 100, 200]] * 3, atol=1e-3)
+    np.testing.assert_allclose(t, [[10.2, 50.7, 100.4, 200.9]] * 3, atol=1e-3)
+    np.testing.assert_array_equal(enc.effective_thresholds(), [[10.5, 50.5, 100.5, 200.5]] * 3)
+
+
+ALL_PIXELS = np.arange(256, dtype="float32")
+
+
+def encode_all_pixels(enc, channels=3):
+    """The layer's +-1 planes for every uint8 value: (256, channels, levels) booleans."""
+    x = np.repeat(ALL_PIXELS[:, None], channels, 1)[None, None]
+    return enc(x).numpy()[0, 0].reshape(256, channels, -1) > 0
+
+
+@pytest.mark.parametrize("cls", [LearnedThermometer, FixedThermometer])
+def test_integer_pixels_never_sit_on_a_threshold(cls):
+    # On a whole value, within float error of one (85.0000076 is 255*3/9 in float32 without
+    # oneDNN, 85.0 with it), and far from one: the effective thresholds are half-integers
+    # and every uint8 pixel encodes as p > t + 2**-10, whatever float32 made of t.
+    near = [[0.75, 85.0, 85.0000076, 120.9995, 170.000015, 200.0009, 230.3, 254.0]]
+    enc = cls(levels=8, initial_thresholds=near * 3, min_gap=0.0)
+    planes = encode_all_pixels(enc)
+    t_eff = enc.effective_thresholds()
+    assert np.all(t_eff % 1.0 == 0.5), t_eff
+    np.testing.assert_array_equal(t_eff[0], [0.5, 85.5, 85.5, 121.5, 170.5, 200.5, 230.5, 254.5])
+    np.testing.assert_array_equal(planes, ALL_PIXELS[:, None, None] >= t_eff[None])
+    # Pixel - threshold is never zero or tiny for an integer pixel: no rounding can flip it.
+    assert np.abs(ALL_PIXELS[:, None, None] - t_eff[None]).min() == 0.5
+    # The rule on the latent thresholds (float64): p > t + 2**-10.
+    t64 = np.asarray(near[0], "float64")
+    np.testing.assert_array_equal(planes[:, 0], ALL_PIXELS[:, None] > t64[None] + SNAP_BAND)
+
+
+def test_default_uniform_thresholds_85_and_170_act_as_half_integers():
+    # 255 * k / 9 for k = 3, 6 are whole numbers: the pixels 85 and 170 used to encode one way
+    # with oneDNN and the other without. Now they are below their thresholds on every CPU.
+    for enc in (FixedThermometer(), LearnedThermometer()):
+        planes = encode_all_pixels(enc)
+        t_eff = enc.effective_thresholds()
+        assert 85.5 in t_eff[0] and 170.5 in t_eff[0], t_eff
+        k = list(t_eff[0]).index(85.5)
+        assert not planes[85, :, k].any() and planes[86, :, k].all()
+
+
+def test_gradient_reaches_the_latent_thresholds_straight_through_the_snap():
+    enc = LearnedThermometer(levels=4, initial_thresholds=[[20.3, 85.0, 140.7, 200.2]] * 3)
+    enc(tf.zeros((1, 1, 1, 3)))
+    w = tf.constant(np.random.default_rng(0).normal(size=(3, 4)).astype("float32"))
+    grads = []
+    for thresholds in (enc._thresholds_tensor, enc._effective_thresholds_tensor):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(thresholds() * w)
+        grads.append(tape.gradient(loss, enc.threshold_logits).numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)
+    assert np.abs(grads[0]).sum() > 0
+
+
+def _float64_thresholds(enc):
+    logits = enc.threshold_logits.numpy().astype("float64") * enc.threshold_lr_multiplier
+    shares = np.exp(logits - logits.max(-1, keepdims=True))
+    shares /= shares.sum(-1, keepdims=True)
+    increments = enc.min_gap + (255.0 - (enc.levels + 1) * enc.min_gap) * shares
+    t = np.cumsum(increments, -1)[:, : enc.levels]
+    return np.tile(t, (enc.channels, 1)) if t.shape[0] == 1 else t
+
+
+#: Zoo thresholds whose encoding of integer pixels differs from ``pixel >= t`` with the
+#: float64 thresholds (model -> [(channel, level)]). None today: the published models keep
+#: what they were trained and verified with (vww_binary's 76.0005 stays above 76).
+ZOO_ENCODING_CHANGES = {}
+
+
+def test_zoo_models_keep_their_encoding_of_every_uint8_value():
+    from glt_keras import zoo
+
+    names = zoo.list_models(pretrained=True)
+    assert names, "no published zoo model to check"
+    changed = {}
+    for name in names:
+        enc = zoo.load(name).get_layer("encoding")
+        planes = encode_all_pixels(enc, enc.channels)
+        want = ALL_PIXELS[:, None, None] >= _float64_thresholds(enc)[None]
+        diff = sorted({(int(c), int(k)) for c, k in np.argwhere((planes != want).any(0))})
+        if diff:
+            changed[name] = diff
+    assert changed == ZOO_ENCODING_CHANGES
 
 
 def test_thresholds_stay_ordered_and_in_range_under_large_steps():
@@ -99,6 +184,34 @@ def test_binary_planes_are_the_bits():
     out = BinaryPlanes()(x).numpy().reshape(5, 8)
     bits = np.unpackbits(np.array([0, 1, 128, 255, 77], np.uint8)).reshape(5, 8)
     np.testing.assert_array_equal(out, np.where(bits == 1, 1.0, -1.0))
+
+
+def test_snapped_thresholds_convert_to_a_small_sub_and_encode_like_keras():
+    # The bare encoding, thresholds on / near whole values: LCE folds the effective thresholds
+    # into one (C*levels,) constant feeding SUB -> LceQuantize and encodes all 256 values as Keras.
+    near = [[0.75, 85.0, 85.0000076, 120.9995, 170.000015, 200.0009, 230.3, 254.0]]
+    inputs = tf.keras.Input((16, 16, 3))
+    enc = LearnedThermometer(levels=8, initial_thresholds=near * 3, min_gap=0.0, name="encoding")
+    model = tf.keras.Model(inputs, enc(inputs))
+    flatbuffer = lce.convert_keras_model(model)
+    ops = _census(flatbuffer)
+    assert "SUB" in ops and "LceQuantize" in ops, ops
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    fb = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    sizes = sorted(len(b.data) for b in fb.buffers if b.data is not None)
+    assert sizes[-1] == 24 * 4, sizes  # the (24,) float32 thresholds are the largest constant
+    sub = next(op for op in fb.subgraphs[0].operators
+               if fb.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.SUB)
+    consts = [np.frombuffer(bytes(fb.buffers[fb.subgraphs[0].tensors[i].buffer].data), "float32")
+              for i in sub.inputs if fb.buffers[fb.subgraphs[0].tensors[i].buffer].data is not None]
+    np.testing.assert_array_equal(consts[0], enc.effective_thresholds().reshape(-1))
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    x = np.zeros((1, 16, 16, 3), "float32")
+    x.reshape(-1, 3)[:] = ALL_PIXELS[:, None]
+    got = Interpreter(flatbuffer, num_threads=1).predict(x)
+    np.testing.assert_array_equal(got, model.predict(x, verbose=0))
 
 
 def test_transfer_curve_plot(tmp_path):

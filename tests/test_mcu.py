@@ -133,7 +133,9 @@ def test_edge_cases_are_exercised(tiny):
     assert sum(layer["negated_rows"] for layer in result.layers) > 0  # negative BN scales folded
     enc = parse_model(model).encoding
     t = model.get_layer("encoding").thresholds()
-    np.testing.assert_array_equal(enc.thresholds, np.ceil(t).astype(int))  # p >= t  <=>  p >= ceil(t)
+    t_eff = model.get_layer("encoding").effective_thresholds()  # half-integers
+    np.testing.assert_array_equal(enc.thresholds, t_eff + 0.5)  # p >= t_eff  <=>  p >= t_eff + 0.5
+    np.testing.assert_array_equal(enc.thresholds, np.floor(t + 2.0 ** -10) + 1)  # p > t + 2**-10
     assert np.any(np.abs(t - np.round(t)) < 1e-3), "no (near-)integer threshold tested"
 
 

@@ -184,3 +184,54 @@ def test_confusion_matrices_leave_the_registry_for_their_own_file(tmp_path):
     text = (tmp_path / "confusion.json").read_text()
     assert json.loads(text) == {"classes": ["a", "b"], "test": [[1, 1], [0, 2]]}
     assert "    [1, 1],\n    [0, 2]\n" in text  # one matrix row per line
+
+
+def test_load_gives_the_export_form_and_split_groups_the_training_form(fake_zoo):
+    from glt_keras.convert.tflite import has_split_groups
+
+    native = zoo.load("toy_binary")
+    split = zoo.load("toy_binary", split_groups=True)
+    assert not has_split_groups(native) and has_split_groups(split)
+    x = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(native.predict(x, verbose=0), split.predict(x, verbose=0), atol=1e-6)
+
+
+def test_plain_lce_call_on_a_zoo_model_is_fully_binary(capfd):
+    # What every Larq user types: no glt_keras conversion helper in between.
+    import larq_compute_engine as lce
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    from glt_keras.convert import inspect_flatbuffer
+
+    model = zoo.load("vww_binary")
+    fb = lce.convert_keras_model(model)
+    report = inspect_flatbuffer(fb)
+    convs = [l for l in model.layers if l.name.endswith("_conv")]
+    assert report.op_counts.get("LceBconv2d") == len(convs) == 9, report.op_counts
+    assert report.all_binary and not {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} & set(report.op_counts)
+    assert len(fb) < 150_000, len(fb)
+    x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3)).astype("float32")
+    got = Interpreter(fb, num_threads=1, use_indirect_bgemm=True).predict(x)
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-4)
+    # As the README and the cards say: LCE's default kernel cannot run grouped binary convs.
+    capfd.readouterr()
+    with pytest.raises(Exception, match="AllocateTensors"):
+        Interpreter(fb, num_threads=1).predict(x)
+    assert "Grouped binary convolutions are not supported with this kernel" in capfd.readouterr().err
+
+
+def test_published_cards_are_generated_and_say_how_to_run_the_tflite(monkeypatch):
+    # The cards on disk are what `write_card` writes today (never edited by hand), and each
+    # tells the reader that LCE's interpreter needs use_indirect_bgemm=True.
+    from glt_keras import zoo_cli
+
+    written = {}
+    monkeypatch.setattr(zoo_cli, "atomic_write", lambda path, text: written.setdefault(path, text))
+    monkeypatch.setattr(zoo_cli, "ZOO_DIR", zoo.ZOO_DIR)  # bound at import, maybe under fake_zoo
+    names = zoo.list_models(pretrained=True)
+    assert names
+    for name in names:
+        zoo_cli.write_card(name)
+        path = zoo.ZOO_DIR / name / "README.md"
+        assert written[path] == path.read_text(encoding="utf-8"), f"{path} is not the generated card"
+        assert "use_indirect_bgemm=True" in written[path] and "not supported with this kernel" in written[path]

@@ -40,6 +40,8 @@ class VerifyResult:
     output_quantization: Optional[tuple] = None
     #: fraction of input values clipped by int8 input quantization
     input_clipped: float = 0.0
+    #: set when every failing image has inputs on an effective thermometer threshold
+    threshold_ties: Optional[str] = None
 
     @property
     def message(self) -> str:
@@ -67,6 +69,8 @@ class VerifyResult:
                      if self.output_quantization else "")]
         if self.input_clipped:
             lines.append(f"- {self.input_clipped:.2%} of the input values were clipped by int8 quantization")
+        if self.threshold_ties:
+            lines.append(f"- {self.threshold_ties}")
         return "\n".join(lines) + "\n"
 
 
@@ -82,6 +86,33 @@ def lce_interpreter(fb, *, num_threads: int = 1, use_xnnpack: bool = False):
         return Interpreter(fb, num_threads=num_threads, use_indirect_bgemm=True, use_xnnpack=use_xnnpack)
     except Exception as err:
         raise ValueError(f"The LCE interpreter cannot load {source}: {err}") from err
+
+
+class TFLiteModel:
+    """A ``.tflite`` classifier in LCE's interpreter (:func:`lce_interpreter`: indirect BGEMM)
+    with the little of a Keras model that evaluation uses: ``name``, ``input_shape``,
+    ``output_shape`` and ``predict`` (raw pixels in, float scores out; int8 I/O quantized and
+    dequantized with the model's parameters)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.interpreter = lce_interpreter(path)
+        if len(self.interpreter.input_shapes) != 1 or len(self.interpreter.output_shapes) != 1:
+            raise ValueError(f"{path}: only single-input, single-output models can be run this way.")
+        self.name = Path(path).stem
+        self.input_shape = (None,) + tuple(int(d) for d in self.interpreter.input_shapes[0][1:])
+        self.output_shape = (None,) + tuple(int(d) for d in self.interpreter.output_shapes[0][1:])
+
+    def predict(self, data, verbose: int = 0) -> np.ndarray:
+        """Scores for an array of images, or for an iterable of batches (``images`` or
+        ``(images, labels)``, e.g. a ``tf.data.Dataset``)."""
+        batches = [data] if isinstance(data, np.ndarray) else data
+        outs = []
+        for batch in batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            outs.append(run_interpreter(self.interpreter, np.asarray(images, np.float32))[0])
+        return np.concatenate(outs)
 
 
 def check_images(images, expected_shape, *, name: str = "images") -> np.ndarray:
@@ -155,6 +186,35 @@ def run_interpreter(interpreter, images: np.ndarray) -> tuple[np.ndarray, dict]:
         info["output_quantization"] = q
         out = (out.astype(np.float32) - q[1]) * q[0]
     return out.astype(np.float32), info
+
+
+#: Inputs this close to an effective thermometer threshold count as sitting on it: there,
+#: float rounding (not the model) decides the +-1 plane, and Keras and LCE may disagree.
+TIE_BAND = 2.0 ** -10
+
+
+def threshold_ties(keras_model, images: np.ndarray):
+    """Images (indices) with an input value on or within ``TIE_BAND`` of an effective
+    thermometer threshold of ``keras_model``'s input encoding, and one example
+    ``(image, channel, value, threshold, layer name)``; ``([], None)`` without such a layer.
+    Integer pixels never tie: the effective thresholds are half-integers."""
+    from .inspect import iter_layers
+
+    layer = next((l for l in iter_layers(keras_model) if callable(getattr(l, "effective_thresholds", None))
+                  and getattr(l, "built", False)), None)
+    if layer is None or images.ndim != 4:
+        return [], None
+    t = np.asarray(layer.effective_thresholds(), np.float64)  # (C, M)
+    if t.shape[0] != images.shape[-1]:
+        return [], None
+    x = images.astype(np.float64)
+    close = np.abs(x[..., :, None] - t) <= TIE_BAND  # (N, H, W, C, M)
+    per_image = close.reshape(len(x), -1).any(1)
+    tied = [int(i) for i in np.flatnonzero(per_image)]
+    if not tied:
+        return [], None
+    n, hh, ww, c, k = np.argwhere(close)[0]
+    return tied, (int(n), int(c), float(x[n, hh, ww, c]), float(t[c, k]), layer.name)
 
 
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -234,12 +294,25 @@ def verify_tflite(fb, keras_model, images, *, tolerance: Optional[float] = None,
     )
     result.passed = bool(result.max_abs_diff <= tolerance
                          and result.argmax_agreement_within_tolerance >= min_argmax_agreement)
+    if not result.passed:
+        failing = (diff.reshape(len(diff), -1).max(1) > tolerance) | ~(same | tie)
+        tied, example = threshold_ties(keras_model, x)
+        failing_idx = set(int(i) for i in np.flatnonzero(failing))
+        if failing_idx and failing_idx <= set(tied):
+            n, c, value, threshold, layer = example
+            result.threshold_ties = (
+                f"every failing image ({len(failing_idx)} of {len(x)}) has inputs on or within "
+                f"{TIE_BAND:.3g} of an effective threshold of {layer!r} (e.g. image {n}, channel "
+                f"{c}: {value:.7g} vs {threshold:g}), where float rounding decides the +-1 plane: "
+                "a tie in the inputs, not a conversion error (integer pixels never tie)"
+            )
     if not result.passed and raise_on_failure:
         worst = np.unravel_index(int(diff.argmax()), diff.shape)
+        cause = f" Likely cause: {result.threshold_ties}." if result.threshold_ties else ""
         raise VerificationError(
             f"The converted model does not match Keras: {result.message}. Largest difference at "
             f"image {worst[0]}, output {tuple(int(i) for i in worst[1:])}: tflite "
-            f"{out[worst]:.5g} vs keras {ref[worst]:.5g}.",
+            f"{out[worst]:.5g} vs keras {ref[worst]:.5g}.{cause}",
             result,
         )
     return result

@@ -16,6 +16,22 @@ PIXEL_MAX = 255.0
 #: Smallest gap between consecutive thresholds (pixel units), built into the
 #: parameterisation so that ordering survives float32 saturation of the softmax.
 MIN_GAP = 0.25
+#: Width of the band above a whole pixel value that the forward pass treats as that value:
+#: a threshold ``t`` acts as ``floor(t + SNAP_BAND) + 0.5`` (see
+#: :meth:`LearnedThermometer.effective_thresholds`).
+SNAP_BAND = 2.0 ** -10
+
+
+def snap_thresholds(t):
+    """The forward pass's thresholds: ``floor(t + SNAP_BAND) + 0.5``, half-integers.
+
+    An integer pixel ``p`` is then never equal to a threshold, ``p - t_eff`` is exact in
+    float32, and ``p >= t_eff`` holds iff ``p > t + SNAP_BAND``: the same as ``p >= t``
+    except where ``t`` lies in ``[p - SNAP_BAND, p]``, i.e. on a whole value or within
+    float error below it, where float32 rounding (e.g. oneDNN's softmax against the
+    default one) used to decide the answer.
+    """
+    return tf.floor(t + SNAP_BAND) + 0.5
 
 
 def _as_pixels(inputs, layer=None):
@@ -55,9 +71,16 @@ class LearnedThermometer(tf.keras.layers.Layer):
     and strictly inside ``(0, 255)`` whatever
     the optimizer does; nothing is clipped after the fact.
 
-    Gradient: the forward pass is ``sign(pixel - t_k)``; the backward pass uses the
-    clipped straight-through estimator (larq's ``ste_sign``) on ``(pixel - t_k)``
-    measured in pixel units: the gradient is passed where ``|pixel - t_k| <=
+    Integer pixels are never ambiguous: the forward pass compares against the *effective*
+    thresholds ``floor(t_k + 2**-10) + 0.5`` (:meth:`effective_thresholds`, half-integers),
+    so a uint8 pixel never equals a threshold and Keras, LCE and the C export encode it the
+    same on every CPU. A pixel ``p`` gives ``+1`` iff ``p > t_k + 2**-10``: the same as
+    ``p >= t_k`` except for thresholds on a whole value or within ``2**-10`` below it. The
+    gradient reaches the latent ``t_k`` unchanged (straight through the snap).
+
+    Gradient: the forward pass is ``sign(pixel - t_eff_k)``; the backward pass uses the
+    clipped straight-through estimator (larq's ``ste_sign``) on ``(pixel - t_eff_k)``
+    measured in pixel units: the gradient is passed where ``|pixel - t_eff_k| <=
     ste_window`` and is zero elsewhere. A threshold therefore learns from the pixels
     that lie near it. ``threshold_lr_multiplier`` scales the logits (``logits =
     multiplier * variable``), which multiplies the effective learning rate of the
@@ -163,9 +186,27 @@ class LearnedThermometer(tf.keras.layers.Layer):
         increments = self.min_gap + (PIXEL_MAX - (self.levels + 1) * self.min_gap) * shares
         return tf.cumsum(increments, axis=-1)[:, : self.levels]
 
+    def _effective_thresholds_tensor(self):
+        # Forward: the snapped half-integers exactly (t - stop_gradient(t) is exactly 0);
+        # backward: d t_eff / d t = 1 (straight through the floor).
+        t = self._thresholds_tensor()
+        return tf.stop_gradient(snap_thresholds(t)) + (t - tf.stop_gradient(t))
+
     def thresholds(self) -> np.ndarray:
-        """Current thresholds in pixel units, shape ``(channels, levels)`` (broadcast if shared)."""
+        """Current (latent, trained) thresholds in pixel units, shape ``(channels, levels)``
+        (broadcast if shared). The forward pass uses :meth:`effective_thresholds`."""
         t = self._thresholds_tensor().numpy()
+        if t.shape[0] == 1:
+            t = np.tile(t, (self.channels, 1))
+        return t
+
+    def effective_thresholds(self) -> np.ndarray:
+        """The thresholds the forward pass compares pixels with, shape ``(channels, levels)``:
+        half-integers ``floor(t + 2**-10) + 0.5`` of :meth:`thresholds`. Plane ``k`` of
+        channel ``c`` is ``+1`` iff ``pixel >= effective_thresholds()[c, k]``; for integer
+        pixels iff ``pixel >= effective_thresholds()[c, k] + 0.5`` (the C export's integer
+        thresholds)."""
+        t = self._effective_thresholds_tensor().numpy()
         if t.shape[0] == 1:
             t = np.tile(t, (self.channels, 1))
         return t
@@ -235,7 +276,7 @@ class LearnedThermometer(tf.keras.layers.Layer):
     # -- forward ---------------------------------------------------------------
     def call(self, inputs):
         x = _as_pixels(inputs, self)
-        t = self._thresholds_tensor()  # (rows, M)
+        t = self._effective_thresholds_tensor()  # (rows, M) half-integers
         if not self.per_channel:
             t = tf.tile(t, [self.channels, 1])
         # Repeat each channel M times, then one SUB against a (C*M,) constant: LCE keeps
@@ -264,7 +305,8 @@ class FixedThermometer(LearnedThermometer):
     """Thermometer code with fixed, uniform thresholds ``255 * k / (M + 1)`` (not trained).
 
     The paper's fixed-thermometer baseline: same interface and output as
-    :class:`LearnedThermometer`, but the thresholds are a constant.
+    :class:`LearnedThermometer` (the same effective, half-integer thresholds: with 8 levels
+    ``85`` and ``170`` act as ``85.5`` and ``170.5``), but the thresholds are a constant.
 
     Example:
         >>> FixedThermometer(levels=3)(tf.constant([[[[100.0]]]])).numpy().ravel().tolist()
@@ -345,11 +387,11 @@ def plot_transfer_curve(thermometer, path, *, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = thermometer.thresholds()
+    t = thermometer.effective_thresholds()  # what the forward pass compares with
     pixels = np.arange(256)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     colors = ["tab:red", "tab:green", "tab:blue"] + [None] * 16
-    uniform = PIXEL_MAX * np.arange(1, t.shape[1] + 1) / (t.shape[1] + 1)
+    uniform = snap_thresholds(PIXEL_MAX * np.arange(1, t.shape[1] + 1) / (t.shape[1] + 1)).numpy()
     ax.plot(pixels, (pixels[:, None] >= uniform[None]).sum(1), "k:", label="uniform")
     for c in range(t.shape[0]):
         level = (pixels[:, None] >= t[c][None]).sum(1)

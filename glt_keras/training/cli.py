@@ -54,21 +54,39 @@ def cmd_train(args):
 def cmd_eval(args):
     from .evaluation import confusion_markdown, evaluate
     from .splits import load_splits
-    from ..data import load_arrays
 
     _threads(args.threads)
     model, recipe = _load_model(args.model, args.weights)
-    if args.data:
+    classes = list(recipe.classes) if recipe is not None else None
+    image_hw = tuple(model.input_shape[1:3])
+    if None in image_hw:
+        if recipe is None:
+            raise ValueError(f"{args.model} takes images of any size: cannot tell what size to evaluate at.")
+        image_hw = tuple(recipe.input_shape[:2])
+    if args.data and _is_folder(args.data):
+        x, y, classes = _load_folder(args.data, classes, image_hw)
+    elif args.data:
+        from ..data import load_arrays
+
         name, _, split = args.data.partition(":")
         ds = load_arrays(name, split or "test", data_dir=args.data_dir)
         x, y = ds.x, ds.y
-        if list(ds.class_names) != list(recipe.classes):
-            raise ValueError(f"{args.data} has classes {ds.class_names}, model has {recipe.classes}.")
+        if classes is None:
+            classes = list(ds.class_names)
+        elif list(ds.class_names) != classes:
+            raise ValueError(f"{args.data} has classes {list(ds.class_names)}, model has {classes}.")
+    elif recipe is None:
+        raise ValueError(f"{args.model} is a model file without a recipe: give the images with "
+                         "--data FOLDER (one sub-folder of images per class) or --data DATASET:SPLIT.")
     else:
         splits = load_splits(recipe, data_dir=args.data_dir)
         pair = splits.test if splits.test is not None else splits.val
         x, y = pair
-    result = evaluate(model, x, y, class_names=recipe.classes, image_size=recipe.input_shape[:2])
+    outputs = model.output_shape[-1]
+    if outputs != len(classes):
+        raise ValueError(f"{args.model} has {outputs} outputs but the data has {len(classes)} classes "
+                         f"({', '.join(classes)}).")
+    result = evaluate(model, x, y, class_names=classes, image_size=image_hw)
     print(f"{model.name}: accuracy {result['accuracy']:.4f}, mean per-class "
           f"{result['mean_per_class_accuracy']:.4f}, loss {result['loss']:.4f} on {result['images']} images")
     print(confusion_markdown(result))
@@ -78,13 +96,64 @@ def cmd_eval(args):
         atomic_write(args.json, json.dumps(result, indent=2))
 
 
-def _load_model(name_or_recipe, weights=None):
-    """A zoo name, a recipe file, or a run folder -> (model with softmax, recipe)."""
+def _is_folder(data: str) -> bool:
+    """``--data`` names a folder (it exists, or looks like a path) rather than ``DATASET:SPLIT``."""
     from pathlib import Path
 
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return True
+    if path.exists():
+        raise ValueError(f"--data {data}: a file; expected a folder with one sub-folder of images per class.")
+    if "/" in data or "\\" in data or data.startswith((".", "~")):
+        raise FileNotFoundError(f"--data {data}: no such folder (expected FOLDER/<class>/*.jpg).")
+    return False
+
+
+def _load_folder(folder, classes, image_hw):
+    """``folder/<class>/*.jpg|png`` resized to the model's input; labels in the model's class order."""
+    from pathlib import Path
+
+    from ..data import load_image_folder
+
+    root = Path(folder).expanduser()
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is not None and sorted(present) != sorted(classes):
+        missing = [c for c in classes if c not in present]
+        extra = [c for c in present if c not in classes]
+        raise ValueError(f"{folder}: its class folders {present} are not the model's classes {classes}"
+                         + (f" (missing: {missing})" if missing else "") + (f" (not a class: {extra})" if extra else "")
+                         + ".")
+    ds = load_image_folder(root, image_size=image_hw, class_names=classes)
+    return ds.x, ds.y, list(ds.class_names)
+
+
+def _load_model(name_or_recipe, weights=None):
+    """A zoo name, recipe file, run folder, or model file (saved Keras model or ``.tflite``)
+    -> (model, recipe or ``None`` for a model file)."""
+    from pathlib import Path
+
+    from ..convert.tflite import KERAS_MODEL_SUFFIXES
     from ..recipe import load_recipe
 
     path = Path(name_or_recipe)
+    model_file = path.suffix.lower() in (".tflite",) + KERAS_MODEL_SUFFIXES or (path / "saved_model.pb").exists()
+    if model_file:
+        if weights:
+            raise ValueError(f"--weights applies to a zoo name, recipe or run folder, not to the model file {path}.")
+        if not path.exists():
+            raise FileNotFoundError(f"No such model file: {path}")
+        if path.suffix.lower() == ".tflite":
+            from ..convert.verify import TFLiteModel
+
+            return TFLiteModel(path), None
+        from ..convert.tflite import load_keras_model
+
+        try:
+            return load_keras_model(path), None
+        except ValueError as err:
+            raise ValueError(f"{err} (a weights file? give the recipe or run folder as MODEL and the file "
+                             "with --weights)") from err
     if path.is_dir() and (path / "recipe.yaml").exists():
         recipe = load_recipe(path / "recipe.yaml")
         weights = weights or path / "best_weights.h5"
@@ -124,9 +193,11 @@ def register(subparsers):
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="accuracy, loss and confusion matrix of a model")
-    p.add_argument("model", help="zoo name, recipe file, or run folder")
+    p.add_argument("model", help="zoo name, recipe file, run folder, or model file (.h5/.keras/SavedModel "
+                                 "folder, or .tflite run by LCE's interpreter)")
     p.add_argument("--weights", help="weights file (default: pretrained / the run's best)")
-    p.add_argument("--data", help="DATASET[:SPLIT], e.g. vww_val500:val (default: the recipe's test/val)")
+    p.add_argument("--data", help="FOLDER of images (one sub-folder per class), or DATASET[:SPLIT], e.g. "
+                                  "vww_val500:val (default: the recipe's test/val; required for a model file)")
     p.add_argument("--data-dir")
     p.add_argument("--json", help="write the result as JSON")
     p.add_argument("--threads", type=non_negative_int, default=0)

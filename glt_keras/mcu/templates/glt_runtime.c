@@ -311,12 +311,12 @@ GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk
 #define GLT_BS_ASM 0
 #endif
 
-/* Counter levels kept: 0 .. GLT_BS_MAXNB - 3. */
-#define GLT_BS_LEVELS (GLT_BS_MAXNB - 2)
+/* Counter levels kept: 0 .. GLT_BS_MAXNB - 2. */
+#define GLT_BS_LEVELS (GLT_BS_MAXNB - 1)
 
 #if GLT_BS_ASM
-/* lev[k] = level k of the per-lane sums of the planes W[lst[i]], i < 16 * nblocks
- * (nblocks >= 1); lev[5..] must be zero on entry. */
+/* lev[k] += (level k of) the per-lane sums of the planes W[lst[i]], i < 16 * nblocks
+ * (nblocks >= 1), lev a bit-sliced counter (the caller bounds it). */
 void glt_bs_sum_t2(const uint32_t *W, const uint16_t *lst, uint32_t nblocks, uint32_t *lev);
 __asm__(
     "    .syntax unified\n"
@@ -331,11 +331,7 @@ __asm__(
     "    add r2, r1, r2, lsl #5\n"     /* end of the list */
     "    add r3, r3, #20\n"            /* &lev[5] */
     "    push {r2, r3}\n"
-    "    movs r2, #0\n"                /* ones */
-    "    movs r3, #0\n"                /* twos */
-    "    movs r4, #0\n"                /* fours */
-    "    movs r5, #0\n"                /* eights */
-    "    movs r6, #0\n"                /* sixteens */
+    "    ldmdb r3, {r2-r6}\n"          /* ones, twos, fours, eights, sixteens */
     /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
     "    .macro GLT_CSA h, l, b, c, x\n"
     "    eor \\x, \\l, \\b\n"
@@ -398,40 +394,19 @@ __asm__(
     "    .size glt_bs_sum_t2, . - glt_bs_sum_t2\n");
 #endif
 
-/* 32 lanes of bit nb of 2 c + Z + r: lev[k] = level k of the bit-sliced counter c
- * (c < 2^(nb - 2)), Z = the nb planes z, r a scalar (broadcast). */
-GLT_INLINE uint32_t glt_bs_finish(const uint32_t *lev, const uint32_t *z, const uint32_t nb, uint32_t r)
-{
-    uint32_t zr[GLT_BS_MAXNB + 1];   /* Z + r, levels 0 .. nb */
-    uint32_t k, carry, a, b;
-    /* zr = Z + r (r broadcast) */
-    carry = 0;
-    for (k = 0; k < nb; ++k) {
-        const uint32_t m = 0u - ((r >> k) & 1u), x = z[k] ^ carry;
-        zr[k] = x ^ m;
-        carry = (z[k] & carry) | (x & m);
-    }
-    zr[nb] = carry;
-    /* 2 c + zr: level 0 has no carry out; level k adds c(k - 1); c(nb - 2..) = 0 */
-    carry = 0;
-    for (k = 1; k + 1u < nb; ++k) {
-        a = lev[k - 1u];
-        b = zr[k];
-        carry = (a & b) | ((a ^ b) & carry);
-    }
-    carry &= zr[nb - 1u]; /* level nb - 1: c = 0 */
-    return zr[nb] ^ carry;
-}
-
-/* 32 lanes of: bit nb of 2 c + Z + r, c = the sum of the count (a multiple of 16)
- * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast). c < 2^(nb - 2). */
+/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
+ * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
+ * r < 2^(nb - 1). With B = r >> 1 the counter starts at B (broadcast) and
+ * 2 (c + B) + Z + (r & 1) is one bit-sliced addition with a carry-in, of which only the
+ * carry out of level nb - 1 is needed (c + B < 2^(nb - 1), Z < 2^nb). */
 GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t count,
                                 const uint32_t *z, const uint32_t nb, uint32_t r)
 {
-    uint32_t lev[GLT_BS_LEVELS];
-    uint32_t k;
+    uint32_t lev[GLT_BS_LEVELS]; /* levels 0 .. nb - 2 of c + B */
+    const uint32_t B = r >> 1;
+    uint32_t k, a, b, carry;
     for (k = 0; k < GLT_BS_LEVELS; ++k) {
-        lev[k] = 0;
+        lev[k] = 0u - ((B >> k) & 1u);
     }
 #if GLT_BS_ASM
     if (count != 0u) {
@@ -439,8 +414,8 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
     }
 #else
     {
-    uint32_t ones = 0, twos = 0, fours = 0, eights = 0, n;
-    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 3 of c */
+    uint32_t ones = lev[0], twos = lev[1], fours = lev[2], eights = lev[3], n;
+    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
     for (n = 0; n < count; n += 16u, lst += 16) {
         uint32_t tA, tB, fA, fB, eA, eB, s16, p0, p1;
 #define GLT_BS_PAIR(i, t)     \
@@ -463,7 +438,7 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
         GLT_CSA(eB, fours, fours, fA, fB);
         GLT_CSA(s16, eights, eights, eA, eB);
 #undef GLT_BS_PAIR
-        for (k = 0; s16 != 0u; ++k) { /* ripple the sixteens into hi (c < 2^(nb - 2)) */
+        for (k = 0; s16 != 0u; ++k) { /* ripple the sixteens into hi */
             const uint32_t c = hi[k] & s16;
             hi[k] ^= s16;
             s16 = c;
@@ -475,7 +450,14 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
     lev[3] = eights;
     }
 #endif
-    return glt_bs_finish(lev, z, nb, r);
+    /* carry out of 2 (c + B) + Z + (r & 1): level 0 has no bit of 2 (c + B) */
+    carry = (r & 1u) ? z[0] : 0u;
+    for (k = 1; k < nb; ++k) {
+        a = lev[k - 1u];
+        b = z[k];
+        carry = (a & b) | ((a ^ b) & carry);
+    }
+    return carry;
 }
 
 /* One output row of a binary layer with the bit-sliced kernel. */

@@ -509,3 +509,16 @@ def test_qemu_bitslice_asm_and_c_identical_every_layer(toolchain, tiny, tmp_path
         dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / label / "lib_glt_runtime.o")],
                              capture_output=True, text=True, check=True).stdout
         assert ("<glt_bs_sum_t2>:" in dis) == (label == "asm")
+
+
+def test_first_layer_swar_thresholds_identical(tiny, tiny_host):
+    """Table first layer: the SWAR threshold test (glt_l0_thr2, 16-bit lanes) and the
+    per-row comparisons (-DGLT_NO_L0_SWAR) give the same words in every layer."""
+    _, result, out, x = tiny
+    assert result.layers[0]["table"] and read_macros(out / "glt_model.h")["GLT_L0_THR2"] == 1
+    assert "glt_l0_thr2" in (out / "glt_model_data.c").read_text()
+    plain = build_host(out, cflags=("-O2", "-DGLT_NO_L0_SWAR"), capture=True)
+    np.testing.assert_array_equal(plain.infer(x).view(np.uint32), tiny_host.infer(x).view(np.uint32))
+    for image in x[:3]:
+        for a, b in zip(tiny_host.layer_words(image), plain.layer_words(image)):
+            np.testing.assert_array_equal(a, b)

@@ -824,6 +824,25 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                     cnt[2u * b + 7u] = f3;
                 }
 #endif
+#if GLT_L0_THR2 && !defined(GLT_NO_L0_SWAR)
+                if ((cout & 31u) == 0u && (out_cpg & 31u) == 0u) {
+                    /* SWAR: a 16-bit lane of (thr + 0x8000) - m has bit 15 set iff
+                     * m <= thr; rows 32 k .. 32 k + 31 are output word k */
+                    const uint32_t *T = glt_l0_thr2;
+                    const uint32_t *C = cnt;
+                    for (b = 0; b < cout; b += 32u, T += 16, C += 16) {
+                        uint32_t bits = 0, w;
+                        GLT_UNROLL
+                        for (w = 0; w < 8u; ++w) {
+                            const uint32_t d0 = T[2u * w] - C[2u * w], d1 = T[2u * w + 1u] - C[2u * w + 1u];
+                            const uint32_t v = ((d0 >> 1) & 0x40004000u) | (d1 & 0x80008000u);
+                            bits |= (((v >> 14) & 3u) | ((v >> 28) & 0xCu)) << (4u * w);
+                        }
+                        o[b >> 5] |= bits;
+                    }
+                    continue;
+                }
+#endif
                 /* bit = (mismatches <= thr), packed in the consumer layout */
                 for (j = 0; j < cout; ++j) {
                     const uint32_t m = (cnt[2u * (j >> 2) + (j & 1u)] >> ((j & 2u) << 3)) & 0xFFFFu;

@@ -1225,7 +1225,12 @@ Popcount
   First layer (GLT_L0_TABLE = 1, thermometer encodings whose table fits): each pixel
   channel's thermometer level is one lookup (glt_enc_level), and the mismatches of all
   output channels with that tap's planes are one row of glt_l0_table (one byte per
-  channel): a conv position is a sum of table words, no bit planes are encoded.
+  channel): a conv position is a sum of table words, no bit planes are encoded. Its
+  16-bit counts are tested against the thresholds two at a time (glt_l0_thr2, SWAR;
+  -DGLT_NO_L0_SWAR: one comparison per channel, identical results).
+  Bit-sliced layers: on Thumb-2 targets (__thumb2__, GCC / Clang) the listed planes are
+  summed by hand-written assembly (glt_bs_sum_t2); -DGLT_NO_BS_ASM selects the C code
+  (identical results).
   The row kernel is instantiated with a constant row length for the sizes listed in
   GLT_SPECIALIZED_NK (words per weight row: {specialized}), so the compiler can
   schedule those loops with constant trip counts; other sizes use the generic kernel.

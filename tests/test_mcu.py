@@ -485,3 +485,42 @@ def test_bitslice_and_popcount_exports_identical(tiny, tiny_host, tmp_path):
     for image in x[:3]:
         for a, b in zip(tiny_host.layer_outputs(image), popcount.layer_outputs(image)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_qemu_bitslice_asm_and_c_identical_every_layer(toolchain, tiny, tmp_path):
+    """Cortex-M4, default (bit-sliced) export: the hand-written Thumb-2 summation
+    (glt_bs_sum_t2) and the C code (-DGLT_NO_BS_ASM) give every layer's packed output
+    words and the scores bit for bit equal to the host build's."""
+    from glt_keras.mcu.qemu import build_firmware, run_firmware
+
+    _, result, out, x = tiny
+    assert any(layer.get("bitslice") for layer in result.layers)
+    host = build_host(out, capture=True)
+    ref_scores = host.infer(x[:2])
+    ref_words = [host.layer_words(image) for image in x[:2]]
+    for label, flags in (("asm", ()), ("c", ("-DGLT_NO_BS_ASM",))):
+        fw = build_firmware(out, x[:2], cpu="cortex-m4", build_dir=tmp_path / label, extra_cflags=flags,
+                            dump_layers=True)
+        run = run_firmware(fw, timeout=300)
+        np.testing.assert_array_equal(run.scores.view(np.uint32), ref_scores.view(np.uint32))
+        assert run.layer_words is not None and len(run.layer_words) == 2
+        for ours, ref in zip(run.layer_words, ref_words):
+            assert len(ours) == len(ref)
+            for a, b in zip(ours, ref):
+                np.testing.assert_array_equal(a, b)
+        dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / label / "lib_glt_runtime.o")],
+                             capture_output=True, text=True, check=True).stdout
+        assert ("<glt_bs_sum_t2>:" in dis) == (label == "asm")
+
+
+def test_first_layer_swar_thresholds_identical(tiny, tiny_host):
+    """Table first layer: the SWAR threshold test (glt_l0_thr2, 16-bit lanes) and the
+    per-row comparisons (-DGLT_NO_L0_SWAR) give the same words in every layer."""
+    _, result, out, x = tiny
+    assert result.layers[0]["table"] and read_macros(out / "glt_model.h")["GLT_L0_THR2"] == 1
+    assert "glt_l0_thr2" in (out / "glt_model_data.c").read_text()
+    plain = build_host(out, cflags=("-O2", "-DGLT_NO_L0_SWAR"), capture=True)
+    np.testing.assert_array_equal(plain.infer(x).view(np.uint32), tiny_host.infer(x).view(np.uint32))
+    for image in x[:3]:
+        for a, b in zip(tiny_host.layer_words(image), plain.layer_words(image)):
+            np.testing.assert_array_equal(a, b)

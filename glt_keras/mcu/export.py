@@ -880,6 +880,7 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     else:
         enc_init = (f"const glt_encoding_t glt_encoding = {{GLT_ENC_BITPLANES, {enc.channels}, "
                     f"{enc.levels}, NULL, glt_enc_dst, glt_enc_chan_dst}};\n")
+    l0_thr2 = False
     if use_table:
         lv = level_table(enc)
         data.append("/* Thermometer level of each pixel value, per channel. */\n")
@@ -890,6 +891,17 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
         data.append(_c_array("uint32_t", "glt_l0_table", l0_table, per_line=6).replace("static const", "const"))
         weight_bytes += 4 * len(l0_table)
         const_bytes += 4 * len(l0_table)
+        if convs[0].cout % 32 == 0:
+            # Thresholds of the table layer as 16-bit lanes (+ 0x8000), in the layout of
+            # the row counts: word 2 w + p holds rows 4 w + p (low) and 4 w + p + 2 (high).
+            mism0 = (convs[0].k_bits - convs[0].thr_pop[convs[0].perm]).astype(np.int64)
+            lanes = (mism0 + 0x8000).reshape(-1, 2, 2)  # [w][hi][p]
+            if np.any(lanes < 0) or np.any(lanes > 0xFFFF):  # pragma: no cover
+                raise UnsupportedLayerError("export_c: first-layer threshold out of the 16-bit range.")
+            thr2 = (lanes[:, 0, :] | (lanes[:, 1, :] << 16)).reshape(-1)
+            data.append(_c_array("uint32_t", "glt_l0_thr2", thr2, per_line=6).replace("static const", "const"))
+            const_bytes += 4 * len(thr2)
+            l0_thr2 = True
 
     # -- layers -----------------------------------------------------------------------------
     for idx, (conv, lp) in enumerate(zip(convs, plan.layers)):
@@ -1043,6 +1055,7 @@ extern "C" {{
 #define GLT_ENC_WPP {_wpg(first.cin_g) * first.groups}
 /* 1: the first layer reads the image through glt_enc_level and glt_l0_table. */
 #define GLT_L0_TABLE {int(use_table)}
+#define GLT_L0_THR2 {int(l0_thr2)}
 #define GLT_L0_TAPS {first.kh * first.kw * enc.channels}
 #define GLT_L0_CW {_table_words_per_level(first)}
 /* Words per weight row with a specialised (unrolled) kernel. */
@@ -1212,7 +1225,12 @@ Popcount
   First layer (GLT_L0_TABLE = 1, thermometer encodings whose table fits): each pixel
   channel's thermometer level is one lookup (glt_enc_level), and the mismatches of all
   output channels with that tap's planes are one row of glt_l0_table (one byte per
-  channel): a conv position is a sum of table words, no bit planes are encoded.
+  channel): a conv position is a sum of table words, no bit planes are encoded. Its
+  16-bit counts are tested against the thresholds two at a time (glt_l0_thr2, SWAR;
+  -DGLT_NO_L0_SWAR: one comparison per channel, identical results).
+  Bit-sliced layers: on Thumb-2 targets (__thumb2__, GCC / Clang) the listed planes are
+  summed by hand-written assembly (glt_bs_sum_t2); -DGLT_NO_BS_ASM selects the C code
+  (identical results).
   The row kernel is instantiated with a constant row length for the sizes listed in
   GLT_SPECIALIZED_NK (words per weight row: {specialized}), so the compiler can
   schedule those loops with constant trip counts; other sizes use the generic kernel.

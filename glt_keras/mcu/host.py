@@ -210,6 +210,22 @@ class HostLibrary:
             raise RuntimeError(f"glt_infer returned {rc}.")
         return scores
 
+    def layer_words(self, image) -> list:
+        """Every layer's packed output words (uint32, as in the arena) for one image.
+        Needs a build with ``capture=True``."""
+        if not hasattr(self._lib, "glt_host_capture"):
+            raise RuntimeError("build the library with build_host(..., capture=True) to read layer outputs.")
+        n_layers = self.macros["GLT_NUM_CONV_LAYERS"]
+        self._lib.glt_host_layer_words.restype = ctypes.c_uint32
+        words = [int(self._lib.glt_host_layer_words(ctypes.c_uint32(l))) for l in range(n_layers)]
+        buf = np.zeros(sum(words), dtype=np.uint32)
+        self._lib.glt_host_capture(buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
+        try:
+            self.infer(image)
+        finally:
+            self._lib.glt_host_capture(None)
+        return np.split(buf, np.cumsum(words)[:-1])
+
     def layer_outputs(self, image) -> list:
         """Every layer's output for one image, unpacked from the C library's arena:
         ``(H, W, C)`` int8 +-1 maps for the binary layers (channels in Keras order,

@@ -159,11 +159,14 @@ class Firmware:
 
 
 def build_firmware(export_dir, images, *, cpu: str = "cortex-m4", build_dir=None, opt: str = "-O2",
-                   stack_size: int = 16384, extra_cflags=(), per_layer: bool = False) -> Firmware:
+                   stack_size: int = 16384, extra_cflags=(), per_layer: bool = False,
+                   dump_layers: bool = False) -> Firmware:
     """Cross-compile the export + startup + harness with ``images`` embedded in flash.
 
     ``per_layer``: also time every layer (through the library's ``GLT_LAYER_HOOK``; adds
-    a few bytes of code to the library objects)."""
+    a few bytes of code to the library objects). ``dump_layers``: print every layer's
+    packed output words instead (``QemuRun.layer_words``; the timings then include the
+    printing)."""
     if cpu not in TARGETS:
         raise ValueError(f"cpu must be one of {sorted(TARGETS)}, got {cpu!r}.")
     ensure_toolchain(install=False)
@@ -175,8 +178,12 @@ def build_firmware(export_dir, images, *, cpu: str = "cortex-m4", build_dir=None
     build_dir = Path(build_dir) if build_dir else Path(tempfile.mkdtemp(prefix=f"glt_{cpu}_"))
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = [*TARGETS[cpu]["flags"], opt, "-ffunction-sections", "-fdata-sections", *extra_cflags]
-    if per_layer:
+    if per_layer and dump_layers:
+        raise ValueError("per_layer and dump_layers are exclusive.")
+    if per_layer or dump_layers:
         flags.append("-DGLT_LAYER_HOOK=glt_fw_layer_hook")
+    if dump_layers:
+        flags.append("-DGLT_DUMP_LAYERS")
 
     # Images as const data.
     n, size = len(batch), int(np.prod(shape))
@@ -226,6 +233,7 @@ class QemuRun:
     instructions_per_tick: float
     null_rc: int
     layer_instructions: list | None = None  # per image, per layer (per_layer=True builds)
+    layer_words: list | None = None  # per image, per layer: uint32 output words (dump_layers=True)
     stdout: str = field(repr=False, default="")
 
     @property
@@ -261,9 +269,18 @@ def run_firmware(fw: Firmware, *, timeout: float = 600) -> QemuRun:
     layers = [None] * fw.num_images
     for m in re.finditer(r"^GLT layers (\d+)((?: \d+)+)$", out, re.M):
         layers[int(m.group(1))] = [int(round(int(t) * ipt)) for t in m.group(2).split()]
+    dumps = {}
+    for m in re.finditer(r"^GLT dump (\d+) (\d+) (\d+)((?: [0-9a-f]{8})+)$", out, re.M):
+        words = dumps.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), {})
+        words[int(m.group(3))] = [int(h, 16) for h in m.group(4).split()]
+    layer_words = None
+    if dumps:
+        layer_words = [[np.array([w for k in sorted(dumps[i][l]) for w in dumps[i][l][k]], dtype=np.uint32)
+                        for l in sorted(dumps[i])] for i in sorted(dumps)]
     return QemuRun(scores=scores, instructions=[int(round(t * ipt)) for t in ticks], ticks=ticks,
                    stack_bytes=stack, instructions_per_tick=ipt, null_rc=int(null.group(1)),
-                   layer_instructions=layers if layers[0] is not None else None, stdout=out)
+                   layer_instructions=layers if layers[0] is not None else None,
+                   layer_words=layer_words, stdout=out)
 
 
 def cortex_m_report(export_dir, images, *, cpus=("cortex-m4", "cortex-m7"), host_scores=None,

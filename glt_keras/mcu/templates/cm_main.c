@@ -17,7 +17,7 @@ extern uint32_t __stack_bottom;
 static volatile uint32_t systick_wraps;
 static float scores[GLT_NUM_CLASSES];
 
-#ifdef GLT_LAYER_HOOK
+#if defined(GLT_LAYER_HOOK) && !defined(GLT_DUMP_LAYERS)
 /* Per-layer timing (firmware built with per_layer=True). */
 static uint64_t ticks(void);
 static uint64_t layer_ticks[GLT_NUM_CONV_LAYERS + 1];
@@ -87,6 +87,38 @@ static void flush(void)
     pos = 0;
 }
 
+#if defined(GLT_LAYER_HOOK) && defined(GLT_DUMP_LAYERS)
+/* Every layer's packed output words in hex (firmware built with dump_layers=True):
+ * "GLT dump <image> <layer> <first word index> <words...>". */
+#include "glt_internal.h"
+static uint32_t dump_image;
+void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out);
+void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out)
+{
+    const glt_conv_t *L = &glt_layers[layer];
+    const uint32_t n = layer + 1u == GLT_NUM_CONV_LAYERS ? L->cout : (uint32_t)L->out_h * L->out_w * L->out_wpp;
+    uint32_t k;
+    for (k = 0; k < n; ++k) {
+        if (k % 8u == 0u) {
+            if (k) {
+                flush();
+            }
+            put("GLT dump ");
+            put_u64(dump_image);
+            put(" ");
+            put_u64(layer);
+            put(" ");
+            put_u64(k);
+        }
+        put(" ");
+        put_hex(out[k]);
+    }
+    if (n) {
+        flush();
+    }
+}
+#endif
+
 static void spin(uint32_t n)
 {
     __asm__ volatile("1: subs %0, %0, #1\n\tbne 1b" : "+r"(n) : : "cc");
@@ -139,8 +171,11 @@ int main(void)
         uint32_t base;
         paint_stack();
         base = (uint32_t)(uintptr_t)&here;
+#if defined(GLT_LAYER_HOOK) && defined(GLT_DUMP_LAYERS)
+        dump_image = i;
+#endif
         t0 = ticks();
-#ifdef GLT_LAYER_HOOK
+#if defined(GLT_LAYER_HOOK) && !defined(GLT_DUMP_LAYERS)
         layer_ticks[0] = t0;
 #endif
         rc = glt_infer(glt_test_images[i], scores);
@@ -154,7 +189,7 @@ int main(void)
         put(" stack ");
         put_u64(base - lowest_used());
         flush();
-#ifdef GLT_LAYER_HOOK
+#if defined(GLT_LAYER_HOOK) && !defined(GLT_DUMP_LAYERS)
         put("GLT layers ");
         put_u64(i);
         for (j = 0; j < GLT_NUM_CONV_LAYERS; ++j) {

@@ -81,6 +81,11 @@ extern const glt_encoding_t glt_encoding;
  * kx) * channels + c). */
 extern const uint8_t glt_enc_level[];
 extern const uint32_t glt_l0_table[];
+#if GLT_L0_THR2
+/* The first layer's thresholds as 16-bit lanes + 0x8000: word 2 w + p holds those of
+ * rows 4 w + p (low half) and 4 w + p + 2 (high half), the layout of the row counts. */
+extern const uint32_t glt_l0_thr2[];
+#endif
 #endif
 extern const glt_conv_t glt_layers[];
 extern uint32_t glt_arena[];

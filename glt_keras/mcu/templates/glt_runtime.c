@@ -302,18 +302,120 @@ GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk
     return lst;
 }
 
-/* 32 lanes of: bit nb of 2 c + Z + r, c = the sum of the count (a multiple of 16)
- * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast). c < 2^(nb - 2). */
+/* Hand-written Thumb-2 summation of the listed planes (ARMv7-M with GCC / Clang):
+ * Harley-Seal blocks of 16 planes with levels 0..4 of the counter in registers and the
+ * higher levels rippled in memory. -DGLT_NO_BS_ASM selects the C code (same integers). */
+#if defined(__GNUC__) && defined(__thumb2__) && !defined(GLT_NO_BS_ASM)
+#define GLT_BS_ASM 1
+#else
+#define GLT_BS_ASM 0
+#endif
+
+/* Counter levels kept: 0 .. GLT_BS_MAXNB - 2. */
+#define GLT_BS_LEVELS (GLT_BS_MAXNB - 1)
+
+#if GLT_BS_ASM
+/* lev[k] += (level k of) the per-lane sums of the planes W[lst[i]], i < 16 * nblocks
+ * (nblocks >= 1), lev a bit-sliced counter (the caller bounds it). */
+void glt_bs_sum_t2(const uint32_t *W, const uint16_t *lst, uint32_t nblocks, uint32_t *lev);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_bs_sum_t2\n"
+    "    .type glt_bs_sum_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_bs_sum_t2:\n"
+    "    push {r4-r11, lr}\n"
+    "    add r2, r1, r2, lsl #5\n"     /* end of the list */
+    "    add r3, r3, #20\n"            /* &lev[5] */
+    "    push {r2, r3}\n"
+    "    ldmdb r3, {r2-r6}\n"          /* ones, twos, fours, eights, sixteens */
+    /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
+    "    .macro GLT_CSA h, l, b, c, x\n"
+    "    eor \\x, \\l, \\b\n"
+    "    and \\h, \\l, \\b\n"
+    "    eor \\l, \\x, \\c\n"
+    "    and \\x, \\x, \\c\n"
+    "    orr \\h, \\h, \\x\n"
+    "    .endm\n"
+    "    .macro GLT_LD2 a, b\n"
+    "    ldrh \\a, [r1], #2\n"
+    "    ldrh \\b, [r1], #2\n"
+    "    ldr \\a, [r0, \\a, lsl #2]\n"
+    "    ldr \\b, [r0, \\b, lsl #2]\n"
+    "    .endm\n"
+    "1:\n"
+    "    GLT_LD2 r7, r8\n"
+    "    GLT_CSA r7, r2, r7, r8, r9\n"      /* tA */
+    "    GLT_LD2 r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r10\n"     /* tB */
+    "    GLT_CSA r7, r3, r7, r8, r9\n"      /* fA */
+    "    GLT_LD2 r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r10\n"
+    "    GLT_LD2 r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    GLT_CSA r8, r3, r8, r9, r10\n"     /* fB */
+    "    GLT_CSA r7, r4, r7, r8, r9\n"      /* eA */
+    "    GLT_LD2 r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r10\n"
+    "    GLT_LD2 r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    GLT_CSA r8, r3, r8, r9, r10\n"     /* fA */
+    "    GLT_LD2 r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    GLT_LD2 r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r9, r3, r9, r10, r11\n"    /* fB */
+    "    GLT_CSA r8, r4, r8, r9, r10\n"     /* eB */
+    "    GLT_CSA r7, r5, r7, r8, r9\n"      /* s16 */
+    "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
+    "    eor r6, r6, r7\n"                  /* (flags kept) */
+    "    beq 3f\n"
+    "    ldr r9, [sp, #4]\n"
+    "2:\n"                                  /* ripple the carry into lev[5..] */
+    "    ldr r10, [r9]\n"
+    "    and r11, r10, r8\n"
+    "    eor r10, r10, r8\n"
+    "    str r10, [r9], #4\n"
+    "    movs r8, r11\n"
+    "    bne 2b\n"
+    "3:\n"
+    "    ldr r9, [sp]\n"
+    "    cmp r1, r9\n"
+    "    bne 1b\n"
+    "    ldr r9, [sp, #4]\n"
+    "    stmdb r9, {r2-r6}\n"               /* lev[0..4] */
+    "    add sp, sp, #8\n"
+    "    pop {r4-r11, pc}\n"
+    "    .purgem GLT_CSA\n"
+    "    .purgem GLT_LD2\n"
+    "    .size glt_bs_sum_t2, . - glt_bs_sum_t2\n");
+#endif
+
+/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
+ * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
+ * r < 2^(nb - 1). With B = r >> 1 the counter starts at B (broadcast) and
+ * 2 (c + B) + Z + (r & 1) is one bit-sliced addition with a carry-in, of which only the
+ * carry out of level nb - 1 is needed (c + B < 2^(nb - 1), Z < 2^nb). */
 GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t count,
                                 const uint32_t *z, const uint32_t nb, uint32_t r)
 {
-    uint32_t ones = 0, twos = 0, fours = 0, eights = 0;
-    uint32_t hi[GLT_BS_MAXNB - 6];   /* levels 4 .. nb - 3 of c */
-    uint32_t zr[GLT_BS_MAXNB + 1];   /* Z + r, levels 0 .. nb */
-    uint32_t k, n, carry, a, b;
-    for (k = 0; k + 6u < nb; ++k) {
-        hi[k] = 0;
+    uint32_t lev[GLT_BS_LEVELS]; /* levels 0 .. nb - 2 of c + B */
+    const uint32_t B = r >> 1;
+    uint32_t k, a, b, carry;
+    for (k = 0; k < GLT_BS_LEVELS; ++k) {
+        lev[k] = 0u - ((B >> k) & 1u);
     }
+#if GLT_BS_ASM
+    if (count != 0u) {
+        glt_bs_sum_t2(W, lst, count >> 4, lev);
+    }
+#else
+    {
+    uint32_t ones = lev[0], twos = lev[1], fours = lev[2], eights = lev[3], n;
+    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
     for (n = 0; n < count; n += 16u, lst += 16) {
         uint32_t tA, tB, fA, fB, eA, eB, s16, p0, p1;
 #define GLT_BS_PAIR(i, t)     \
@@ -336,33 +438,26 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
         GLT_CSA(eB, fours, fours, fA, fB);
         GLT_CSA(s16, eights, eights, eA, eB);
 #undef GLT_BS_PAIR
-        for (k = 0; s16 != 0u; ++k) { /* ripple the sixteens into hi (c < 2^(nb - 2)) */
+        for (k = 0; s16 != 0u; ++k) { /* ripple the sixteens into hi */
             const uint32_t c = hi[k] & s16;
             hi[k] ^= s16;
             s16 = c;
         }
     }
-    /* zr = Z + r (r broadcast) */
-    carry = 0;
-    for (k = 0; k < nb; ++k) {
-        const uint32_t m = 0u - ((r >> k) & 1u), x = z[k] ^ carry;
-        zr[k] = x ^ m;
-        carry = (z[k] & carry) | (x & m);
+    lev[0] = ones;
+    lev[1] = twos;
+    lev[2] = fours;
+    lev[3] = eights;
     }
-    zr[nb] = carry;
-    /* 2 c + zr: level 0 has no carry out; level k adds c(k - 1); c(nb - 2..) = 0 */
-    carry = 0;
-#define GLT_MAJ(x, y) (a = (x), b = (y), carry = (a & b) | ((a ^ b) & carry))
-    GLT_MAJ(ones, zr[1]);
-    GLT_MAJ(twos, zr[2]);
-    GLT_MAJ(fours, zr[3]);
-    GLT_MAJ(eights, zr[4]);
-    for (k = 5; k + 1u < nb; ++k) {
-        GLT_MAJ(k - 5u + 6u < nb ? hi[k - 5u] : 0u, zr[k]);
+#endif
+    /* carry out of 2 (c + B) + Z + (r & 1): level 0 has no bit of 2 (c + B) */
+    carry = (r & 1u) ? z[0] : 0u;
+    for (k = 1; k < nb; ++k) {
+        a = lev[k - 1u];
+        b = z[k];
+        carry = (a & b) | ((a ^ b) & carry);
     }
-    carry &= zr[nb - 1u]; /* level nb - 1: c = 0 */
-#undef GLT_MAJ
-    return zr[nb] ^ carry;
+    return carry;
 }
 
 /* One output row of a binary layer with the bit-sliced kernel. */
@@ -727,6 +822,25 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                     cnt[2u * b + 5u] = f2;
                     cnt[2u * b + 6u] = e3;
                     cnt[2u * b + 7u] = f3;
+                }
+#endif
+#if GLT_L0_THR2 && !defined(GLT_NO_L0_SWAR)
+                if ((cout & 31u) == 0u && (out_cpg & 31u) == 0u) {
+                    /* SWAR: a 16-bit lane of (thr + 0x8000) - m has bit 15 set iff
+                     * m <= thr; rows 32 k .. 32 k + 31 are output word k */
+                    const uint32_t *T = glt_l0_thr2;
+                    const uint32_t *C = cnt;
+                    for (b = 0; b < cout; b += 32u, T += 16, C += 16) {
+                        uint32_t bits = 0, w;
+                        GLT_UNROLL
+                        for (w = 0; w < 8u; ++w) {
+                            const uint32_t d0 = T[2u * w] - C[2u * w], d1 = T[2u * w + 1u] - C[2u * w + 1u];
+                            const uint32_t v = ((d0 >> 1) & 0x40004000u) | (d1 & 0x80008000u);
+                            bits |= (((v >> 14) & 3u) | ((v >> 28) & 0xCu)) << (4u * w);
+                        }
+                        o[b >> 5] |= bits;
+                    }
+                    continue;
                 }
 #endif
                 /* bit = (mismatches <= thr), packed in the consumer layout */

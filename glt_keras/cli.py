@@ -69,31 +69,9 @@ def _one_line(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"glt-keras {args.command}: interrupted.", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        print(f"glt-keras {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def run_script(prog: str, description: str, add_arguments, run, argv=None) -> int:
-    """Entry point of the thin scripts in converters/ and benchmarks/: one command's
-    arguments and function, with the same clear-error handling as ``glt-keras``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def _guarded(prog: str, run, args) -> int:
+    """``run(args)`` with the command line's error handling: a user error (bad value, missing
+    file, ...) is one line naming ``prog`` and exit code 2; Ctrl-C is exit code 130."""
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:
@@ -104,3 +82,21 @@ def run_script(prog: str, description: str, add_arguments, run, argv=None) -> in
             raise
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _guarded(f"glt-keras {args.command}", args.func, args)
+
+
+def run_script(prog: str, description: str, add_arguments, run, argv=None) -> int:
+    """Entry point of the thin scripts in converters/ and benchmarks/: one command's
+    arguments and function, with the same clear-error handling as ``glt-keras``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return _guarded(prog, run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

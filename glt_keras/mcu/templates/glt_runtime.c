@@ -60,7 +60,8 @@ int glt_kernel_variant(void)
     return GLT_BUILTIN_POPCOUNT ? 1 : (GLT_ARM_DSP ? 2 : 0);
 }
 
-/* The SWAR masks of the unrolled kernel, in registers (see GLT_MASKS). */
+/* The SWAR masks of the popcount kernels. With GCC / Clang on ARM they are kept in registers
+ * (opaque to the optimiser), so that "(v >> 1) & m" is one AND with a shifted operand. */
 #if GLT_BUILTIN_POPCOUNT
 #define GLT_SWAR_MASKS const uint32_t m1 = 0u, m2 = 0u, m4 = 0u
 #elif defined(__GNUC__) && (defined(__arm__) || defined(__thumb__))
@@ -82,15 +83,6 @@ GLT_INLINE uint32_t glt_mismatches(const uint32_t *a, const uint32_t *w, uint32_
     return total;
 }
 #else
-/* The SWAR masks. With GCC / Clang on ARM they are kept in registers (opaque to the
- * optimiser), so that "(v >> 1) & m" is one AND with a shifted operand. */
-#if defined(__GNUC__) && (defined(__arm__) || defined(__thumb__))
-#define GLT_MASKS                                                   \
-    uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu; \
-    __asm__("" : "+r"(m1), "+r"(m2), "+r"(m4))
-#else
-#define GLT_MASKS const uint32_t m1 = 0x55555555u, m2 = 0x33333333u, m4 = 0x0F0F0F0Fu
-#endif
 
 /* 2-bit then 4-bit partial counts of one word x (each nibble <= 4); t is a temporary. */
 #define GLT_NIBBLES(t, x) ((t) = (x) - (((x) >> 1) & m1), ((t) & m2) + (((t) >> 2) & m2))
@@ -113,7 +105,7 @@ GLT_INLINE uint32_t glt_fold(uint32_t v)
 GLT_INLINE uint32_t glt_mismatches(const uint32_t *a, const uint32_t *w, uint32_t triples, uint32_t rem)
 {
     uint32_t total = 0, acc, v, t1, t2;
-    GLT_MASKS;
+    GLT_SWAR_MASKS;
     while (triples > 0u) {
         uint32_t chunk = triples < 10u ? triples : 10u;
         triples -= chunk;

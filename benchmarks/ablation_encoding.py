@@ -9,7 +9,7 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 6 --out runs/ablation
     python benchmarks/ablation_encoding.py vww_binary --epochs 8 --variants binary_planes fixed glt
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
-    python benchmarks/ablation_encoding.py recipes/vww_binary_teachers.yaml --epochs 12 \
+    python benchmarks/ablation_encoding.py vww_binary --epochs 12 \
         --variants no_teacher first_teacher teachers --out runs/ablation_teachers
 
 Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds 0 1``:

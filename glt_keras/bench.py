@@ -366,9 +366,12 @@ def plot_frontier(results: dict, path, *, task: str, highlight=None, title=None)
         ax.annotate(r["name"], (r["bytes"], 100 * r[metric]), textcoords="offset points", xytext=(5, 3),
                     fontsize=7, color=color)
     ax.set_xscale("log")
+    sizes = [r["bytes"] for r in rows]
+    ax.set_xlim(min(sizes) / 1.6, max(sizes) * 6)  # room for the labels right of the points
     ax.set_xlabel(".tflite bytes (log scale)")
     ax.set_ylabel(("mean per-class accuracy" if metric != "accuracy" else "accuracy") + " (%)")
-    ax.set_title(title or f"{task}: accuracy vs size ({results['data'].get(task, '')})", fontsize=9)
+    ax.set_title(title or f"{task}: accuracy vs size", fontsize=9)
+    ax.text(0.01, 0.98, results["data"].get(task, ""), transform=ax.transAxes, fontsize=7, color="0.4", va="top")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path = Path(path)

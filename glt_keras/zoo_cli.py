@@ -105,7 +105,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)
     if task:
         plot_frontier(bench, out_dir / "frontier.png", task=task, highlight=name,
-                      title=f"{name} among the anchors: accuracy vs size ({bench['data'].get(task, '')})")
+                      title=f"{name} among the anchors: accuracy vs .tflite size")
     teachers = teacher_scores(recipe, splits) if recipe.kd.get("teachers") else None
     ours = next(r for r in bench["rows"] if r["name"] == name)
     summary = model_summary(model)

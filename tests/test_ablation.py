@@ -57,7 +57,7 @@ def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(abla
 
 
 def test_teacher_variants_change_only_the_teaching(ablation):
-    base = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "vww_binary_teachers.yaml")
+    base = load_recipe("vww_binary")
     none = base.with_changes(**ablation.VARIANTS["no_teacher"](base))
     assert not none.kd["teachers"] and none.data["balance"] is True
     sources = none.data["train"]

@@ -231,22 +231,10 @@ class HostLibrary:
         ``(H, W, C)`` int8 +-1 maps for the binary layers (channels in Keras order,
         i.e. after max-pool and channel shuffle) and the head's integer sums over
         H x W (one per class). Needs a build with ``capture=True``."""
-        if not hasattr(self._lib, "glt_host_capture"):
-            raise RuntimeError("build the library with build_host(..., capture=True) to read layer outputs.")
-        n_layers = self.macros["GLT_NUM_CONV_LAYERS"]
-        self._lib.glt_host_layer_words.restype = ctypes.c_uint32
-        words = [int(self._lib.glt_host_layer_words(ctypes.c_uint32(l))) for l in range(n_layers)]
-        buf = np.zeros(sum(words), dtype=np.uint32)
-        self._lib.glt_host_capture(buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
-        try:
-            self.infer(image)
-        finally:
-            self._lib.glt_host_capture(None)
-        outputs, off = [], 0
-        for l, n in enumerate(words):
-            chunk = buf[off : off + n]
-            off += n
-            if l + 1 == n_layers:
+        chunks = self.layer_words(image)
+        outputs = []
+        for l, chunk in enumerate(chunks):
+            if l + 1 == len(chunks):
                 outputs.append(chunk.view(np.int32).copy())
                 continue
             lay = self.layers[l]["out_layout"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import tarfile
-from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np

@@ -6,16 +6,24 @@ for ours, ``tf.lite.Interpreter(num_threads=1)`` for the references), plus the l
 ratio against each reference of the same task. All models are timed on the same
 images, interleaved in rounds, so that the ratios come from one run on one machine.
 
+Each of our Keras models also gets a host C row (:class:`HostCRunner`): the project's
+own C99 library (``glt-keras export-c``) compiled for this machine with its popcount
+instruction, the binary engine that LCE does not have on x86. Our rows report how many
+images give the same argmax as the Keras model.
+
 The timing loop (:func:`time_models`, :func:`time_per_image`) and the runners
-(:class:`TFLiteRunner`) are reused by the ``benchmarks/`` scripts.
+(:class:`TFLiteRunner`, :class:`HostCRunner`) are reused by the ``benchmarks/`` scripts.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +213,55 @@ class TFLiteRunner:
         return np.array([int(np.argmax(self.run_one(x))) for x in self.prepare(images)])
 
 
+#: Compiler flags of the host C build; with ``GLT_USE_BUILTIN_POPCOUNT`` (one POPCNT per word on x86).
+HOST_CFLAGS = ("-O2", "-march=native")
+
+
+class HostCRunner:
+    """A Keras model as the project's C99 library (:func:`glt_keras.mcu.export_c`) compiled
+    for this machine (:func:`glt_keras.mcu.host.build_host`), fed uint8 pixels (batch 1)
+    through ``ctypes``; single-threaded.
+
+    ``bitslice=False`` (default here): the XNOR-popcount kernel, faster than the bit-sliced
+    kernel (the export's default, made for Cortex-M) when popcount is one instruction.
+    ``bytes``: the library's constant data (weights, thresholds, tables), not a ``.tflite``.
+    Raises what the export or the build raises (e.g. ``UnsupportedLayerError``).
+    """
+
+    def __init__(self, model, *, cflags=HOST_CFLAGS, bitslice: bool = False, cc=None):
+        from .mcu import export_c
+        from .mcu.host import build_host, find_cc
+
+        tmp = Path(tempfile.mkdtemp(prefix="glt_bench_c_"))
+        try:
+            result = export_c(model, tmp / "c", bitslice=bitslice)
+            self.library = build_host(tmp / "c", build_dir=tmp / "build", cc=cc, cflags=tuple(cflags),
+                                      builtin_popcount=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the library is loaded: its files may go
+        version = subprocess.run([find_cc(cc), "--version"], capture_output=True, text=True).stdout
+        self.build = {"compiler": (version.splitlines() or ["?"])[0], "cflags": list(cflags),
+                      "builtin_popcount": self.library.popcount_builtin, "bitslice": bool(bitslice),
+                      "first_layer_table": bool(result.layers[0].get("table"))}
+        self.bytes = int(result.const_bytes)
+        self.input_dtype = np.dtype(np.uint8)
+        self.input_shape = (1,) + tuple(result.input_shape)
+        self.num_outputs = int(result.num_classes)
+
+    def prepare(self, images: np.ndarray) -> list:
+        """Raw pixels (N, H, W, C) of the model's size -> a list of (1, H, W, C) uint8 inputs."""
+        from .mcu.host import as_images
+
+        x = as_images(images, self.input_shape[1:])
+        return [x[i:i + 1] for i in range(len(x))]
+
+    def run_one(self, x: np.ndarray) -> np.ndarray:
+        return self.library.infer(x)
+
+    def predict_classes(self, images: np.ndarray) -> np.ndarray:
+        return self.library.infer(images).argmax(1)
+
+
 def _first_q(scales, zero_points):
     if not scales or not scales[0]:
         return None
@@ -221,9 +278,10 @@ def _first_q(scales, zero_points):
 class BenchEntry:
     name: str
     task: Optional[str]
-    kind: str  # "ours (LCE)" / "reference (TFLite)"
-    runner: TFLiteRunner = field(repr=False)
+    kind: str  # "ours (LCE)" / "ours (host C)" / "reference (TFLite)" / "anchor (TFLite)"
+    runner: TFLiteRunner = field(repr=False)  # or a HostCRunner
     extra: dict = field(default_factory=dict)
+    keras_model: object = field(default=None, repr=False)  # when set: argmax agreement with it
 
 
 def load_labelled(task: str, limit: Optional[int], seed: int = 0):
@@ -269,7 +327,21 @@ def conversion_entry(result, name: str, model) -> BenchEntry:
     return BenchEntry(name, task, "ours (LCE)", TFLiteRunner(result.flatbuffer, kind="lce"), extra)
 
 
-REFERENCE, FRONTIER = "reference (TFLite)", "anchor (TFLite)"
+REFERENCE, FRONTIER, HOST_C = "reference (TFLite)", "anchor (TFLite)", "ours (host C)"
+
+
+def host_c_entry(model, name: str, **kwargs) -> Optional[BenchEntry]:
+    """The host C build of a Keras model as a bench entry named ``"<name> (host C)"``, or
+    ``None`` (the reason on stderr) when the model cannot be exported or built."""
+    from .mcu import UnsupportedLayerError
+
+    try:
+        runner = HostCRunner(model, **kwargs)
+    except (UnsupportedLayerError, FileNotFoundError, RuntimeError) as err:
+        print(f"bench: no host C row for {name}: {err}".splitlines()[0], file=sys.stderr)
+        return None
+    task = task_of_shape(model.input_shape[1:], model.output_shape[-1])
+    return BenchEntry(f"{name} (host C)", task, HOST_C, runner, keras_model=model)
 
 
 def reference_entries(tasks, anchors: Optional[Path], *, frontier: bool = False) -> list:
@@ -299,6 +371,7 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
     rows = []
     tasks = sorted({e.task for e in entries if e.task})
     data_info = {}
+    keras_classes = {}  # id(model) -> argmax of the Keras model on the task's images
     for task in tasks + [None]:
         group = [e for e in entries if e.task == task]
         if not group:
@@ -320,6 +393,7 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
         for e in group:
             row = {"name": e.name, "task": task, "kind": e.kind, "bytes": e.runner.bytes,
                    "input": str(e.runner.input_dtype), **stats[e.name], **e.extra}
+            predicted = None
             if labels is not None:
                 start = time.perf_counter()
                 predicted = e.runner.predict_classes(images)
@@ -330,6 +404,15 @@ def run_bench(entries: list, *, limit: Optional[int] = 1000, warmup: int = 10, r
                 row["eval_seconds"] = time.perf_counter() - start
             else:
                 row["accuracy"] = None
+            if e.keras_model is not None:
+                if id(e.keras_model) not in keras_classes:
+                    scores = e.keras_model.predict(images.astype(np.float32), batch_size=64, verbose=0)
+                    keras_classes[id(e.keras_model)] = np.asarray(scores).argmax(-1)
+                predicted = e.runner.predict_classes(images) if predicted is None else predicted
+                row["argmax_equal_keras"] = int(np.sum(predicted == keras_classes[id(e.keras_model)]))
+                row["argmax_compared"] = int(len(images))
+            if e.kind == HOST_C:
+                row["host_c"] = e.runner.build
             row["latency_ratio"] = {r.name: stats[e.name]["median_ms"] / stats[r.name]["median_ms"]
                                     for r in references if r is not e}
             rows.append(row)
@@ -354,7 +437,8 @@ def plot_frontier(results: dict, path, *, task: str, highlight=None, title=None)
     import matplotlib.pyplot as plt
 
     metric = TASKS[task].get("metric", "accuracy")
-    rows = [r for r in results["rows"] if r["task"] == task and r.get(metric) is not None]
+    # The host C rows repeat their model's accuracy at a size that is not a .tflite's: not plotted.
+    rows = [r for r in results["rows"] if r["task"] == task and r.get(metric) is not None and r["kind"] != HOST_C]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
@@ -385,14 +469,17 @@ def plot_frontier(results: dict, path, *, task: str, highlight=None, title=None)
 def to_markdown(results: dict) -> str:
     rows = results["rows"]
     refs = sorted({name for r in rows for name in r["latency_ratio"]})
-    head = ["model", "task", "kind", "input", "bytes", "accuracy", "median ms", "p90 ms"]
+    agreement = any("argmax_equal_keras" in r for r in rows)  # a column only when a row was compared
+    head = ["model", "task", "kind", "input", "bytes", "accuracy"] + ["argmax = Keras"] * agreement
+    head += ["median ms", "p90 ms"]
     head += [f"x {name}" for name in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in rows:
         metric = r.get("metric", "accuracy")
         acc = "n/a" if r.get(metric) is None else f"{r[metric]:.1%}" + (" (mean per class)" if metric != "accuracy" else "")
-        cells = [r["name"], r["task"] or "-", r["kind"], r["input"], f"{r['bytes']:,}", acc,
-                 f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
+        same = f"{r['argmax_equal_keras']:,} / {r['argmax_compared']:,}" if "argmax_equal_keras" in r else ""
+        cells = [r["name"], r["task"] or "-", r["kind"], r["input"], f"{r['bytes']:,}", acc] + [same] * agreement
+        cells += [f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
         cells += [f"{r['latency_ratio'][n]:.2f}" if n in r["latency_ratio"] else "" for n in refs]
         lines.append("| " + " | ".join(cells) + " |")
     m = results["machine"]
@@ -400,10 +487,26 @@ def to_markdown(results: dict) -> str:
              f"{results['settings']['warmup']} warm-up runs, interleaved in "
              f"{results['settings']['rounds']} rounds; {m['cpus']} CPUs, load average "
              f"{m['load_average']}. `x REF`: our median latency / the reference's."]
-    if not any(k in str(m.get("platform", "")).lower() for k in ("aarch64", "arm64")):
-        notes.append("On this non-ARM machine LCE runs its binary convolutions without optimized kernels "
-                     "(LCE has optimized binary kernels only on AArch64; larq/compute-engine issues 591 "
-                     "and 803), so these latency ratios say little about binarization.")
+    builds = [r["host_c"] for r in rows if r.get("host_c")]
+    if not any(k in str(m.get("platform", "")).lower() for k in ("aarch64", "arm64", "armv")):
+        notes.append("On this non-ARM machine LCE runs its binary convolutions with portable C++ reference "
+                     "kernels: its optimized binary kernels exist only for ARM (AArch64 assembly, also 32-bit "
+                     "ARM; larq/compute-engine issues 591 and 803). The LCE-vs-int8 latency ratios here say "
+                     "little about what binarization buys" + ("; the host C rows show a binary network using "
+                                                             "this CPU's popcount instruction." if builds else "."))
+    if builds:
+        b = builds[0]
+        notes.append(
+            "`ours (host C)`: the project's C99 library (`glt-keras export-c`, "
+            + ("XNOR-popcount kernel, `bitslice=False`" if not b["bitslice"] else "bit-sliced kernel")
+            + ") compiled with `" + " ".join(["cc", "-std=c99", *b["cflags"]])
+            + ("` and `__builtin_popcount` (`-DGLT_USE_BUILTIN_POPCOUNT`)" if b["builtin_popcount"]
+               else "` (portable popcount)")
+            + f" by {b['compiler']}, called through ctypes one image at a time, 1 thread. Its bytes are the "
+            "library's constant data (weights, thresholds, tables), not a `.tflite` file.")
+    if agreement:
+        notes.append("`argmax = Keras`: images on which the row's top class equals the Keras model's, of the "
+                     "images scored (the labelled ones, or the random timing pixels).")
     notes += [f"data {task}: {d}" for task, d in results["data"].items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
@@ -421,6 +524,8 @@ def add_arguments(p) -> None:
                    help="an untrained glt_net topology (glt96 -> VWW 96x96, glt32 -> CIFAR-10); repeatable")
     p.add_argument("--int8-io", action="store_true", help="convert our models with int8 I/O")
     p.add_argument("--no-references", action="store_true", help="skip the MLPerf Tiny reference models")
+    p.add_argument("--no-host-c", action="store_true",
+                   help="skip the host C rows (our models as C libraries built with -O2 -march=native)")
     p.add_argument("--frontier", action="store_true",
                    help="also score the other anchors (Wake Vision person models) for the accuracy-vs-bytes frontier")
     p.add_argument("--plot", metavar="DIR", help="write <task>_frontier.png (accuracy vs bytes) per task here")
@@ -448,6 +553,15 @@ def collect_entries(args) -> list:
     from .models import glt_net
 
     entries = []
+
+    def ours(model, name):  # the LCE row and, unless --no-host-c, the host C row of a Keras model
+        entry = keras_entry(model, name, int8_io=args.int8_io)
+        entry.keras_model = model
+        entries.append(entry)
+        host = None if getattr(args, "no_host_c", False) else host_c_entry(model, name)
+        if host is not None:
+            entries.append(host)
+
     for name in args.names:
         try:
             import glt_keras.zoo as zoo
@@ -457,9 +571,9 @@ def collect_entries(args) -> list:
                                  "use --model FILE, --tflite FILE or --topology NAME.") from None
             raise
         model = zoo.load(name)
-        entries.append(keras_entry(getattr(model, "model", model), name, int8_io=args.int8_io))
+        ours(getattr(model, "model", model), name)
     for file in args.model:
-        entries.append(keras_entry(load_keras_model(file), Path(file).stem, int8_io=args.int8_io))
+        ours(load_keras_model(file), Path(file).stem)
     for file in args.tflite:
         runner = TFLiteRunner(file, kind="lce")
         entries.append(BenchEntry(Path(file).stem, task_of_shape(runner.input_shape[1:], runner.num_outputs),
@@ -469,7 +583,7 @@ def collect_entries(args) -> list:
         t = TASKS[task]
         kwargs = dict(widths=(64, 64), groups=(1, 2)) if topology == "tiny" else {}
         model = glt_net(input_shape=t["input_shape"], num_classes=t["num_classes"], topology=topology, **kwargs)
-        entries.append(keras_entry(model, f"{topology} (untrained)", int8_io=args.int8_io))
+        ours(model, f"{topology} (untrained)")
     if not entries:
         raise ValueError("nothing to benchmark: give zoo names, --model, --tflite or --topology.")
     if not args.no_references:

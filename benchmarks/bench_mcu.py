@@ -10,9 +10,12 @@ images of the model's task, then a bare-metal firmware per CPU run under
 ``qemu-system-arm -icount shift=0`` (``glt_keras.mcu.qemu``): instructions per
 inference (median over the images), the library's flash (.text + .rodata + .data of
 its objects) and RAM (static arena + measured stack of ``glt_infer``), and whether
-the scores are bit-identical to the host build. Writes ``mcu.json`` and ``mcu.md``
-into ``--out`` and, with ``--readme``, the table between the README's
-``<!-- mcu-table:start -->`` / ``<!-- mcu-table:end -->`` markers.
+the scores are bit-identical to the host build. Each row records the SHA-256 of the
+weights it measured, so that a model card shows the numbers only for those weights.
+Writes ``mcu.json`` and ``mcu.md`` into ``--out``, then (when ``--out`` is the folder
+the cards read, and without ``--no-cards``) the measured models' cards, and, with
+``--readme``, the table between the README's ``<!-- mcu-table:start -->`` /
+``<!-- mcu-table:end -->`` markers.
 
 The TFLite Micro + CMSIS-NN row is an external reference quoted from issue #17 (its
 method and versions are named in the table notes); this script does not measure it.
@@ -53,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default=str(ROOT / "runs" / "mcu"), help="export / build folder")
     p.add_argument("--per-layer", action="store_true", help="also time every layer (separate firmware)")
     p.add_argument("--readme", help="README to update between the mcu-table markers")
+    p.add_argument("--no-cards", action="store_true", help="do not rewrite the measured models' zoo cards")
 
 
 def task_images(model, n: int):
@@ -81,6 +85,7 @@ def bench_model(name: str, args) -> dict:
     from glt_keras.mcu.host import build_host
     from glt_keras.mcu.qemu import build_firmware, run_firmware
 
+    weights_sha256 = zoo.sha256_of(zoo.pretrained_weights(name))  # checked against the registry
     model = zoo.load(name)
     images, data = task_images(model, args.images)
     out = Path(args.work) / name
@@ -88,7 +93,7 @@ def bench_model(name: str, args) -> dict:
     keras = np.asarray(model(images.astype("float32"), training=False), dtype=np.float32)
     host = build_host(out, build_dir=out / "build_host").infer(images)
     row = {
-        "model": name, "data": data, "images": int(len(images)),
+        "model": name, "weights_sha256": weights_sha256, "data": data, "images": int(len(images)),
         "binary_macs": int(sum(l["binary_macs"] for l in result.layers)),
         "first_layer_table": bool(result.layers[0].get("table")),
         "softmax": bool(result.softmax),
@@ -191,6 +196,20 @@ def update_readme(path: Path, command: str, table: str) -> None:
     path.write_text(text)
 
 
+def write_cards(names, results: Path, *, skip: bool = False) -> None:
+    """Regenerate the zoo cards of ``names``: each shows its row of ``results`` (when its
+    weights are the measured ones). Only when ``results`` is the file the cards read."""
+    from glt_keras import zoo_cli
+
+    if skip:
+        return
+    if results.resolve() != zoo_cli.MCU_RESULTS.resolve():
+        print(f"cards not rewritten: they read {zoo_cli.MCU_RESULTS}, not {results}.")
+        return
+    for name in names:
+        print(f"wrote {zoo_cli.write_card(name)}")
+
+
 def run(args) -> int:
     from glt_keras import zoo
     from glt_keras._io import atomic_write
@@ -215,6 +234,7 @@ def run(args) -> int:
     print(table)
     if args.readme:
         update_readme(Path(args.readme), report["command"], table)
+    write_cards(names, out / "mcu.json", skip=args.no_cards)
     ok = all(r["argmax_host_equal_keras"] and all(e["bit_identical_to_host"] or (r["softmax"] and e["argmax_equal_host"])
                                                   for e in r["cpus"].values()) for r in rows)
     return 0 if ok else 1

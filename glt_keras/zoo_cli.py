@@ -2,7 +2,9 @@
 
 ``publish`` is the only writer of ``zoo/registry.json`` and of the cards: it measures
 everything it writes (accuracy with the evaluation code, sizes from the converted
-flatbuffer, latency next to the MLPerf Tiny reference in one run).
+flatbuffer, latency next to the MLPerf Tiny reference in one run). A card also shows the
+model's Cortex-M4 / M7 numbers from ``benchmarks/results/mcu.json`` when they were measured
+for its weights (``benchmarks/bench_mcu.py`` records their SHA-256 and rewrites the cards).
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from pathlib import Path
 from . import zoo
 from ._io import atomic_write
 from .recipe import ZOO_DIR, load_recipe
+
+#: Written by ``benchmarks/bench_mcu.py``; read by the cards.
+MCU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mcu.json"
 
 
 def _atomic_json(path: Path, data) -> None:
@@ -181,6 +186,42 @@ def teacher_scores(recipe, splits) -> dict:
     return scores
 
 
+def mcu_lines(name: str, sha256: str) -> list:
+    """The card's Cortex-M section: the model's row of :data:`MCU_RESULTS` (instructions per
+    inference, flash, RAM per CPU, with the external TFLM + CMSIS-NN reference cited as such)
+    when that row measured the weights of SHA-256 ``sha256``; otherwise a line saying these
+    weights were not measured (a row without a weights hash is never taken as current)."""
+    report = json.loads(MCU_RESULTS.read_text(encoding="utf-8")) if MCU_RESULTS.exists() else {}
+    row = next((r for r in report.get("rows", []) if r.get("model") == name), None)
+    source = "[`benchmarks/results/mcu.json`](../../benchmarks/results/mcu.json)"
+    lines = ["", "## Cortex-M4 / M7 (the C library of `glt-keras export-c`, under QEMU)", ""]
+    if row is None or row.get("weights_sha256") != sha256:
+        why = ("has no entry for it" if row is None else "measured other weights" if row.get("weights_sha256")
+               else "does not record which weights it measured")
+        return lines + [f"Not measured for these weights: {source} {why}. Measure with "
+                        "`python benchmarks/bench_mcu.py --readme README.md`.", ""]
+    lines += ["| library | CPU | instructions / inference | flash bytes | RAM bytes (static + stack) |",
+              "|---|---|---:|---:|---:|"]
+    for cpu, e in row["cpus"].items():
+        lines.append(f"| {name} (this project) | {cpu.replace('cortex', 'Cortex').replace('-m', '-M')} "
+                     f"(QEMU `{e['machine']}`) | {e['instructions_per_inference']:,} | {e['flash_bytes']:,} | "
+                     f"{e['ram_bytes']:,} ({e['static_ram_bytes']:,} + {e['stack_bytes']:,}) |")
+    ref = report.get("external_reference")
+    if ref:
+        lines.append(f"| _external:_ {ref['name']} | Cortex-M4 | {ref['instructions_m4']:,} | "
+                     f"{ref['flash_bytes']:,} | ~{ref['ram_bytes_approx']:,} |")
+    host = "identical" if row["argmax_host_equal_keras"] else "DIFFERENT"
+    lines += ["", f"- Measured by `{report.get('command', 'benchmarks/bench_mcu.py')}` ({source}) for these "
+              f"weights (SHA-256 `{sha256}`) on {row['data']}: median instructions per `glt_infer()` call "
+              "under `qemu-system-arm -icount shift=0` (instructions, not cycles: no pipeline, caches or flash "
+              "wait states are modelled), `-O2`. Flash = .text + .rodata + .data of the library; RAM = its static "
+              f"arena + the measured stack of `glt_infer`. Argmax of the host build vs Keras: {host}."]
+    if ref:
+        lines.append(f"- _External reference, not measured by this project_ (quoted from issue #17): {ref['name']}; "
+                     f"{ref['versions']}; {ref['method']}.")
+    return lines + [""]
+
+
 def _pct(v):
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -246,8 +287,9 @@ def write_card(name: str) -> Path:
             lines.append(f"| {row['name']} | {row['kind']} | {row['bytes']:,} | {accuracy} | "
                          f"{row['median_ms']:.3f} | {ratio} |")
         lines += ["", f"Data: {json.dumps(entry['benchmark']['data'])}; machine: {entry['benchmark']['machine']['platform']}, "
-                  f"{entry['benchmark']['machine']['cpus']} CPUs (load average {entry['benchmark']['machine']['load_average']}).",
-                  "", "## Training", "",
+                  f"{entry['benchmark']['machine']['cpus']} CPUs (load average {entry['benchmark']['machine']['load_average']})."]
+        lines += mcu_lines(name, entry["sha256"])
+        lines += ["## Training", "",
                   f"{training_commands(t)} — {t['epochs']} epochs, {t['train_seconds']} s of training "
                   f"({t['images_per_second']} images/s on a 2-core CPU, {t['sessions']} session(s)). "
                   "Per-epoch log: [`train_history.csv`](train_history.csv).", ""]

@@ -235,3 +235,62 @@ def test_published_cards_are_generated_and_say_how_to_run_the_tflite(monkeypatch
         path = zoo.ZOO_DIR / name / "README.md"
         assert written[path] == path.read_text(encoding="utf-8"), f"{path} is not the generated card"
         assert "use_indirect_bgemm=True" in written[path] and "not supported with this kernel" in written[path]
+
+
+def _bench_mcu_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_mcu.py"
+    spec = importlib.util.spec_from_file_location("bench_mcu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_card_shows_cortex_m_numbers_only_for_the_weights_measured(fake_zoo, tmp_path, monkeypatch):
+    from glt_keras import zoo_cli
+
+    root, _ = fake_zoo
+    monkeypatch.setattr(zoo_cli, "ZOO_DIR", root)  # bound at import
+    registry = json.loads((root / "registry.json").read_text())
+    entry = registry["toy_binary"]
+    entry.update(
+        size={"params": 10, "binary_params": 8, "real_params": 2, "binary_weight_bytes": 1, "tflite_bytes": 99,
+              "macs": 100, "binary_macs": 90},
+        lce={"all_binary": True, "lce_bconv2d": 2, "real_layers": []},
+        benchmark={"machine": {"platform": "x", "cpus": 2, "load_average": None}, "data": {}, "rows": []},
+        training={"command": "glt-keras train toy_binary", "epochs": 1, "train_seconds": 1,
+                  "images_per_second": 1, "sessions": 1})
+    (root / "registry.json").write_text(json.dumps(registry))
+    cpu = {"machine": "mps2-an386", "flash_bytes": 23_456, "static_ram_bytes": 3_000, "stack_bytes": 456,
+           "ram_bytes": 3_456}
+    row = {"model": "toy_binary", "weights_sha256": entry["sha256"], "data": "toy/test (first 4)",
+           "argmax_host_equal_keras": True,
+           "cpus": {"cortex-m4": {**cpu, "instructions_per_inference": 1_234_567},
+                    "cortex-m7": {**cpu, "machine": "mps2-an500", "instructions_per_inference": 7_654_321}}}
+    mcu = tmp_path / "mcu.json"
+    monkeypatch.setattr(zoo_cli, "MCU_RESULTS", mcu)
+    external = _bench_mcu_module().EXTERNAL_REFERENCE
+
+    def card_for(row):
+        mcu.write_text(json.dumps({"rows": [row], "external_reference": external,
+                                   "command": "python benchmarks/bench_mcu.py"}))
+        return zoo_cli.write_card("toy_binary").read_text()
+
+    card = card_for(row)  # measured for these weights: the numbers, and the external row cited as such
+    for number in ("1,234,567", "7,654,321", "23,456", "3,456 (3,000 + 456)", entry["sha256"]):
+        assert number in card
+    assert "| _external:_ MLPerf Tiny VWW int8" in card and "| 24,101,500 |" in card
+    assert "_External reference, not measured by this project_" in card
+    assert "TensorFlow Lite Micro 90b983c2, CMSIS-NN 4ab83cc3" in card
+    assert "Not measured for these weights" not in card
+
+    stale = {**row, "weights_sha256": "0" * 64}  # measured before the model was republished
+    unrecorded = {k: v for k, v in row.items() if k != "weights_sha256"}  # an mcu.json older than the hash
+    for other, why in ((stale, "measured other weights"), (unrecorded, "does not record which weights")):
+        card = card_for(other)
+        assert "1,234,567" not in card and "7,654,321" not in card and "24,101,500" not in card
+        assert "Not measured for these weights" in card and why in card
+    mcu.unlink()
+    assert "has no entry for it" in zoo_cli.write_card("toy_binary").read_text()

@@ -210,6 +210,23 @@ def write_cards(names, results: Path, *, skip: bool = False) -> None:
         print(f"wrote {zoo_cli.write_card(name)}")
 
 
+def merge_rows(previous: Path, rows, cpus):
+    """``rows`` plus the rows of ``previous`` (an earlier mcu.json) for models not measured now,
+    so timing one model does not drop the others from the table. Earlier rows are kept only
+    when they were measured on the same CPUs; each keeps its own weight hash and command."""
+    if not previous.exists():
+        return rows
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return rows
+    if sorted(old.get("cpus", [])) != sorted(cpus):
+        return rows
+    measured = {r["model"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r.get("model") not in measured]
+    return sorted(rows + kept, key=lambda r: r["model"])
+
+
 def run(args) -> int:
     from glt_keras import zoo
     from glt_keras._io import atomic_write
@@ -219,14 +236,18 @@ def run(args) -> int:
     names = args.names or zoo.list_models(pretrained=True)
     t0 = time.time()
     rows = [bench_model(n, args) for n in names]
+    command = "python benchmarks/bench_mcu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for row in rows:
+        row["command"] = command
+    out = Path(args.out)
+    rows = merge_rows(out / "mcu.json", rows, args.cpus)
     report = {
         "rows": rows, "cpus": list(args.cpus), "machines": {c: TARGETS[c]["machine"] for c in args.cpus},
         "external_reference": EXTERNAL_REFERENCE,
-        "command": "python benchmarks/bench_mcu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command,
         "host": {"platform": platform.platform(), "python": platform.python_version()},
         "seconds": round(time.time() - t0, 1),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(report)
     atomic_write(out / "mcu.json", json.dumps(report, indent=1))

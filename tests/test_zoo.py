@@ -294,3 +294,16 @@ def test_card_shows_cortex_m_numbers_only_for_the_weights_measured(fake_zoo, tmp
         assert "Not measured for these weights" in card and why in card
     mcu.unlink()
     assert "has no entry for it" in zoo_cli.write_card("toy_binary").read_text()
+
+
+def test_bench_mcu_keeps_rows_of_models_not_measured_again(tmp_path):
+    """Timing one model must not drop the others' rows from mcu.json (nor keep a stale row of
+    the re-measured model, nor mix in rows measured on other CPUs)."""
+    merge_rows = _bench_mcu_module().merge_rows
+    previous = tmp_path / "mcu.json"
+    previous.write_text(json.dumps({"cpus": ["cortex-m4"], "rows": [
+        {"model": "b", "weights_sha256": "old-b"}, {"model": "a", "weights_sha256": "old-a"}]}))
+    rows = merge_rows(previous, [{"model": "b", "weights_sha256": "new-b"}], ["cortex-m4"])
+    assert rows == [{"model": "a", "weights_sha256": "old-a"}, {"model": "b", "weights_sha256": "new-b"}]
+    assert merge_rows(previous, [{"model": "b"}], ["cortex-m4", "cortex-m7"]) == [{"model": "b"}]
+    assert merge_rows(tmp_path / "missing.json", [{"model": "b"}], ["cortex-m4"]) == [{"model": "b"}]

@@ -85,6 +85,8 @@ def glt_net(
         topology: a name in :data:`TOPOLOGIES`; ``widths`` / ``groups`` / ``pools`` /
             ``shuffle`` override it.
         encoding: ``glt`` (learned thermometer), ``fixed``, ``binary_planes`` or ``real``.
+        levels: planes per input channel (thermometers: thresholds; ``binary_planes``: the
+            top ``min(levels, 8)`` bits).
         real_layers: blocks kept real-valued (``"block3"``, 1-based, ``"head"``, or
             0-based indices; index ``len(widths)`` is the head): MixBin-style partial
             binarization. Nothing else changes, except that a real block feeding a binary
@@ -121,7 +123,12 @@ def glt_net(
     precisions = _resolve_precisions(len(widths), real_layers, "real" if teacher else "binary")
 
     inputs = tf.keras.Input(input_shape, name="pixels")
-    x = get_encoding(encoding, levels=levels, name="encoding", **(encoding_kwargs or {}))(inputs)
+    if encoding == "binary_planes" and levels < 8:  # the top `levels` bits: a coarser ADC
+        from .layers.bitplanes import TopBitPlanes
+
+        x = TopBitPlanes(levels, name="encoding")(inputs)
+    else:
+        x = get_encoding(encoding, levels=levels, name="encoding", **(encoding_kwargs or {}))(inputs)
     for i, (width, group, pool, stride, kernel) in enumerate(zip(widths, groups, pools, strides, kernels)):
         # A real block whose output feeds a binary layer gets no ReLU: that layer's sign is
         # its non-linearity, and sign(ReLU(.)) would be +1 everywhere (no signal at all).
@@ -174,9 +181,10 @@ def custom_objects() -> dict:
     """Every glt_keras / larq object a saved model may name."""
     import larq as lq
 
-    from .layers import binary, encoding
+    from .layers import binary, bitplanes, encoding
 
     objects = {
+        "TopBitPlanes": bitplanes.TopBitPlanes,
         "BinaryConv2D": binary.BinaryConv2D,
         "ChannelShuffle": binary.ChannelShuffle,
         "LearnedThermometer": encoding.LearnedThermometer,

@@ -233,6 +233,12 @@ def _datasets():
 
     return sorted(DATASETS)
 
+
+def _sensors():
+    from .data.sensor import SENSOR_CONDITIONS
+
+    return sorted(SENSOR_CONDITIONS)
+
 # Adding a key is one line in its section below.
 MODEL_KEYS = {
     "topology": Str(_topologies, optional=True),
@@ -302,6 +308,7 @@ DATA_KEYS = {
     "epoch_images": Int(1, optional=True),
     "train_size": Seq(Int(1), length=2, optional=True),
     "augment": Section(AUGMENT_KEYS, optional=True),
+    "sensor": Str(_sensors),  # every split's pixels as a sensor condition delivers them (data/sensor.py)
 }
 TRAINING_KEYS = {
     "epochs": Int(1),

@@ -25,16 +25,20 @@ class Splits:
     class_names: list
 
 
-def _load_source(spec: dict, classes: list, data_dir, size_hw):
+def _load_source(spec: dict, classes: list, data_dir, size_hw, sensor=None):
     """One data source of a recipe, its labels mapped onto the recipe's classes.
 
     ``label_map`` maps the source's class names to recipe class names (``"*"`` for
     every other class); without it the source's classes must be the recipe's.
+    ``sensor``: a :mod:`glt_keras.data.sensor` condition (``data.sensor``), applied to the
+    decoded pixels before any resize.
     """
     from ..data import load_arrays, load_image_folder
+    from ..data.sensor import apply_sensor
 
     if "paste" in spec:
-        return _pasted_source(spec["paste"], classes, data_dir, size_hw)
+        x, y = _pasted_source(spec["paste"], classes, data_dir, size_hw)
+        return apply_sensor(x, sensor), y
     if "folder" in spec:
         ds = load_image_folder(spec["folder"], image_size=size_hw)
     elif "tfds" in spec:
@@ -72,6 +76,7 @@ def _load_source(spec: dict, classes: list, data_dir, size_hw):
         )
         keep.sort()
         x, y = x[keep], y[keep]
+    x = apply_sensor(x, sensor)
     if size_hw is not None:
         x = resize_uint8(x, size_hw)
     return x, y.astype("int32")
@@ -127,17 +132,18 @@ def load_splits(recipe: Recipe, *, data_dir=None, subset: int | None = None) -> 
     train_size = data.get("train_size")
     train_hw = tuple(train_size) if train_size else None
     sources = data["train"] if isinstance(data["train"], list) else [data["train"]]
-    parts = [_load_source(s, recipe.classes, data_dir, train_hw) for s in sources]
+    sensor = data.get("sensor")
+    parts = [_load_source(s, recipe.classes, data_dir, train_hw, sensor) for s in sources]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     val = None
     if data.get("val"):
-        val = _load_source(data["val"], recipe.classes, data_dir, recipe.input_shape[:2])
+        val = _load_source(data["val"], recipe.classes, data_dir, recipe.input_shape[:2], sensor)
     elif data.get("holdout"):
         (x, y), val = _holdout(x, y, float(data["holdout"]), recipe.training["seed"])
     test = None
     if data.get("test"):
-        test = _load_source(data["test"], recipe.classes, data_dir, recipe.input_shape[:2])
+        test = _load_source(data["test"], recipe.classes, data_dir, recipe.input_shape[:2], sensor)
 
     def cut(pair):
         if pair is None or not subset:
@@ -155,7 +161,8 @@ def extra_eval_sets(recipe: Recipe, *, data_dir=None) -> dict:
     sets = {}
     for spec in recipe.data.get("extra_eval") or []:
         name = f"{spec['dataset']}:{spec['split']}" if "dataset" in spec else Path(spec["folder"]).name
-        sets[name] = _load_source(spec, recipe.classes, data_dir, recipe.input_shape[:2])
+        sets[name] = _load_source(spec, recipe.classes, data_dir, recipe.input_shape[:2],
+                                  recipe.data.get("sensor"))
     return sets
 
 

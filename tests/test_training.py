@@ -210,3 +210,27 @@ def test_kd_with_a_real_valued_twin_teacher(tmp_path, image_folder):
     assert (teacher_dir / "best_weights.h5").exists()
     assert _history(teacher_dir) == [1] and summary["epochs"] == 1
     assert (tmp_path / "student" / "best_weights.h5").exists()
+
+
+class FirstThresholds(tf.keras.callbacks.Callback):
+    """Records the thermometer's thresholds before the first step."""
+
+    def on_train_begin(self, logs=None):
+        from glt_keras.layers.encoding import LearnedThermometer
+
+        layer = next(l for l in self.model.layers if isinstance(l, LearnedThermometer))
+        self.thresholds = layer.thresholds()
+
+
+def test_quantile_init_also_on_a_fresh_run_started_with_resume(tmp_path, image_folder):
+    """--resume in an empty folder starts the run: it must start it like a plain fresh run,
+    thresholds at the data quantiles (not left at the uniform initialisation)."""
+    recipe = tiny_recipe(image_folder, epochs=1)
+    plain, resumed = FirstThresholds(), FirstThresholds()
+    train(recipe, out_dir=tmp_path / "plain", verbose=0, callbacks=[plain])
+    train(recipe, out_dir=tmp_path / "resumed", verbose=0, resume=True, callbacks=[resumed])
+    uniform = tiny_recipe(image_folder, epochs=1, threshold_init="uniform")
+    fixed = FirstThresholds()
+    train(uniform, out_dir=tmp_path / "uniform", verbose=0, callbacks=[fixed])
+    np.testing.assert_allclose(resumed.thresholds, plain.thresholds)
+    assert not np.allclose(plain.thresholds, fixed.thresholds)

@@ -219,7 +219,7 @@ def train(
             if verbose:
                 print(f"{recipe.name}: fine-tuning from {init_weights}.")
         thermometer = _thermometer(model)
-        if (thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resume
+        if (thermometer is not None and cfg.get("threshold_init") == "quantiles" and not resuming
                 and init_weights is None):
             thermometer.init_from_data(random_subset(2000, splits.train[0], seed=cfg["seed"]))
         optimizer = make_optimizer(cfg, n_steps, cfg["epochs"], model)

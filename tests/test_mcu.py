@@ -155,7 +155,8 @@ def test_peak_ram_macro_matches_plan(tiny, tmp_path):
     plan = result.plan
     sizes = [(lp.in_words, lp.out_words) for lp in plan.layers]
     assert plan.pingpong_words == max(a + b for a, b in sizes)
-    assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words)
+    assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words
+                                                                          + plan.bs_ring_words)
     # ... and it is what the compiled library reserves.
     obj = tmp_path / "data.o"
     subprocess.run(["cc", "-std=c99", "-O2", "-c", str(out / "glt_model_data.c"), "-o", str(obj)], check=True)

@@ -451,6 +451,11 @@ class MemoryPlan:
     scratch_words: int
     ring_rows: int
     layers: list = field(default_factory=list)
+    #: bit-sliced layers on per-word bit lists: their ring of list records (words)
+    bs_ring_words: int = 0
+    bs_ring_rows: int = 0
+    bs_slot_words: int = 0
+    bs_max_wpp: int = 0
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -464,9 +469,16 @@ def _consumer_layout(nxt: ConvSpec | None):
     return cin_g, wpg, wpg * nxt.groups
 
 
-def plan_memory(spec: ModelSpec, first_layer_table: bool = False) -> MemoryPlan:
+#: Words of the record of one input word in the bit-sliced kernel on per-word lists:
+#: its set-bit count, then 32 plane offsets (glt_runtime.c: GLT_BS_REC).
+BS_REC_WORDS = 33
+
+
+def plan_memory(spec: ModelSpec, first_layer_table: bool = False, pixel_lists=()) -> MemoryPlan:
     """``first_layer_table``: the first layer reads the uint8 image through lookup
-    tables (no ring of encoded rows, no gather scratch for it)."""
+    tables (no ring of encoded rows, no gather scratch for it). ``pixel_lists``: the
+    indices of the layers computed by the bit-sliced kernel on per-word bit lists (no
+    gather scratch; a ring of list records instead, see glt_conv_row_px_nb)."""
     convs = spec.convs
     first = convs[0]
     ring_rows = 0 if first_layer_table else (first.ph - 1) * first.sh + first.kh
@@ -490,9 +502,18 @@ def plan_memory(spec: ModelSpec, first_layer_table: bool = False) -> MemoryPlan:
             out_what = f"{conv.out_h}x{conv.out_w}x{conv.cout} bits"
         sizes.append((conv, in_words, out_words, in_what, out_what))
     pingpong = max(a + b for _, a, b, _, _ in sizes)
-    scratch = max(c.ph * c.pw * c.row_words * c.groups for c in convs[1 if first_layer_table else 0:])
-    plan = MemoryPlan(arena_words=pingpong + scratch, pingpong_words=pingpong, scratch_words=scratch,
-                      ring_rows=ring_rows)
+    pixel_lists = set(pixel_lists)
+    scratch = max([c.ph * c.pw * c.row_words * c.groups for i, c in enumerate(convs)
+                   if not (i == 0 and first_layer_table) and i not in pixel_lists] or [0])
+    bs_ring_rows = max([(convs[i].ph - 1) * convs[i].sh + convs[i].kh for i in pixel_lists] or [0])
+    bs_max_wpp = max([_wpg(convs[i].cin_g) * convs[i].groups for i in pixel_lists] or [0])
+    bs_slot = max([convs[i].in_w * _wpg(convs[i].cin_g) * convs[i].groups * BS_REC_WORDS
+                   for i in pixel_lists] or [0])
+    # tags, the padding pixel's records, the slots, and 4 words that glt_bs_cat may read past the end
+    bs_ring = bs_ring_rows + bs_max_wpp * BS_REC_WORDS + bs_ring_rows * bs_slot + 4 if pixel_lists else 0
+    plan = MemoryPlan(arena_words=pingpong + scratch + bs_ring, pingpong_words=pingpong, scratch_words=scratch,
+                      ring_rows=ring_rows, bs_ring_words=bs_ring, bs_ring_rows=bs_ring_rows,
+                      bs_slot_words=bs_slot, bs_max_wpp=bs_max_wpp)
     low = True  # where the current layer's input lives
     for conv, in_words, out_words, in_what, out_what in sizes:
         in_off = 0 if low else pingpong - in_words
@@ -832,7 +853,10 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
                  if bitslice and not c.head and not (i == 0 and use_table)
                  and _bitslice_nb(32 * c.row_words) <= BITSLICE_MAX_NB]
     moved = _group_contiguous_rows(spec, bs_layers)
-    plan = plan_memory(spec, first_layer_table=use_table)
+    # Bit-sliced layers whose groups are whole words of each pixel read per-word bit lists
+    # (glt_conv_row_px_nb); "dense" ones gather and list each receptive field.
+    px_layers = [i for i in bs_layers if not spec.convs[i].dense]
+    plan = plan_memory(spec, first_layer_table=use_table, pixel_lists=px_layers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Sources of an earlier export (possibly under another name) would clash at link time.
@@ -1063,6 +1087,14 @@ extern "C" {{
 /* Entries of the bit-sliced kernel's list of set / clear field bits (0: unused). */
 #define GLT_BS_LIST {bs_list}
 #define GLT_BS_MAX_CW {max(bs_max_cw, 1)}
+/* Bit-sliced layers on per-word bit lists (1: some), on gathered fields ("dense" rows). */
+#define GLT_BS_PIX {int(bool(px_layers))}
+#define GLT_BS_DENSE {int(any(l.get("bitslice") for i, l in enumerate(layer_summaries) if i not in px_layers))}
+#define GLT_BS_RING_OFFSET {plan.pingpong_words + plan.scratch_words}
+#define GLT_BS_RING_ROWS {max(plan.bs_ring_rows, 1)}
+#define GLT_BS_SLOT_WORDS {plan.bs_slot_words}
+#define GLT_BS_MAX_WPP {max(plan.bs_max_wpp, 1)}
+#define GLT_BS_TAPS {max([convs[i].kh * convs[i].kw for i in px_layers] or [1])}
 
 /* Classify one image: rgb = GLT_INPUT_HEIGHT x GLT_INPUT_WIDTH x GLT_INPUT_CHANNELS
  * uint8 pixels (row-major HWC), scores = GLT_NUM_CLASSES floats. Returns GLT_OK, or

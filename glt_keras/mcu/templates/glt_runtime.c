@@ -270,6 +270,7 @@ GLT_INLINE uint32_t glt_pop32(uint32_t x)
 #endif
 }
 
+#if GLT_BS_DENSE
 /* Append the plane indices 32 k + (31 - b) of the set bits b of a[k] ^ flip, k < nk. */
 GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk, uint32_t flip)
 {
@@ -293,14 +294,24 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
     }
     return lst;
 }
+#endif /* GLT_BS_DENSE */
 
-/* Hand-written Thumb-2 summation of the listed planes (ARMv7-M with GCC / Clang):
- * Harley-Seal blocks of 16 planes with levels 0..4 of the counter in registers and the
- * higher levels rippled in memory. The list entries are 32-bit plane indices so that
- * one LDM fetches four of them (1.25 loads per plane instead of 2 with 16-bit entries
- * and LDRH); the tree is ordered so that at most two partial carries are pending when
- * four entries are loaded (7 temporaries). -DGLT_NO_BS_ASM selects the C code (same
- * integers). */
+/* Hand-written Thumb-2 kernels (ARMv7-M with GCC / Clang); -DGLT_NO_BS_ASM selects the
+ * C code (same integers).
+ *
+ * glt_bs_eval_t2 = glt_bs_eval: the summation of the listed planes by Harley-Seal
+ * blocks of 16 (levels 0..4 of the counter in registers, the higher levels rippled in
+ * memory), with the counter's initial value and the final threshold addition done in
+ * the same call (in C they cost more than a third of the summation of a short list).
+ * The list entries are 32-bit plane indices so that one LDM fetches four of them (1.25
+ * loads per plane instead of 2 with 16-bit entries and LDRH); the tree is ordered so
+ * that at most two partial carries are pending when four entries are loaded (7
+ * temporaries).
+ *
+ * glt_bs_cat_t2 = glt_bs_cat over the words of a receptive field: each record's list
+ * is copied in blocks of 4 entries (LDM, 4 ADD, STM: 1.5 instructions per entry) through
+ * a TBB jump on its length into an unrolled sequence, then the list is padded to a
+ * multiple of 16 with the zero plane. */
 #if defined(__GNUC__) && defined(__thumb2__) && !defined(GLT_NO_BS_ASM)
 #define GLT_BS_ASM 1
 #else
@@ -311,23 +322,51 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
 #define GLT_BS_LEVELS (GLT_BS_MAXNB - 1)
 
 #if GLT_BS_ASM
-/* lev[k] += (level k of) the per-lane sums of the planes W[lst[i]], i < 16 * nblocks
- * (nblocks >= 1), lev a bit-sliced counter (the caller bounds it). */
-void glt_bs_sum_t2(const uint32_t *W, const uint32_t *lst, uint32_t nblocks, uint32_t *lev);
+/* Arguments of glt_bs_eval_t2 besides W, lst and the number of blocks (offsets fixed). */
+typedef struct {
+    const uint32_t *z;          /* 0: the nb threshold planes */
+    uint32_t nb;                /* 4: 6 < nb <= GLT_BS_MAXNB */
+    uint32_t r;                 /* 8 */
+    uint32_t lev[GLT_BS_LEVELS]; /* 12: levels of the counter (levels 5.. used) */
+} glt_bs_arg_t;
+
+/* glt_bs_eval(W, lst, 16 * nblocks, a->z, a->nb, a->r) (nblocks may be 0). */
+uint32_t glt_bs_eval_t2(const uint32_t *W, const uint32_t *lst, uint32_t nblocks, glt_bs_arg_t *a);
 __asm__(
     "    .syntax unified\n"
     "    .thumb\n"
     "    .text\n"
     "    .balign 4\n"
-    "    .global glt_bs_sum_t2\n"
-    "    .type glt_bs_sum_t2, %function\n"
+    "    .global glt_bs_eval_t2\n"
+    "    .type glt_bs_eval_t2, %function\n"
     "    .thumb_func\n"
-    "glt_bs_sum_t2:\n"
+    "glt_bs_eval_t2:\n"
     "    push {r4-r11, lr}\n"
+    "    ldr r12, [r3, #8]\n"
+    "    lsr r12, r12, #1\n"           /* B = r >> 1: the counter starts at B */
+    "    sbfx r4, r12, #5, #1\n"
+    "    str r4, [r3, #32]\n"
+    "    sbfx r4, r12, #6, #1\n"
+    "    str r4, [r3, #36]\n"
+    "    sbfx r4, r12, #7, #1\n"
+    "    str r4, [r3, #40]\n"
+    "    sbfx r4, r12, #8, #1\n"
+    "    str r4, [r3, #44]\n"
+    "    sbfx r4, r12, #9, #1\n"
+    "    str r4, [r3, #48]\n"
+    "    sbfx r4, r12, #10, #1\n"
+    "    str r4, [r3, #52]\n"          /* lev[5..10] */
     "    add r2, r1, r2, lsl #6\n"     /* end of the list (blocks of 16 four-byte entries) */
-    "    add r3, r3, #20\n"            /* &lev[5] */
-    "    push {r2, r3}\n"
-    "    ldmdb r3, {r2-r6}\n"          /* ones, twos, fours, eights, sixteens */
+    "    add r4, r3, #32\n"            /* &lev[5] */
+    "    push {r2, r3, r4}\n"          /* [sp] end, [sp, #4] a, [sp, #8] &lev[5] */
+    "    sbfx r2, r12, #0, #1\n"       /* ones, twos, fours, eights, sixteens */
+    "    sbfx r3, r12, #1, #1\n"
+    "    sbfx r4, r12, #2, #1\n"
+    "    sbfx r5, r12, #3, #1\n"
+    "    sbfx r6, r12, #4, #1\n"
+    "    ldr r9, [sp]\n"
+    "    cmp r1, r9\n"
+    "    beq 3f\n"
     /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
     "    .macro GLT_CSA h, l, b, c, x\n"
     "    eor \\x, \\l, \\b\n"
@@ -340,6 +379,14 @@ __asm__(
     "    .macro GLT_LDP a, b\n"
     "    ldr \\a, [r0, \\a, lsl #2]\n"
     "    ldr \\b, [r0, \\b, lsl #2]\n"
+    "    .endm\n"
+    /* carry (r8) out of level k: a = lev[k - 1], next z plane at [r7] */
+    "    .macro GLT_STEP a\n"
+    "    ldr r12, [r7], #4\n"
+    "    eor lr, \\a, r12\n"
+    "    and r12, \\a, r12\n"
+    "    and lr, lr, r8\n"
+    "    orr r8, r12, lr\n"
     "    .endm\n"
     "1:\n"
     "    ldmia r1!, {r7-r10}\n"
@@ -372,7 +419,7 @@ __asm__(
     "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
     "    eor r6, r6, r7\n"                  /* (flags kept) */
     "    beq 3f\n"
-    "    ldr r9, [sp, #4]\n"
+    "    ldr r9, [sp, #8]\n"
     "2:\n"                                  /* ripple the carry into lev[5..] */
     "    ldr r10, [r9]\n"
     "    and r11, r10, r8\n"
@@ -384,14 +431,132 @@ __asm__(
     "    ldr r9, [sp]\n"
     "    cmp r1, r9\n"
     "    bne 1b\n"
+    /* carry out of 2 (c + B) + Z + (r & 1), levels 1 .. nb - 1 */
     "    ldr r9, [sp, #4]\n"
-    "    stmdb r9, {r2-r6}\n"               /* lev[0..4] */
-    "    add sp, sp, #8\n"
+    "    ldr r7, [r9]\n"                    /* z */
+    "    ldr r10, [r9, #8]\n"               /* r */
+    "    ldr r8, [r7], #4\n"                /* z[0] */
+    "    lsls r10, r10, #31\n"
+    "    it eq\n"
+    "    moveq r8, #0\n"                    /* carry-in (r & 1) */
+    "    GLT_STEP r2\n"
+    "    GLT_STEP r3\n"
+    "    GLT_STEP r4\n"
+    "    GLT_STEP r5\n"
+    "    GLT_STEP r6\n"
+    "    ldr r11, [r9, #4]\n"               /* nb */
+    "    add r10, r9, #32\n"                /* &lev[5] */
+    "    subs r11, r11, #6\n"
+    "    ble 5f\n"
+    "4:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "    subs r11, r11, #1\n"
+    "    bne 4b\n"
+    "5:\n"
+    "    mov r0, r8\n"
+    "    add sp, sp, #12\n"
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_CSA\n"
     "    .purgem GLT_LDP\n"
-    "    .size glt_bs_sum_t2, . - glt_bs_sum_t2\n");
-#endif
+    "    .purgem GLT_STEP\n"
+    "    .size glt_bs_eval_t2, . - glt_bs_eval_t2\n");
+
+#if GLT_BS_PIX
+/* The list of a receptive field from the records recs[i] (i < nrec >= 1; see
+ * glt_conv_row_px_nb): their set lists (kf & 1 == 0) or clear lists, entry + 32 i,
+ * padded with kf >> 1 (the zero plane) to a multiple of 16. Returns the padded end. */
+uint32_t *glt_bs_cat_t2(uint32_t *lst, const uint32_t *const *recs, uint32_t nrec, uint32_t kf);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_bs_cat_t2\n"
+    "    .type glt_bs_cat_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_bs_cat_t2:\n"
+    "    push {r4-r11, lr}\n"
+    "    add r10, r1, r2, lsl #2\n"    /* end of recs */
+    "    mov r9, r0\n"                 /* end of the list */
+    "    mov r8, #0\n"                 /* plane offset of the record */
+    "    lsrs r11, r3, #1\n"           /* zero plane; C = clear lists */
+    "    bcs 2f\n"
+    "    adr lr, 1f\n"
+    "1:\n"                             /* set list: entries 1 .. n1 */
+    "    ldr r2, [r1], #4\n"
+    "    ldr r12, [r2], #4\n"
+    "    b 3f\n"
+    "2:\n"
+    "    adr lr, 6f\n"
+    "6:\n"                             /* clear list: entries n1 + 1 .. 32 */
+    "    ldr r2, [r1], #4\n"
+    "    ldr r12, [r2], #4\n"
+    "    add r2, r2, r12, lsl #2\n"
+    "    rsb r12, r12, #32\n"
+    "3:\n"
+    "    mov r3, r9\n"
+    "    add r9, r9, r12, lsl #2\n"
+    "    tbb [pc, r12]\n"
+    "7:\n"
+    "    .byte (40f - 7b) / 2\n"
+    "    .byte (31f - 7b) / 2, (31f - 7b) / 2, (31f - 7b) / 2, (31f - 7b) / 2\n"
+    "    .byte (32f - 7b) / 2, (32f - 7b) / 2, (32f - 7b) / 2, (32f - 7b) / 2\n"
+    "    .byte (33f - 7b) / 2, (33f - 7b) / 2, (33f - 7b) / 2, (33f - 7b) / 2\n"
+    "    .byte (34f - 7b) / 2, (34f - 7b) / 2, (34f - 7b) / 2, (34f - 7b) / 2\n"
+    "    .byte (35f - 7b) / 2, (35f - 7b) / 2, (35f - 7b) / 2, (35f - 7b) / 2\n"
+    "    .byte (36f - 7b) / 2, (36f - 7b) / 2, (36f - 7b) / 2, (36f - 7b) / 2\n"
+    "    .byte (37f - 7b) / 2, (37f - 7b) / 2, (37f - 7b) / 2, (37f - 7b) / 2\n"
+    "    .byte (38f - 7b) / 2, (38f - 7b) / 2, (38f - 7b) / 2, (38f - 7b) / 2\n"
+    "    .balign 2\n"
+    "    .macro GLT_CHUNK\n"
+    "    ldmia r2!, {r4-r7}\n"
+    "    add r4, r8\n"
+    "    add r5, r8\n"
+    "    add r6, r8\n"
+    "    add r7, r8\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    .endm\n"
+    "38:\n"
+    "    GLT_CHUNK\n"
+    "37:\n"
+    "    GLT_CHUNK\n"
+    "36:\n"
+    "    GLT_CHUNK\n"
+    "35:\n"
+    "    GLT_CHUNK\n"
+    "34:\n"
+    "    GLT_CHUNK\n"
+    "33:\n"
+    "    GLT_CHUNK\n"
+    "32:\n"
+    "    GLT_CHUNK\n"
+    "31:\n"
+    "    GLT_CHUNK\n"
+    "40:\n"
+    "    add r8, r8, #32\n"
+    "    cmp r1, r10\n"
+    "    it ne\n"
+    "    movne pc, lr\n"
+    /* pad: 16 zero-plane entries after the end, then round the end up */
+    "    mov r4, r11\n"
+    "    mov r5, r11\n"
+    "    mov r6, r11\n"
+    "    mov r7, r11\n"
+    "    mov r3, r9\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    sub r1, r9, r0\n"
+    "    add r1, r1, #60\n"
+    "    bic r1, r1, #63\n"
+    "    add r0, r0, r1\n"
+    "    pop {r4-r11, pc}\n"
+    "    .purgem GLT_CHUNK\n"
+    "    .size glt_bs_cat_t2, . - glt_bs_cat_t2\n");
+#endif /* GLT_BS_PIX */
+#endif /* GLT_BS_ASM */
 
 /* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
  * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
@@ -401,20 +566,25 @@ __asm__(
 GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint32_t *lst, uint32_t count,
                                 const uint32_t *z, const uint32_t nb, uint32_t r)
 {
+#if GLT_BS_ASM
+    glt_bs_arg_t a;
+    a.z = z;
+    a.nb = nb;
+    a.r = r;
+    return glt_bs_eval_t2(W, lst, count >> 4, &a);
+#else
     uint32_t lev[GLT_BS_LEVELS]; /* levels 0 .. nb - 2 of c + B */
     const uint32_t B = r >> 1;
     uint32_t k, a, b, carry;
+    uint32_t ones, twos, fours, eights, n;
+    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
     for (k = 0; k < GLT_BS_LEVELS; ++k) {
         lev[k] = 0u - ((B >> k) & 1u);
     }
-#if GLT_BS_ASM
-    if (count != 0u) {
-        glt_bs_sum_t2(W, lst, count >> 4, lev);
-    }
-#else
-    {
-    uint32_t ones = lev[0], twos = lev[1], fours = lev[2], eights = lev[3], n;
-    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
+    ones = lev[0];
+    twos = lev[1];
+    fours = lev[2];
+    eights = lev[3];
     for (n = 0; n < count; n += 16u, lst += 16) {
         uint32_t tA, tB, fA, fB, eA, eB, s16, p0, p1;
 #define GLT_BS_PAIR(i, t)     \
@@ -447,8 +617,6 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint32_t *lst, uint32_t
     lev[1] = twos;
     lev[2] = fours;
     lev[3] = eights;
-    }
-#endif
     /* carry out of 2 (c + B) + Z + (r & 1): level 0 has no bit of 2 (c + B) */
     carry = (r & 1u) ? z[0] : 0u;
     for (k = 1; k < nb; ++k) {
@@ -457,9 +625,12 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint32_t *lst, uint32_t
         carry = (a & b) | ((a ^ b) & carry);
     }
     return carry;
+#endif
 }
 
-/* One output row of a binary layer with the bit-sliced kernel. */
+#if GLT_BS_DENSE
+/* One output row of a binary layer with the bit-sliced kernel ("dense" layers: the
+ * receptive field is gathered and its bits listed per conv position). */
 GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                    uint32_t *scratch, const uint32_t nb)
 {
@@ -535,6 +706,217 @@ GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *ro
 {
     glt_conv_row_bs_nb(L, rows, out, scratch, L->bs_nb);
 }
+#endif /* GLT_BS_DENSE */
+
+#if GLT_BS_PIX
+/* ---- bit-sliced kernel on per-word bit lists ---------------------------------------
+ * For layers whose groups are whole 32-bit words of every pixel (not "dense"): listing
+ * the bits of each receptive field (glt_bs_list, ~5 instructions per listed bit, plus a
+ * popcount and a gather of the field) was a third of the bit-sliced layers' cost, and
+ * each input word was listed once per field it lies in (kh * kw times). Instead, every
+ * input word gets a record once, when its row is first read: GLT_BS_REC words = the
+ * number n1 of its set bits, the plane offsets (31 - b, the clz order) of its set bits b,
+ * then those of its clear bits. Records live in a ring of input rows (glt_arena +
+ * GLT_BS_RING_OFFSET, tags = the input row of each slot) plus one record set of the
+ * padding pixel. A field's list is then the concatenation of its words' set lists (or,
+ * when more than half of the field's bits are set, of their clear lists), each entry
+ * plus 32 k for the k-th word of the field (glt_bs_cat: ~1.5 instructions per entry
+ * with 4 entries per LDM / STM); n1 is the sum of the counts. The same multiset of
+ * planes as glt_bs_list gives, so the same integers, bit for bit. */
+#define GLT_BS_REC 33u
+
+/* The record of word v at rec (see above). */
+GLT_INLINE void glt_bs_record(uint32_t *rec, uint32_t v)
+{
+#if defined(__GNUC__) && !defined(GLT_NO_CLZ)
+    uint32_t *e = rec + 1, x = v;
+    while (x != 0u) {
+        const uint32_t n = (uint32_t)__builtin_clz(x);
+        *e++ = n;
+        x &= ~(0x80000000u >> n);
+    }
+    rec[0] = (uint32_t)(e - rec) - 1u;
+    x = ~v;
+    while (x != 0u) {
+        const uint32_t n = (uint32_t)__builtin_clz(x);
+        *e++ = n;
+        x &= ~(0x80000000u >> n);
+    }
+#else
+    uint32_t *s = rec + 1, *c = rec + GLT_BS_REC, n;
+    for (n = 0; n < 32u; ++n) {
+        if ((v << n) & 0x80000000u) {
+            *s++ = n;
+        } else {
+            *--c = n; /* clear bits from the end: the order within a list is free */
+        }
+    }
+    rec[0] = (uint32_t)(s - rec) - 1u;
+#endif
+}
+
+/* Records of the n words a[i] at rec + i * GLT_BS_REC. */
+GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n)
+{
+    uint32_t i;
+    for (i = 0; i < n; ++i, rec += GLT_BS_REC) {
+        glt_bs_record(rec, a[i]);
+    }
+}
+
+/* d[i] = s[i] + off for i < len; whole blocks of 4 are copied (up to 3 entries past
+ * len are written, and read past the record: the ring and the list have the room). */
+GLT_INLINE uint32_t *glt_bs_cat(uint32_t *d, const uint32_t *s, uint32_t len, uint32_t off)
+{
+    uint32_t *const end = d + len;
+    while (d < end) {
+        const uint32_t a = s[0], b = s[1], c = s[2], e = s[3];
+        d[0] = a + off;
+        d[1] = b + off;
+        d[2] = c + off;
+        d[3] = e + off;
+        d += 4;
+        s += 4;
+    }
+    return end;
+}
+
+/* One output row oy of a binary layer with the bit-sliced kernel on per-word lists;
+ * rows[r] = input row y0 + r (NULL: padding). */
+GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+                                   uint32_t *out, const uint32_t nb)
+{
+    uint32_t lst[GLT_BS_LIST];
+    uint32_t acc[GLT_BS_MAX_CW];
+    const uint32_t *tp[GLT_BS_TAPS];
+    const uint32_t *recs[GLT_BS_TAPS * GLT_BS_MAX_WPP]; /* the records of a field's words */
+    const uint32_t *rrow[GLT_BS_RING_ROWS];
+    uint32_t *const ring = glt_arena + GLT_BS_RING_OFFSET;
+    int32_t *const tag = (int32_t *)ring;
+    uint32_t *const padrec = ring + GLT_BS_RING_ROWS;
+    uint32_t *const slots = padrec + GLT_BS_MAX_WPP * GLT_BS_REC;
+    const uint32_t wpp = L->in_wpp, wpg = L->in_wpg, kh = L->kh, kw = L->kw, in_w = L->in_w;
+    const uint32_t K = 32u * L->row_words, pixrec = wpp * GLT_BS_REC;
+    const uint32_t nrows = (uint32_t)(L->ph - 1) * L->sh + kh;
+    const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
+    const glt_bs_cw_t *const cw = L->bs;
+    uint32_t ox, dy, dx, ky, kx, t, w, k, c, c1, r;
+    if (oy == 0u) { /* a new layer: forget the rows of the previous one */
+        for (r = 0; r < GLT_BS_RING_ROWS; ++r) {
+            tag[r] = -1;
+        }
+        glt_bs_records(padrec, L->pad, wpp);
+    }
+    for (r = 0; r < nrows; ++r) {
+        const int32_t y = y0 + (int32_t)r;
+        uint32_t slot;
+        if (rows[r] == NULL) {
+            rrow[r] = NULL;
+            continue;
+        }
+        slot = (uint32_t)y % nrows; /* nrows consecutive rows: distinct slots */
+        rrow[r] = slots + slot * GLT_BS_SLOT_WORDS;
+        if (tag[slot] != y) {
+            glt_bs_records(slots + slot * GLT_BS_SLOT_WORDS, rows[r], in_w * wpp);
+            tag[slot] = y;
+        }
+    }
+    for (ox = 0; ox < L->out_w; ++ox) {
+        uint32_t *o = out + ox * out_wpp;
+        for (c = 0; c < ncw; ++c) {
+            acc[c] = 0;
+        }
+        for (dy = 0; dy < L->ph; ++dy) {
+            for (dx = 0; dx < L->pw; ++dx) {
+                const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
+                /* tp[t]: the records of the pixel under tap t */
+                for (ky = 0, t = 0; ky < kh; ++ky) {
+                    const uint32_t *row = rrow[dy * L->sh + ky];
+                    for (kx = 0; kx < kw; ++kx) {
+                        const int32_t x = x0 + (int32_t)kx;
+                        tp[t++] = (row != NULL && x >= 0 && x < (int32_t)in_w) ? row + (uint32_t)x * pixrec : padrec;
+                    }
+                }
+                for (c = 0; c < ncw; c = c1) {
+                    const uint32_t g = cw[c].group, goff = g * wpg * GLT_BS_REC;
+                    uint32_t n1 = 0, flip, n, count, todo = 0, nrec;
+                    uint32_t *e;
+                    /* max-pool: skip the group when all its lanes are +1 already */
+                    for (c1 = c; c1 < ncw && cw[c1].group == g; ++c1) {
+                        todo |= acc[c1] ^ cw[c1].lanes;
+                    }
+                    if (todo == 0u) {
+                        continue;
+                    }
+                    for (t = 0, nrec = 0; t < kh * kw; ++t) {
+                        const uint32_t *rec = tp[t] + goff;
+                        for (w = 0; w < wpg; ++w, rec += GLT_BS_REC) {
+                            recs[nrec++] = rec;
+                            n1 += rec[0];
+                        }
+                    }
+                    flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* list the clear bits */
+                    n = flip ? K - n1 : n1;
+#if GLT_BS_ASM
+                    e = glt_bs_cat_t2(lst, recs, nrec, (K << 1) | (flip & 1u));
+#else
+                    uint32_t i, off;
+                    e = lst;
+                    for (i = 0, off = 0; i < nrec; ++i, off += 32u) {
+                        const uint32_t *rec = recs[i];
+                        const uint32_t m = rec[0];
+                        e = flip ? glt_bs_cat(e, rec + 1u + m, 32u - m, off) : glt_bs_cat(e, rec + 1, m, off);
+                    }
+                    while ((uint32_t)(e - lst) & 15u) {
+                        *e++ = K; /* the zero plane */
+                    }
+#endif
+                    count = (uint32_t)(e - lst);
+                    for (; c < c1; ++c) {
+                        if (acc[c] != cw[c].lanes) {
+                            const uint32_t bits = glt_bs_eval(cw[c].planes, lst, count, cw[c].z + (flip & nb), nb,
+                                                              (1u << (nb - 1u)) - n);
+                            acc[c] |= (bits ^ flip) & cw[c].lanes;
+                        }
+                    }
+                }
+            }
+        }
+        for (k = 0; k < out_wpp; ++k) {
+            o[k] = 0;
+        }
+        for (k = 0; k < L->bsq_count; ++k) {
+            const glt_bs_piece_t *p = &L->bsq[k];
+            const uint32_t v = acc[p->cw] & p->mask;
+            o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
+        }
+    }
+}
+
+GLT_NOINLINE void glt_conv_row_px10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+                                    uint32_t *out)
+{
+    glt_conv_row_px_nb(L, rows, oy, y0, out, 10u);
+}
+
+GLT_NOINLINE void glt_conv_row_px11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+                                    uint32_t *out)
+{
+    glt_conv_row_px_nb(L, rows, oy, y0, out, 11u);
+}
+
+GLT_NOINLINE void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+                                  uint32_t *out)
+{
+    if (L->bs_nb == 10u) {
+        glt_conv_row_px10(L, rows, oy, y0, out);
+    } else if (L->bs_nb == 11u) {
+        glt_conv_row_px11(L, rows, oy, y0, out);
+    } else {
+        glt_conv_row_px_nb(L, rows, oy, y0, out, L->bs_nb);
+    }
+}
+#endif /* GLT_BS_PIX */
 #endif /* GLT_BS_LIST */
 
 /* One output row of a binary layer: bits of sign(BN(conv)), OR-pooled, packed in the
@@ -659,7 +1041,7 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
 {
     const uint32_t nk = L->row_words;
     (void)nk; /* unused when no row size is specialised */
-#if GLT_BS_LIST > 0
+#if GLT_BS_DENSE
     if (L->bs != NULL) {
         if (L->bs_nb == 10u) {
             glt_conv_row_bs10(L, rows, out, scratch);
@@ -973,7 +1355,13 @@ int glt_infer(const uint8_t *rgb, float *scores)
             }
             if (l + 1 == GLT_NUM_CONV_LAYERS) {
                 glt_head_row(L, rows, acc, scratch);
-            } else {
+            }
+#if GLT_BS_PIX
+            else if (L->bs != NULL && !L->dense) {
+                glt_conv_row_px(L, rows, oy, y0, glt_arena + L->out_off + oy * (uint32_t)L->out_w * L->out_wpp);
+            }
+#endif
+            else {
                 glt_conv_row(L, rows, glt_arena + L->out_off + oy * (uint32_t)L->out_w * L->out_wpp,
                              scratch);
             }

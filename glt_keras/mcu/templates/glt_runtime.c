@@ -1090,6 +1090,84 @@ GLT_NOINLINE void glt_head_row(const glt_conv_t *L, const uint32_t *const *rows,
 /* Taps summed in byte lanes before widening to 16 bits (each adds at most LEVELS). */
 #define GLT_L0_CHUNK (255u / GLT_ENC_LEVELS)
 
+/* First layer on ARMv7E-M (GCC / Clang; -DGLT_NO_L0_ASM: the C code, same integers):
+ * the table rows of the taps (32 rows = 8 words each) are summed with two LDM of four
+ * words and eight additions per tap (the C loop: eight LDR, eight ADD and the loop per
+ * tap), then widened to 16-bit lanes with UXTAB16. */
+#if defined(__GNUC__) && defined(__thumb2__) && GLT_ARM_DSP && GLT_L0_CW == 8 && !defined(GLT_NO_L0_ASM)
+#define GLT_L0_ASM 1
+#else
+#define GLT_L0_ASM 0
+#endif
+
+#if GLT_L0_ASM
+/* cnt[2 i] += bytes 0 and 2, cnt[2 i + 1] += bytes 1 and 3 (as 16-bit lanes) of the sum
+ * of ptr[t][i] (i < 8) over the taps of a chunk (at most GLT_L0_CHUNK taps, ended by
+ * NULL); chunk after chunk until an empty one. */
+void glt_l0_sum_t2(const uint32_t *const *ptr, uint32_t *cnt);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_l0_sum_t2\n"
+    "    .type glt_l0_sum_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_l0_sum_t2:\n"
+    "    push {r4-r11, lr}\n"
+    "    push {r1}\n"
+    "    .macro GLT_L0_TAP\n"
+    "    ldr r1, [r0], #4\n"
+    "    cbz r1, 3f\n"
+    "    ldmia r1!, {r9, r10, r11, lr}\n"
+    "    add r2, r9\n"
+    "    add r3, r10\n"
+    "    add r4, r11\n"
+    "    add r5, lr\n"
+    "    ldmia r1, {r9, r10, r11, lr}\n"
+    "    add r6, r9\n"
+    "    add r7, r10\n"
+    "    add r8, r11\n"
+    "    add r12, lr\n"
+    "    .endm\n"
+    "    .macro GLT_L0_WIDEN a, b\n"
+    "    ldmia r1, {r9, r10, r11, lr}\n"
+    "    uxtab16 r9, r9, \\a\n"
+    "    uxtab16 r10, r10, \\a, ror #8\n"
+    "    uxtab16 r11, r11, \\b\n"
+    "    uxtab16 lr, lr, \\b, ror #8\n"
+    "    stmia r1!, {r9, r10, r11, lr}\n"
+    "    .endm\n"
+    "1:\n"
+    "    movs r2, #0\n"
+    "    movs r3, #0\n"
+    "    movs r4, #0\n"
+    "    movs r5, #0\n"
+    "    movs r6, #0\n"
+    "    movs r7, #0\n"
+    "    mov r8, #0\n"
+    "    mov r12, #0\n"
+    "2:\n"
+    "    GLT_L0_TAP\n"
+    "    GLT_L0_TAP\n"
+    "    GLT_L0_TAP\n"
+    "    b 2b\n"
+    "3:\n"
+    "    ldr r1, [sp]\n"
+    "    GLT_L0_WIDEN r2, r3\n"
+    "    GLT_L0_WIDEN r4, r5\n"
+    "    GLT_L0_WIDEN r6, r7\n"
+    "    GLT_L0_WIDEN r8, r12\n"
+    "    ldr r1, [r0]\n"                    /* another chunk? */
+    "    cmp r1, #0\n"
+    "    bne 1b\n"
+    "    add sp, sp, #4\n"
+    "    pop {r4-r11, pc}\n"
+    "    .purgem GLT_L0_TAP\n"
+    "    .purgem GLT_L0_WIDEN\n"
+    "    .size glt_l0_sum_t2, . - glt_l0_sum_t2\n");
+#endif
+
 /* One output row of the first layer straight from the uint8 image. The thermometer of
  * a pixel channel is its level (a table lookup); the mismatches of all weight rows
  * with the planes of one tap are one row of glt_l0_table, 4 rows per word (one byte
@@ -1101,9 +1179,14 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
     const uint32_t tap_words = (GLT_ENC_LEVELS + 1u) * GLT_L0_CW;
     const uint32_t cout = L->cout, out_wpp = L->out_wpp, out_cpg = L->out_cpg, out_wpg = L->out_wpg;
     const int16_t *thr = L->thr;
-    const uint32_t *ptr[GLT_L0_TAPS];
+    const uint32_t *ptr[2 * GLT_L0_TAPS + 1];
     uint32_t cnt[2 * GLT_L0_CW]; /* 16-bit lanes: [2w] rows 4w, 4w + 2; [2w + 1] rows 4w + 1, 4w + 3 */
     uint32_t ox, dy, dx, ky, kx, c, t, b, j;
+#if GLT_L0_ASM
+    /* kernel rows per chunk of taps summed in bytes (0: the C code) */
+    const uint32_t chunk_rows = GLT_L0_CHUNK / ((uint32_t)L->kw * GLT_ENC_CHANNELS);
+    const uint32_t in_w = L->in_w, in_h = L->in_h, kh = L->kh, kw = L->kw;
+#endif
     for (ox = 0; ox < L->out_w; ++ox) {
         uint32_t *o = out + ox * out_wpp;
         for (j = 0; j < out_wpp; ++j) {
@@ -1115,96 +1198,124 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                 const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
                 const uint32_t *tap = glt_l0_table;
                 uint32_t r = 0, og = 0, word = 0;
-                t = 0;
-                /* ptr[t]: the table row of tap t at its pixel's level */
-                for (ky = 0; ky < L->kh; ++ky) {
-                    const int32_t y = y0 + (int32_t)ky;
-                    for (kx = 0; kx < L->kw; ++kx) {
-                        const int32_t x = x0 + (int32_t)kx;
-                        if (y >= 0 && y < (int32_t)L->in_h && x >= 0 && x < (int32_t)L->in_w) {
-                            const uint8_t *px = rgb + ((uint32_t)y * L->in_w + (uint32_t)x) * GLT_ENC_CHANNELS;
+#if GLT_L0_ASM
+                if (chunk_rows != 0u && y0 >= 0 && x0 >= 0 && (uint32_t)y0 + kh <= in_h && (uint32_t)x0 + kw <= in_w) {
+                    /* the window inside the image: no padding tests; a NULL after every
+                     * chunk_rows kernel rows and at the end */
+                    const uint8_t *px = rgb + ((uint32_t)y0 * in_w + (uint32_t)x0) * GLT_ENC_CHANNELS;
+                    const uint32_t **p = ptr;
+                    uint32_t rows_left = chunk_rows;
+                    for (ky = 0; ky < kh; ++ky, px += (in_w - kw) * GLT_ENC_CHANNELS) {
+                        for (kx = 0; kx < kw; ++kx, px += GLT_ENC_CHANNELS) {
                             GLT_UNROLL
                             for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
-                                ptr[t++] = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
-                            }
-                        } else { /* padding: every plane +1 = the top level */
-                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
-                                ptr[t++] = tap + GLT_ENC_LEVELS * GLT_L0_CW;
+                                *p++ = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
                             }
                         }
-                    }
-                }
-#if GLT_L0_CW % 8 == 0
-                /* 8 words (32 rows) per pass: one pointer load per 8 additions */
-                for (b = 0; b < GLT_L0_CW; b += 8u) {
-                    uint32_t e[8], f[8], t0, i;
-                    for (i = 0; i < 8u; ++i) {
-                        e[i] = f[i] = 0;
-                    }
-                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
-                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
-                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-                        for (t = t0; t < t1; ++t) {
-                            const uint32_t *p = ptr[t] + b;
-                            a0 += p[0];
-                            a1 += p[1];
-                            a2 += p[2];
-                            a3 += p[3];
-                            a4 += p[4];
-                            a5 += p[5];
-                            a6 += p[6];
-                            a7 += p[7];
+                        if (--rows_left == 0u || ky + 1u == kh) {
+                            *p++ = NULL;
+                            rows_left = chunk_rows;
                         }
-#define GLT_L0_WIDEN(i, v)                        \
-    e[i] += (v) & 0x00FF00FFu;                    \
-    f[i] += ((v) >> 8) & 0x00FF00FFu
-                        GLT_L0_WIDEN(0, a0);
-                        GLT_L0_WIDEN(1, a1);
-                        GLT_L0_WIDEN(2, a2);
-                        GLT_L0_WIDEN(3, a3);
-                        GLT_L0_WIDEN(4, a4);
-                        GLT_L0_WIDEN(5, a5);
-                        GLT_L0_WIDEN(6, a6);
-                        GLT_L0_WIDEN(7, a7);
-#undef GLT_L0_WIDEN
                     }
-                    for (i = 0; i < 8u; ++i) {
-                        cnt[2u * (b + i)] = e[i];
-                        cnt[2u * (b + i) + 1u] = f[i];
+                    *p = NULL;
+                    for (j = 0; j < 2u * GLT_L0_CW; ++j) {
+                        cnt[j] = 0;
                     }
-                }
-#else
-                for (b = 0; b < GLT_L0_CW; b += 4u) {
-                    uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
-                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
-                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
-                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                        for (t = t0; t < t1; ++t) {
-                            const uint32_t *p = ptr[t] + b;
-                            a0 += p[0];
-                            a1 += p[1];
-                            a2 += p[2];
-                            a3 += p[3];
-                        }
-                        e0 += a0 & 0x00FF00FFu;
-                        f0 += (a0 >> 8) & 0x00FF00FFu;
-                        e1 += a1 & 0x00FF00FFu;
-                        f1 += (a1 >> 8) & 0x00FF00FFu;
-                        e2 += a2 & 0x00FF00FFu;
-                        f2 += (a2 >> 8) & 0x00FF00FFu;
-                        e3 += a3 & 0x00FF00FFu;
-                        f3 += (a3 >> 8) & 0x00FF00FFu;
-                    }
-                    cnt[2u * b] = e0;
-                    cnt[2u * b + 1u] = f0;
-                    cnt[2u * b + 2u] = e1;
-                    cnt[2u * b + 3u] = f1;
-                    cnt[2u * b + 4u] = e2;
-                    cnt[2u * b + 5u] = f2;
-                    cnt[2u * b + 6u] = e3;
-                    cnt[2u * b + 7u] = f3;
-                }
+                    glt_l0_sum_t2(ptr, cnt);
+                } else
 #endif
+                {
+                    t = 0;
+                    /* ptr[t]: the table row of tap t at its pixel's level */
+                    for (ky = 0; ky < L->kh; ++ky) {
+                        const int32_t y = y0 + (int32_t)ky;
+                        for (kx = 0; kx < L->kw; ++kx) {
+                            const int32_t x = x0 + (int32_t)kx;
+                            if (y >= 0 && y < (int32_t)L->in_h && x >= 0 && x < (int32_t)L->in_w) {
+                                const uint8_t *px = rgb + ((uint32_t)y * L->in_w + (uint32_t)x) * GLT_ENC_CHANNELS;
+                                GLT_UNROLL
+                                for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                    ptr[t++] = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
+                                }
+                            } else { /* padding: every plane +1 = the top level */
+                                for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                    ptr[t++] = tap + GLT_ENC_LEVELS * GLT_L0_CW;
+                                }
+                            }
+                        }
+                    }
+#if GLT_L0_CW % 8 == 0
+                    /* 8 words (32 rows) per pass: one pointer load per 8 additions */
+                    for (b = 0; b < GLT_L0_CW; b += 8u) {
+                        uint32_t e[8], f[8], t0, i;
+                        for (i = 0; i < 8u; ++i) {
+                            e[i] = f[i] = 0;
+                        }
+                        for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                            const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                            uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+                            for (t = t0; t < t1; ++t) {
+                                const uint32_t *p = ptr[t] + b;
+                                a0 += p[0];
+                                a1 += p[1];
+                                a2 += p[2];
+                                a3 += p[3];
+                                a4 += p[4];
+                                a5 += p[5];
+                                a6 += p[6];
+                                a7 += p[7];
+                            }
+#define GLT_L0_WIDEN(i, v)                        \
+        e[i] += (v) & 0x00FF00FFu;                    \
+        f[i] += ((v) >> 8) & 0x00FF00FFu
+                            GLT_L0_WIDEN(0, a0);
+                            GLT_L0_WIDEN(1, a1);
+                            GLT_L0_WIDEN(2, a2);
+                            GLT_L0_WIDEN(3, a3);
+                            GLT_L0_WIDEN(4, a4);
+                            GLT_L0_WIDEN(5, a5);
+                            GLT_L0_WIDEN(6, a6);
+                            GLT_L0_WIDEN(7, a7);
+#undef GLT_L0_WIDEN
+                        }
+                        for (i = 0; i < 8u; ++i) {
+                            cnt[2u * (b + i)] = e[i];
+                            cnt[2u * (b + i) + 1u] = f[i];
+                        }
+                    }
+#else
+                    for (b = 0; b < GLT_L0_CW; b += 4u) {
+                        uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
+                        for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                            const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                            uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                            for (t = t0; t < t1; ++t) {
+                                const uint32_t *p = ptr[t] + b;
+                                a0 += p[0];
+                                a1 += p[1];
+                                a2 += p[2];
+                                a3 += p[3];
+                            }
+                            e0 += a0 & 0x00FF00FFu;
+                            f0 += (a0 >> 8) & 0x00FF00FFu;
+                            e1 += a1 & 0x00FF00FFu;
+                            f1 += (a1 >> 8) & 0x00FF00FFu;
+                            e2 += a2 & 0x00FF00FFu;
+                            f2 += (a2 >> 8) & 0x00FF00FFu;
+                            e3 += a3 & 0x00FF00FFu;
+                            f3 += (a3 >> 8) & 0x00FF00FFu;
+                        }
+                        cnt[2u * b] = e0;
+                        cnt[2u * b + 1u] = f0;
+                        cnt[2u * b + 2u] = e1;
+                        cnt[2u * b + 3u] = f1;
+                        cnt[2u * b + 4u] = e2;
+                        cnt[2u * b + 5u] = f2;
+                        cnt[2u * b + 6u] = e3;
+                        cnt[2u * b + 7u] = f3;
+                    }
+#endif
+                }
 #if GLT_L0_THR2 && !defined(GLT_NO_L0_SWAR)
                 if ((cout & 31u) == 0u && (out_cpg & 31u) == 0u) {
                     /* SWAR: a 16-bit lane of (thr + 0x8000) - m has bit 15 set iff

@@ -358,15 +358,12 @@ __asm__(
     "    str r4, [r3, #52]\n"          /* lev[5..10] */
     "    add r2, r1, r2, lsl #6\n"     /* end of the list (blocks of 16 four-byte entries) */
     "    add r4, r3, #32\n"            /* &lev[5] */
-    "    push {r2, r3, r4}\n"          /* [sp] end, [sp, #4] a, [sp, #8] &lev[5] */
+    "    push {r2, r3, r4, r5}\n"      /* [sp] end, [sp, #4] a, [sp, #8] &lev[5], [sp, #12] spill */
     "    sbfx r2, r12, #0, #1\n"       /* ones, twos, fours, eights, sixteens */
     "    sbfx r3, r12, #1, #1\n"
     "    sbfx r4, r12, #2, #1\n"
     "    sbfx r5, r12, #3, #1\n"
     "    sbfx r6, r12, #4, #1\n"
-    "    ldr r9, [sp]\n"
-    "    cmp r1, r9\n"
-    "    beq 3f\n"
     /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
     "    .macro GLT_CSA h, l, b, c, x\n"
     "    eor \\x, \\l, \\b\n"
@@ -388,7 +385,8 @@ __asm__(
     "    and lr, lr, r8\n"
     "    orr r8, r12, lr\n"
     "    .endm\n"
-    "1:\n"
+    /* one Harley-Seal block of 16 planes into levels 0..3; its sixteens carry in r7 */
+    "    .macro GLT_BLOCK\n"
     "    ldmia r1!, {r7-r10}\n"
     "    GLT_LDP r7, r8\n"
     "    GLT_CSA r7, r2, r7, r8, r11\n"     /* tA */
@@ -416,9 +414,22 @@ __asm__(
     "    GLT_CSA r9, r3, r9, r11, lr\n"     /* fB */
     "    GLT_CSA r8, r4, r8, r9, lr\n"      /* eB */
     "    GLT_CSA r7, r5, r7, r8, lr\n"      /* s16 */
-    "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
-    "    eor r6, r6, r7\n"                  /* (flags kept) */
-    "    beq 3f\n"
+    "    .endm\n"
+    "    b 8f\n"
+    /* two blocks per iteration: their sixteens and the counter's are added by one
+     * carry-save adder, whose carry (level 5) is rippled into memory (half the
+     * ripples of one half adder per block) */
+    "1:\n"
+    "    GLT_BLOCK\n"
+    "    str r7, [sp, #12]\n"
+    "    GLT_BLOCK\n"
+    "    ldr r8, [sp, #12]\n"
+    "    eor r9, r6, r8\n"
+    "    and r8, r6, r8\n"
+    "    eor r6, r9, r7\n"
+    "    and r9, r9, r7\n"
+    "    orrs r8, r8, r9\n"
+    "    beq 8f\n"
     "    ldr r9, [sp, #8]\n"
     "2:\n"                                  /* ripple the carry into lev[5..] */
     "    ldr r10, [r9]\n"
@@ -427,10 +438,25 @@ __asm__(
     "    str r10, [r9], #4\n"
     "    movs r8, r11\n"
     "    bne 2b\n"
-    "3:\n"
+    "8:\n"
     "    ldr r9, [sp]\n"
-    "    cmp r1, r9\n"
-    "    bne 1b\n"
+    "    sub r9, r9, r1\n"
+    "    cmp r9, #64\n"
+    "    bhi 1b\n"                         /* two blocks or more left */
+    "    bne 3f\n"                         /* none */
+    "    GLT_BLOCK\n"
+    "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
+    "    eor r6, r6, r7\n"                  /* (flags kept) */
+    "    beq 3f\n"
+    "    ldr r9, [sp, #8]\n"
+    "9:\n"
+    "    ldr r10, [r9]\n"
+    "    and r11, r10, r8\n"
+    "    eor r10, r10, r8\n"
+    "    str r10, [r9], #4\n"
+    "    movs r8, r11\n"
+    "    bne 9b\n"
+    "3:\n"
     /* carry out of 2 (c + B) + Z + (r & 1), levels 1 .. nb - 1 */
     "    ldr r9, [sp, #4]\n"
     "    ldr r7, [r9]\n"                    /* z */
@@ -455,11 +481,12 @@ __asm__(
     "    bne 4b\n"
     "5:\n"
     "    mov r0, r8\n"
-    "    add sp, sp, #12\n"
+    "    add sp, sp, #16\n"
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_CSA\n"
     "    .purgem GLT_LDP\n"
     "    .purgem GLT_STEP\n"
+    "    .purgem GLT_BLOCK\n"
     "    .size glt_bs_eval_t2, . - glt_bs_eval_t2\n");
 
 #if GLT_BS_PIX

@@ -455,7 +455,7 @@ class MemoryPlan:
     bs_ring_words: int = 0
     bs_ring_rows: int = 0
     bs_slot_words: int = 0
-    bs_max_wpp: int = 0
+    bs_pad_words: int = 0
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -469,9 +469,11 @@ def _consumer_layout(nxt: ConvSpec | None):
     return cin_g, wpg, wpg * nxt.groups
 
 
-#: Words of the record of one input word in the bit-sliced kernel on per-word lists:
-#: its set-bit count, then 32 plane offsets (glt_runtime.c: GLT_BS_REC).
-BS_REC_WORDS = 33
+def _bs_pixel_record_words(conv: ConvSpec) -> int:
+    """Words of the list records of one input pixel in the bit-sliced kernel on per-word
+    lists: per input group, its set-bit count and 32 plane offsets per word."""
+    wpg = _wpg(conv.cin_g)
+    return conv.groups * (1 + 32 * wpg)
 
 
 def plan_memory(spec: ModelSpec, first_layer_table: bool = False, pixel_lists=()) -> MemoryPlan:
@@ -506,14 +508,13 @@ def plan_memory(spec: ModelSpec, first_layer_table: bool = False, pixel_lists=()
     scratch = max([c.ph * c.pw * c.row_words * c.groups for i, c in enumerate(convs)
                    if not (i == 0 and first_layer_table) and i not in pixel_lists] or [0])
     bs_ring_rows = max([(convs[i].ph - 1) * convs[i].sh + convs[i].kh for i in pixel_lists] or [0])
-    bs_max_wpp = max([_wpg(convs[i].cin_g) * convs[i].groups for i in pixel_lists] or [0])
-    bs_slot = max([convs[i].in_w * _wpg(convs[i].cin_g) * convs[i].groups * BS_REC_WORDS
-                   for i in pixel_lists] or [0])
+    bs_pad = max([_bs_pixel_record_words(convs[i]) for i in pixel_lists] or [0])
+    bs_slot = max([convs[i].in_w * _bs_pixel_record_words(convs[i]) for i in pixel_lists] or [0])
     # tags, the padding pixel's records, the slots, and 4 words that glt_bs_cat may read past the end
-    bs_ring = bs_ring_rows + bs_max_wpp * BS_REC_WORDS + bs_ring_rows * bs_slot + 4 if pixel_lists else 0
+    bs_ring = bs_ring_rows + bs_pad + bs_ring_rows * bs_slot + 4 if pixel_lists else 0
     plan = MemoryPlan(arena_words=pingpong + scratch + bs_ring, pingpong_words=pingpong, scratch_words=scratch,
                       ring_rows=ring_rows, bs_ring_words=bs_ring, bs_ring_rows=bs_ring_rows,
-                      bs_slot_words=bs_slot, bs_max_wpp=bs_max_wpp)
+                      bs_slot_words=bs_slot, bs_pad_words=bs_pad)
     low = True  # where the current layer's input lives
     for conv, in_words, out_words, in_what, out_what in sizes:
         in_off = 0 if low else pingpong - in_words
@@ -1093,7 +1094,9 @@ extern "C" {{
 #define GLT_BS_RING_OFFSET {plan.pingpong_words + plan.scratch_words}
 #define GLT_BS_RING_ROWS {max(plan.bs_ring_rows, 1)}
 #define GLT_BS_SLOT_WORDS {plan.bs_slot_words}
-#define GLT_BS_MAX_WPP {max(plan.bs_max_wpp, 1)}
+#define GLT_BS_PAD_WORDS {plan.bs_pad_words}
+/* Most words per pixel and input group of those layers (the Thumb-2 list copy takes <= 2). */
+#define GLT_BS_MAX_WPG {max([_wpg(convs[i].cin_g) for i in px_layers] or [1])}
 #define GLT_BS_TAPS {max([convs[i].kh * convs[i].kw for i in px_layers] or [1])}
 
 /* Classify one image: rgb = GLT_INPUT_HEIGHT x GLT_INPUT_WIDTH x GLT_INPUT_CHANNELS

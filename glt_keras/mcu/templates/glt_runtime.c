@@ -308,7 +308,7 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
  * that at most two partial carries are pending when four entries are loaded (7
  * temporaries).
  *
- * glt_bs_cat_t2 = glt_bs_cat over the words of a receptive field: each record's list
+ * glt_bs_field_t2 = glt_bs_cat over the taps of a receptive field: each record's list
  * is copied in blocks of 4 entries (LDM, 4 ADD, STM: 1.5 instructions per entry) through
  * a TBB jump on its length into an unrolled sequence, then the list is padded to a
  * multiple of 16 with the zero plane. */
@@ -489,52 +489,85 @@ __asm__(
     "    .purgem GLT_BLOCK\n"
     "    .size glt_bs_eval_t2, . - glt_bs_eval_t2\n");
 
-#if GLT_BS_PIX
-/* The list of a receptive field from the records recs[i] (i < nrec >= 1; see
- * glt_conv_row_px_nb): their set lists (kf & 1 == 0) or clear lists, entry + 32 i,
- * padded with kf >> 1 (the zero plane) to a multiple of 16. Returns the padded end. */
-uint32_t *glt_bs_cat_t2(uint32_t *lst, const uint32_t *const *recs, uint32_t nrec, uint32_t kf);
+#if GLT_BS_PIX && GLT_BS_MAX_WPG <= 2
+#define GLT_BS_FIELD_ASM 1
+/* Arguments of glt_bs_field_t2 besides the list and the taps (offsets fixed). */
+typedef struct {
+    uint32_t goff;              /* 0: byte offset of the group's record in a pixel's records */
+    uint32_t stride;            /* 4: plane offset between taps = 32 * words per group (<= 64) */
+    uint32_t K;                 /* 8: the zero plane */
+    uint32_t n1;                /* 12: out: set bits of the field */
+} glt_bs_field_t;
+
+/* The list of a receptive field: n1 = the sum of the counts of the records tp[t] + goff
+ * (t < ntaps >= 1), then their set lists, or their clear lists when 2 n1 > K, entry +
+ * stride * t, padded with K to a multiple of 16. Returns the padded end. */
+uint32_t *glt_bs_field_t2(uint32_t *lst, const uint32_t *const *tp, uint32_t ntaps, glt_bs_field_t *f);
 __asm__(
     "    .syntax unified\n"
     "    .thumb\n"
     "    .text\n"
     "    .balign 4\n"
-    "    .global glt_bs_cat_t2\n"
-    "    .type glt_bs_cat_t2, %function\n"
+    "    .global glt_bs_field_t2\n"
+    "    .type glt_bs_field_t2, %function\n"
     "    .thumb_func\n"
-    "glt_bs_cat_t2:\n"
+    "glt_bs_field_t2:\n"
     "    push {r4-r11, lr}\n"
-    "    add r10, r1, r2, lsl #2\n"    /* end of recs */
+    "    ldmia r3, {r4, r5, r6}\n"     /* goff, stride, K */
+    "    push {r3}\n"
+    "    push {r5, r6}\n"              /* [sp] stride, [sp, #4] K, [sp, #8] f */
+    "    mov r11, r4\n"                /* goff */
+    "    add r10, r1, r2, lsl #2\n"    /* end of tp */
+    "    mov r4, r1\n"
+    "    movs r12, #0\n"
+    "0:\n"                             /* n1 */
+    "    ldr r5, [r4], #4\n"
+    "    ldr r5, [r5, r11]\n"
+    "    add r12, r12, r5\n"
+    "    cmp r4, r10\n"
+    "    bne 0b\n"
+    "    str r12, [r3, #12]\n"
     "    mov r9, r0\n"                 /* end of the list */
-    "    mov r8, #0\n"                 /* plane offset of the record */
-    "    lsrs r11, r3, #1\n"           /* zero plane; C = clear lists */
-    "    bcs 2f\n"
+    "    movs r8, #0\n"                /* plane offset of the tap */
+    "    cmp r6, r12, lsl #1\n"
+    "    blo 2f\n"                     /* K < 2 n1: clear lists */
     "    adr lr, 1f\n"
     "1:\n"                             /* set list: entries 1 .. n1 */
     "    ldr r2, [r1], #4\n"
+    "    add r2, r2, r11\n"
     "    ldr r12, [r2], #4\n"
     "    b 3f\n"
     "2:\n"
     "    adr lr, 6f\n"
-    "6:\n"                             /* clear list: entries n1 + 1 .. 32 */
+    "6:\n"                             /* clear list: entries n1 + 1 .. stride */
     "    ldr r2, [r1], #4\n"
+    "    add r2, r2, r11\n"
     "    ldr r12, [r2], #4\n"
     "    add r2, r2, r12, lsl #2\n"
-    "    rsb r12, r12, #32\n"
+    "    ldr r3, [sp]\n"
+    "    sub r12, r3, r12\n"
     "3:\n"
     "    mov r3, r9\n"
     "    add r9, r9, r12, lsl #2\n"
     "    tbb [pc, r12]\n"
     "7:\n"
     "    .byte (40f - 7b) / 2\n"
-    "    .byte (31f - 7b) / 2, (31f - 7b) / 2, (31f - 7b) / 2, (31f - 7b) / 2\n"
-    "    .byte (32f - 7b) / 2, (32f - 7b) / 2, (32f - 7b) / 2, (32f - 7b) / 2\n"
-    "    .byte (33f - 7b) / 2, (33f - 7b) / 2, (33f - 7b) / 2, (33f - 7b) / 2\n"
-    "    .byte (34f - 7b) / 2, (34f - 7b) / 2, (34f - 7b) / 2, (34f - 7b) / 2\n"
-    "    .byte (35f - 7b) / 2, (35f - 7b) / 2, (35f - 7b) / 2, (35f - 7b) / 2\n"
-    "    .byte (36f - 7b) / 2, (36f - 7b) / 2, (36f - 7b) / 2, (36f - 7b) / 2\n"
-    "    .byte (37f - 7b) / 2, (37f - 7b) / 2, (37f - 7b) / 2, (37f - 7b) / 2\n"
-    "    .byte (38f - 7b) / 2, (38f - 7b) / 2, (38f - 7b) / 2, (38f - 7b) / 2\n"
+    "    .byte (50f - 7b) / 2, (50f - 7b) / 2, (50f - 7b) / 2, (50f - 7b) / 2\n"
+    "    .byte (51f - 7b) / 2, (51f - 7b) / 2, (51f - 7b) / 2, (51f - 7b) / 2\n"
+    "    .byte (52f - 7b) / 2, (52f - 7b) / 2, (52f - 7b) / 2, (52f - 7b) / 2\n"
+    "    .byte (53f - 7b) / 2, (53f - 7b) / 2, (53f - 7b) / 2, (53f - 7b) / 2\n"
+    "    .byte (54f - 7b) / 2, (54f - 7b) / 2, (54f - 7b) / 2, (54f - 7b) / 2\n"
+    "    .byte (55f - 7b) / 2, (55f - 7b) / 2, (55f - 7b) / 2, (55f - 7b) / 2\n"
+    "    .byte (56f - 7b) / 2, (56f - 7b) / 2, (56f - 7b) / 2, (56f - 7b) / 2\n"
+    "    .byte (57f - 7b) / 2, (57f - 7b) / 2, (57f - 7b) / 2, (57f - 7b) / 2\n"
+    "    .byte (58f - 7b) / 2, (58f - 7b) / 2, (58f - 7b) / 2, (58f - 7b) / 2\n"
+    "    .byte (59f - 7b) / 2, (59f - 7b) / 2, (59f - 7b) / 2, (59f - 7b) / 2\n"
+    "    .byte (60f - 7b) / 2, (60f - 7b) / 2, (60f - 7b) / 2, (60f - 7b) / 2\n"
+    "    .byte (61f - 7b) / 2, (61f - 7b) / 2, (61f - 7b) / 2, (61f - 7b) / 2\n"
+    "    .byte (62f - 7b) / 2, (62f - 7b) / 2, (62f - 7b) / 2, (62f - 7b) / 2\n"
+    "    .byte (63f - 7b) / 2, (63f - 7b) / 2, (63f - 7b) / 2, (63f - 7b) / 2\n"
+    "    .byte (64f - 7b) / 2, (64f - 7b) / 2, (64f - 7b) / 2, (64f - 7b) / 2\n"
+    "    .byte (65f - 7b) / 2, (65f - 7b) / 2, (65f - 7b) / 2, (65f - 7b) / 2\n"
     "    .balign 2\n"
     "    .macro GLT_CHUNK\n"
     "    ldmia r2!, {r4-r7}\n"
@@ -544,32 +577,49 @@ __asm__(
     "    add r7, r8\n"
     "    stmia r3!, {r4-r7}\n"
     "    .endm\n"
-    "38:\n"
+    "65:\n"
     "    GLT_CHUNK\n"
-    "37:\n"
+    "64:\n"
     "    GLT_CHUNK\n"
-    "36:\n"
+    "63:\n"
     "    GLT_CHUNK\n"
-    "35:\n"
+    "62:\n"
     "    GLT_CHUNK\n"
-    "34:\n"
+    "61:\n"
     "    GLT_CHUNK\n"
-    "33:\n"
+    "60:\n"
     "    GLT_CHUNK\n"
-    "32:\n"
+    "59:\n"
     "    GLT_CHUNK\n"
-    "31:\n"
+    "58:\n"
+    "    GLT_CHUNK\n"
+    "57:\n"
+    "    GLT_CHUNK\n"
+    "56:\n"
+    "    GLT_CHUNK\n"
+    "55:\n"
+    "    GLT_CHUNK\n"
+    "54:\n"
+    "    GLT_CHUNK\n"
+    "53:\n"
+    "    GLT_CHUNK\n"
+    "52:\n"
+    "    GLT_CHUNK\n"
+    "51:\n"
+    "    GLT_CHUNK\n"
+    "50:\n"
     "    GLT_CHUNK\n"
     "40:\n"
-    "    add r8, r8, #32\n"
+    "    ldr r12, [sp]\n"
+    "    add r8, r8, r12\n"
     "    cmp r1, r10\n"
     "    it ne\n"
     "    movne pc, lr\n"
     /* pad: 16 zero-plane entries after the end, then round the end up */
-    "    mov r4, r11\n"
-    "    mov r5, r11\n"
-    "    mov r6, r11\n"
-    "    mov r7, r11\n"
+    "    ldr r4, [sp, #4]\n"
+    "    mov r5, r4\n"
+    "    mov r6, r4\n"
+    "    mov r7, r4\n"
     "    mov r3, r9\n"
     "    stmia r3!, {r4-r7}\n"
     "    stmia r3!, {r4-r7}\n"
@@ -579,11 +629,16 @@ __asm__(
     "    add r1, r1, #60\n"
     "    bic r1, r1, #63\n"
     "    add r0, r0, r1\n"
+    "    add sp, sp, #12\n"
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_CHUNK\n"
-    "    .size glt_bs_cat_t2, . - glt_bs_cat_t2\n");
-#endif /* GLT_BS_PIX */
+    "    .size glt_bs_field_t2, . - glt_bs_field_t2\n");
+#endif /* GLT_BS_PIX && GLT_BS_MAX_WPG <= 2 */
 #endif /* GLT_BS_ASM */
+
+#ifndef GLT_BS_FIELD_ASM
+#define GLT_BS_FIELD_ASM 0
+#endif
 
 /* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
  * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
@@ -740,54 +795,57 @@ GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *ro
  * For layers whose groups are whole 32-bit words of every pixel (not "dense"): listing
  * the bits of each receptive field (glt_bs_list, ~5 instructions per listed bit, plus a
  * popcount and a gather of the field) was a third of the bit-sliced layers' cost, and
- * each input word was listed once per field it lies in (kh * kw times). Instead, every
- * input word gets a record once, when its row is first read: GLT_BS_REC words = the
- * number n1 of its set bits, the plane offsets (31 - b, the clz order) of its set bits b,
- * then those of its clear bits. Records live in a ring of input rows (glt_arena +
- * GLT_BS_RING_OFFSET, tags = the input row of each slot) plus one record set of the
- * padding pixel. A field's list is then the concatenation of its words' set lists (or,
- * when more than half of the field's bits are set, of their clear lists), each entry
- * plus 32 k for the k-th word of the field (glt_bs_cat: ~1.5 instructions per entry
- * with 4 entries per LDM / STM); n1 is the sum of the counts. The same multiset of
- * planes as glt_bs_list gives, so the same integers, bit for bit. */
-#define GLT_BS_REC 33u
+ * each input word was listed once per field it lies in (kh * kw times). Instead, the
+ * words of every (pixel, input group) get a record once, when their row is first read:
+ * 1 + 32 * wpg words = the number n1 of their set bits, the plane offsets 32 w + 31 - b
+ * (b in clz order) of the set bits b of their word w, then those of their clear bits.
+ * Records live in a ring of input rows (glt_arena + GLT_BS_RING_OFFSET, tags = the input
+ * row of each slot) plus the records of the padding pixel. A field's list is then the
+ * concatenation of its taps' set lists (or, when more than half of the field's bits are
+ * set, of their clear lists), each entry plus 32 * wpg * t for tap t (glt_bs_cat: ~1.5
+ * instructions per entry with 4 entries per LDM / STM); n1 is the sum of the counts. The
+ * same multiset of planes as glt_bs_list gives, so the same integers, bit for bit. */
 
-/* The record of word v at rec (see above). */
-GLT_INLINE void glt_bs_record(uint32_t *rec, uint32_t v)
+/* The records of n (pixel, group) pairs: the wpg words a[i * wpg ..] of pair i at
+ * rec + i * (1 + 32 * wpg) (see above). */
+GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n, uint32_t wpg)
 {
+    uint32_t i, w;
+    for (i = 0; i < n; ++i, a += wpg) {
 #if defined(__GNUC__) && !defined(GLT_NO_CLZ)
-    uint32_t *e = rec + 1, x = v;
-    while (x != 0u) {
-        const uint32_t n = (uint32_t)__builtin_clz(x);
-        *e++ = n;
-        x &= ~(0x80000000u >> n);
-    }
-    rec[0] = (uint32_t)(e - rec) - 1u;
-    x = ~v;
-    while (x != 0u) {
-        const uint32_t n = (uint32_t)__builtin_clz(x);
-        *e++ = n;
-        x &= ~(0x80000000u >> n);
-    }
-#else
-    uint32_t *s = rec + 1, *c = rec + GLT_BS_REC, n;
-    for (n = 0; n < 32u; ++n) {
-        if ((v << n) & 0x80000000u) {
-            *s++ = n;
-        } else {
-            *--c = n; /* clear bits from the end: the order within a list is free */
+        uint32_t *e = rec + 1;
+        for (w = 0; w < wpg; ++w) {
+            uint32_t x = a[w];
+            while (x != 0u) {
+                const uint32_t k = (uint32_t)__builtin_clz(x);
+                *e++ = 32u * w + k;
+                x &= ~(0x80000000u >> k);
+            }
         }
-    }
-    rec[0] = (uint32_t)(s - rec) - 1u;
+        rec[0] = (uint32_t)(e - rec) - 1u;
+        for (w = 0; w < wpg; ++w) {
+            uint32_t x = ~a[w];
+            while (x != 0u) {
+                const uint32_t k = (uint32_t)__builtin_clz(x);
+                *e++ = 32u * w + k;
+                x &= ~(0x80000000u >> k);
+            }
+        }
+        rec = e;
+#else
+        uint32_t *s = rec + 1, *c = rec + 1 + 32u * wpg, k;
+        for (w = 0; w < wpg; ++w) {
+            for (k = 0; k < 32u; ++k) {
+                if ((a[w] << k) & 0x80000000u) {
+                    *s++ = 32u * w + k;
+                } else {
+                    *--c = 32u * w + k; /* clear bits from the end: the order in a list is free */
+                }
+            }
+        }
+        rec[0] = (uint32_t)(s - rec) - 1u;
+        rec += 1 + 32u * wpg;
 #endif
-}
-
-/* Records of the n words a[i] at rec + i * GLT_BS_REC. */
-GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n)
-{
-    uint32_t i;
-    for (i = 0; i < n; ++i, rec += GLT_BS_REC) {
-        glt_bs_record(rec, a[i]);
     }
 }
 
@@ -816,23 +874,28 @@ GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *r
     uint32_t lst[GLT_BS_LIST];
     uint32_t acc[GLT_BS_MAX_CW];
     const uint32_t *tp[GLT_BS_TAPS];
-    const uint32_t *recs[GLT_BS_TAPS * GLT_BS_MAX_WPP]; /* the records of a field's words */
     const uint32_t *rrow[GLT_BS_RING_ROWS];
     uint32_t *const ring = glt_arena + GLT_BS_RING_OFFSET;
     int32_t *const tag = (int32_t *)ring;
     uint32_t *const padrec = ring + GLT_BS_RING_ROWS;
-    uint32_t *const slots = padrec + GLT_BS_MAX_WPP * GLT_BS_REC;
+    uint32_t *const slots = padrec + GLT_BS_PAD_WORDS;
     const uint32_t wpp = L->in_wpp, wpg = L->in_wpg, kh = L->kh, kw = L->kw, in_w = L->in_w;
-    const uint32_t K = 32u * L->row_words, pixrec = wpp * GLT_BS_REC;
+    const uint32_t recg = 1u + 32u * wpg, groups = wpp / wpg; /* words of a (pixel, group) record */
+    const uint32_t K = 32u * L->row_words, pixrec = groups * recg;
     const uint32_t nrows = (uint32_t)(L->ph - 1) * L->sh + kh;
     const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
     const glt_bs_cw_t *const cw = L->bs;
-    uint32_t ox, dy, dx, ky, kx, t, w, k, c, c1, r;
+    uint32_t ox, dy, dx, ky, kx, t, k, c, c1, r;
+#if GLT_BS_FIELD_ASM
+    glt_bs_field_t fa;
+    fa.stride = 32u * wpg;
+    fa.K = K;
+#endif
     if (oy == 0u) { /* a new layer: forget the rows of the previous one */
         for (r = 0; r < GLT_BS_RING_ROWS; ++r) {
             tag[r] = -1;
         }
-        glt_bs_records(padrec, L->pad, wpp);
+        glt_bs_records(padrec, L->pad, groups, wpg);
     }
     for (r = 0; r < nrows; ++r) {
         const int32_t y = y0 + (int32_t)r;
@@ -844,7 +907,7 @@ GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *r
         slot = (uint32_t)y % nrows; /* nrows consecutive rows: distinct slots */
         rrow[r] = slots + slot * GLT_BS_SLOT_WORDS;
         if (tag[slot] != y) {
-            glt_bs_records(slots + slot * GLT_BS_SLOT_WORDS, rows[r], in_w * wpp);
+            glt_bs_records(slots + slot * GLT_BS_SLOT_WORDS, rows[r], in_w * groups, wpg);
             tag[slot] = y;
         }
     }
@@ -865,8 +928,8 @@ GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *r
                     }
                 }
                 for (c = 0; c < ncw; c = c1) {
-                    const uint32_t g = cw[c].group, goff = g * wpg * GLT_BS_REC;
-                    uint32_t n1 = 0, flip, n, count, todo = 0, nrec;
+                    const uint32_t g = cw[c].group, goff = g * recg;
+                    uint32_t n1, flip, n, count, todo = 0;
                     uint32_t *e;
                     /* max-pool: skip the group when all its lanes are +1 already */
                     for (c1 = c; c1 < ncw && cw[c1].group == g; ++c1) {
@@ -875,29 +938,30 @@ GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *r
                     if (todo == 0u) {
                         continue;
                     }
-                    for (t = 0, nrec = 0; t < kh * kw; ++t) {
-                        const uint32_t *rec = tp[t] + goff;
-                        for (w = 0; w < wpg; ++w, rec += GLT_BS_REC) {
-                            recs[nrec++] = rec;
-                            n1 += rec[0];
+#if GLT_BS_FIELD_ASM
+                    fa.goff = 4u * goff;
+                    e = glt_bs_field_t2(lst, tp, kh * kw, &fa);
+                    n1 = fa.n1;
+                    flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* the clear bits were listed */
+#else
+                    {
+                        uint32_t off;
+                        for (t = 0, n1 = 0; t < kh * kw; ++t) {
+                            n1 += tp[t][goff];
+                        }
+                        flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* list the clear bits */
+                        e = lst;
+                        for (t = 0, off = 0; t < kh * kw; ++t, off += 32u * wpg) {
+                            const uint32_t *rec = tp[t] + goff;
+                            const uint32_t m = rec[0];
+                            e = flip ? glt_bs_cat(e, rec + 1u + m, 32u * wpg - m, off) : glt_bs_cat(e, rec + 1, m, off);
+                        }
+                        while ((uint32_t)(e - lst) & 15u) {
+                            *e++ = K; /* the zero plane */
                         }
                     }
-                    flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* list the clear bits */
-                    n = flip ? K - n1 : n1;
-#if GLT_BS_ASM
-                    e = glt_bs_cat_t2(lst, recs, nrec, (K << 1) | (flip & 1u));
-#else
-                    uint32_t i, off;
-                    e = lst;
-                    for (i = 0, off = 0; i < nrec; ++i, off += 32u) {
-                        const uint32_t *rec = recs[i];
-                        const uint32_t m = rec[0];
-                        e = flip ? glt_bs_cat(e, rec + 1u + m, 32u - m, off) : glt_bs_cat(e, rec + 1, m, off);
-                    }
-                    while ((uint32_t)(e - lst) & 15u) {
-                        *e++ = K; /* the zero plane */
-                    }
 #endif
+                    n = flip ? K - n1 : n1;
                     count = (uint32_t)(e - lst);
                     for (; c < c1; ++c) {
                         if (acc[c] != cw[c].lanes) {

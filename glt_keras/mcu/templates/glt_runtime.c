@@ -300,13 +300,14 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
  * C code (same integers).
  *
  * glt_bs_eval_t2 = glt_bs_eval: the summation of the listed planes by Harley-Seal
- * blocks of 16 (levels 0..4 of the counter in registers, the higher levels rippled in
+ * blocks of 16 (levels 0..5 of the counter in registers, the higher levels rippled in
  * memory), with the counter's initial value and the final threshold addition done in
  * the same call (in C they cost more than a third of the summation of a short list).
  * The list entries are 32-bit plane indices so that one LDM fetches four of them (1.25
  * loads per plane instead of 2 with 16-bit entries and LDRH); the tree is ordered so
- * that at most two partial carries are pending when four entries are loaded (7
- * temporaries).
+ * that at most two partial carries are pending when entries are loaded (6
+ * temporaries; the last four entries of a block by two LDM, so that lr can hold level
+ * 5). Two blocks per iteration share one carry-save addition into the sixteens.
  *
  * glt_bs_field_t2 = glt_bs_cat over the taps of a receptive field: each record's list
  * is copied in blocks of 4 entries (LDM, 4 ADD, STM: 1.5 instructions per entry) through
@@ -325,9 +326,9 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
 /* Arguments of glt_bs_eval_t2 besides W, lst and the number of blocks (offsets fixed). */
 typedef struct {
     const uint32_t *z;          /* 0: the nb threshold planes */
-    uint32_t nb;                /* 4: 6 < nb <= GLT_BS_MAXNB */
+    uint32_t nb;                /* 4: 7 <= nb <= GLT_BS_MAXNB */
     uint32_t r;                 /* 8 */
-    uint32_t lev[GLT_BS_LEVELS]; /* 12: levels of the counter (levels 5.. used) */
+    uint32_t lev[GLT_BS_LEVELS]; /* 12: levels of the counter (levels 6.. used) */
 } glt_bs_arg_t;
 
 /* glt_bs_eval(W, lst, 16 * nblocks, a->z, a->nb, a->r) (nblocks may be 0). */
@@ -344,8 +345,6 @@ __asm__(
     "    push {r4-r11, lr}\n"
     "    ldr r12, [r3, #8]\n"
     "    lsr r12, r12, #1\n"           /* B = r >> 1: the counter starts at B */
-    "    sbfx r4, r12, #5, #1\n"
-    "    str r4, [r3, #32]\n"
     "    sbfx r4, r12, #6, #1\n"
     "    str r4, [r3, #36]\n"
     "    sbfx r4, r12, #7, #1\n"
@@ -355,15 +354,16 @@ __asm__(
     "    sbfx r4, r12, #9, #1\n"
     "    str r4, [r3, #48]\n"
     "    sbfx r4, r12, #10, #1\n"
-    "    str r4, [r3, #52]\n"          /* lev[5..10] */
+    "    str r4, [r3, #52]\n"          /* lev[6..10] */
     "    add r2, r1, r2, lsl #6\n"     /* end of the list (blocks of 16 four-byte entries) */
-    "    add r4, r3, #32\n"            /* &lev[5] */
-    "    push {r2, r3, r4, r5}\n"      /* [sp] end, [sp, #4] a, [sp, #8] &lev[5], [sp, #12] spill */
-    "    sbfx r2, r12, #0, #1\n"       /* ones, twos, fours, eights, sixteens */
+    "    add r4, r3, #36\n"            /* &lev[6] */
+    "    push {r2, r3, r4, r5}\n"      /* [sp] end, [sp, #4] a, [sp, #8] &lev[6], [sp, #12] spill */
+    "    sbfx r2, r12, #0, #1\n"       /* levels 0..5: ones, twos, fours, eights, sixteens, lr */
     "    sbfx r3, r12, #1, #1\n"
     "    sbfx r4, r12, #2, #1\n"
     "    sbfx r5, r12, #3, #1\n"
     "    sbfx r6, r12, #4, #1\n"
+    "    sbfx lr, r12, #5, #1\n"
     /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
     "    .macro GLT_CSA h, l, b, c, x\n"
     "    eor \\x, \\l, \\b\n"
@@ -380,12 +380,25 @@ __asm__(
     /* carry (r8) out of level k: a = lev[k - 1], next z plane at [r7] */
     "    .macro GLT_STEP a\n"
     "    ldr r12, [r7], #4\n"
-    "    eor lr, \\a, r12\n"
+    "    eor r11, \\a, r12\n"
     "    and r12, \\a, r12\n"
-    "    and lr, lr, r8\n"
-    "    orr r8, r12, lr\n"
+    "    and r11, r11, r8\n"
+    "    orr r8, r12, r11\n"
     "    .endm\n"
-    /* one Harley-Seal block of 16 planes into levels 0..3; its sixteens carry in r7 */
+    /* ripple the carry r9 into lev[6..] */
+    "    .macro GLT_RIPPLE\n"
+    "    ldr r10, [sp, #8]\n"
+    "77:\n"
+    "    ldr r11, [r10]\n"
+    "    and r12, r11, r9\n"
+    "    eor r11, r11, r9\n"
+    "    str r11, [r10], #4\n"
+    "    movs r9, r12\n"
+    "    bne 77b\n"
+    "    .endm\n"
+    /* one Harley-Seal block of 16 planes into levels 0..3; its sixteens carry in r7.
+     * Six temporaries (the last four entries are loaded by two LDM) so that lr can hold
+     * level 5. */
     "    .macro GLT_BLOCK\n"
     "    ldmia r1!, {r7-r10}\n"
     "    GLT_LDP r7, r8\n"
@@ -406,19 +419,20 @@ __asm__(
     "    GLT_LDP r10, r11\n"
     "    GLT_CSA r10, r2, r10, r11, r12\n"
     "    GLT_CSA r8, r3, r8, r10, r12\n"    /* fA */
-    "    ldmia r1!, {r9-r12}\n"
+    "    ldmia r1!, {r9, r10}\n"
     "    GLT_LDP r9, r10\n"
-    "    GLT_CSA r9, r2, r9, r10, lr\n"
-    "    GLT_LDP r11, r12\n"
-    "    GLT_CSA r11, r2, r11, r12, lr\n"
-    "    GLT_CSA r9, r3, r9, r11, lr\n"     /* fB */
-    "    GLT_CSA r8, r4, r8, r9, lr\n"      /* eB */
-    "    GLT_CSA r7, r5, r7, r8, lr\n"      /* s16 */
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    ldmia r1!, {r10, r11}\n"
+    "    GLT_LDP r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r9, r3, r9, r10, r11\n"    /* fB */
+    "    GLT_CSA r8, r4, r8, r9, r10\n"     /* eB */
+    "    GLT_CSA r7, r5, r7, r8, r9\n"      /* s16 */
     "    .endm\n"
     "    b 8f\n"
     /* two blocks per iteration: their sixteens and the counter's are added by one
-     * carry-save adder, whose carry (level 5) is rippled into memory (half the
-     * ripples of one half adder per block) */
+     * carry-save adder, whose carry goes into level 5 (lr) by a half adder; only the
+     * carry out of level 5 is rippled into memory */
     "1:\n"
     "    GLT_BLOCK\n"
     "    str r7, [sp, #12]\n"
@@ -430,14 +444,10 @@ __asm__(
     "    and r9, r9, r7\n"
     "    orrs r8, r8, r9\n"
     "    beq 8f\n"
-    "    ldr r9, [sp, #8]\n"
-    "2:\n"                                  /* ripple the carry into lev[5..] */
-    "    ldr r10, [r9]\n"
-    "    and r11, r10, r8\n"
-    "    eor r10, r10, r8\n"
-    "    str r10, [r9], #4\n"
-    "    movs r8, r11\n"
-    "    bne 2b\n"
+    "    ands r9, lr, r8\n"
+    "    eor lr, lr, r8\n"
+    "    beq 8f\n"
+    "    GLT_RIPPLE\n"
     "8:\n"
     "    ldr r9, [sp]\n"
     "    sub r9, r9, r1\n"
@@ -448,14 +458,10 @@ __asm__(
     "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
     "    eor r6, r6, r7\n"                  /* (flags kept) */
     "    beq 3f\n"
-    "    ldr r9, [sp, #8]\n"
-    "9:\n"
-    "    ldr r10, [r9]\n"
-    "    and r11, r10, r8\n"
-    "    eor r10, r10, r8\n"
-    "    str r10, [r9], #4\n"
-    "    movs r8, r11\n"
-    "    bne 9b\n"
+    "    ands r9, lr, r8\n"
+    "    eor lr, lr, r8\n"
+    "    beq 3f\n"
+    "    GLT_RIPPLE\n"
     "3:\n"
     /* carry out of 2 (c + B) + Z + (r & 1), levels 1 .. nb - 1 */
     "    ldr r9, [sp, #4]\n"
@@ -470,14 +476,15 @@ __asm__(
     "    GLT_STEP r4\n"
     "    GLT_STEP r5\n"
     "    GLT_STEP r6\n"
-    "    ldr r11, [r9, #4]\n"               /* nb */
-    "    add r10, r9, #32\n"                /* &lev[5] */
-    "    subs r11, r11, #6\n"
+    "    GLT_STEP lr\n"
+    "    ldr r1, [r9, #4]\n"                /* nb */
+    "    add r10, r9, #36\n"                /* &lev[6] */
+    "    subs r1, r1, #7\n"
     "    ble 5f\n"
     "4:\n"
     "    ldr r2, [r10], #4\n"
     "    GLT_STEP r2\n"
-    "    subs r11, r11, #1\n"
+    "    subs r1, r1, #1\n"
     "    bne 4b\n"
     "5:\n"
     "    mov r0, r8\n"
@@ -487,6 +494,7 @@ __asm__(
     "    .purgem GLT_LDP\n"
     "    .purgem GLT_STEP\n"
     "    .purgem GLT_BLOCK\n"
+    "    .purgem GLT_RIPPLE\n"
     "    .size glt_bs_eval_t2, . - glt_bs_eval_t2\n");
 
 #if GLT_BS_PIX && GLT_BS_MAX_WPG <= 2

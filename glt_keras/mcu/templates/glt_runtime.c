@@ -42,6 +42,14 @@ void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out);
 #define GLT_UNROLL
 #endif
 
+/* Short zeroing loops stay loops: GCC would call memset for a few words (~30
+ * instructions of call and setup instead of one store per word). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define GLT_NO_MEMSET __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define GLT_NO_MEMSET
+#endif
+
 #if defined(__GNUC__)
 #define GLT_INLINE static inline __attribute__((always_inline))
 #define GLT_NOINLINE static __attribute__((noinline))
@@ -876,7 +884,7 @@ GLT_INLINE uint32_t *glt_bs_cat(uint32_t *d, const uint32_t *s, uint32_t len, ui
 
 /* One output row oy of a binary layer with the bit-sliced kernel on per-word lists;
  * rows[r] = input row y0 + r (NULL: padding). */
-GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
                                    uint32_t *out, const uint32_t nb)
 {
     uint32_t lst[GLT_BS_LIST];
@@ -992,19 +1000,19 @@ GLT_INLINE void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *r
     }
 }
 
-GLT_NOINLINE void glt_conv_row_px10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
                                     uint32_t *out)
 {
     glt_conv_row_px_nb(L, rows, oy, y0, out, 10u);
 }
 
-GLT_NOINLINE void glt_conv_row_px11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
                                     uint32_t *out)
 {
     glt_conv_row_px_nb(L, rows, oy, y0, out, 11u);
 }
 
-GLT_NOINLINE void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
                                   uint32_t *out)
 {
     if (L->bs_nb == 10u) {
@@ -1272,7 +1280,7 @@ __asm__(
  * with the planes of one tap are one row of glt_l0_table, 4 rows per word (one byte
  * each), so a conv position is a sum of table words: 4 rows per addition instead of
  * an XOR-popcount per row. The same integers as glt_encode_row + glt_conv_row. */
-static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
+static GLT_NO_MEMSET void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
 {
     const glt_conv_t *L = &glt_layers[0];
     const uint32_t tap_words = (GLT_ENC_LEVELS + 1u) * GLT_L0_CW;

@@ -320,7 +320,7 @@ GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk
  * glt_bs_field_t2 = glt_bs_cat over the taps of a receptive field: each record's list
  * is copied in blocks of 4 entries (LDM, 4 ADD, STM: 1.5 instructions per entry) through
  * a TBB jump on its length into an unrolled sequence, then the list is padded to a
- * multiple of 16 with the zero plane. */
+ * multiple of 8 with the zero plane (the summation ends with a half block of 8). */
 #if defined(__GNUC__) && defined(__thumb2__) && !defined(GLT_NO_BS_ASM)
 #define GLT_BS_ASM 1
 #else
@@ -339,8 +339,8 @@ typedef struct {
     uint32_t lev[GLT_BS_LEVELS]; /* 12: levels of the counter (levels 6.. used) */
 } glt_bs_arg_t;
 
-/* glt_bs_eval(W, lst, 16 * nblocks, a->z, a->nb, a->r) (nblocks may be 0). */
-uint32_t glt_bs_eval_t2(const uint32_t *W, const uint32_t *lst, uint32_t nblocks, glt_bs_arg_t *a);
+/* glt_bs_eval(W, lst, count, a->z, a->nb, a->r), count a multiple of 8 (may be 0). */
+uint32_t glt_bs_eval_t2(const uint32_t *W, const uint32_t *lst, uint32_t count, glt_bs_arg_t *a);
 __asm__(
     "    .syntax unified\n"
     "    .thumb\n"
@@ -363,7 +363,7 @@ __asm__(
     "    str r4, [r3, #48]\n"
     "    sbfx r4, r12, #10, #1\n"
     "    str r4, [r3, #52]\n"          /* lev[6..10] */
-    "    add r2, r1, r2, lsl #6\n"     /* end of the list (blocks of 16 four-byte entries) */
+    "    add r2, r1, r2, lsl #2\n"     /* end of the list (a multiple of 8 entries) */
     "    add r4, r3, #36\n"            /* &lev[6] */
     "    push {r2, r3, r4, r5}\n"      /* [sp] end, [sp, #4] a, [sp, #8] &lev[6], [sp, #12] spill */
     "    sbfx r2, r12, #0, #1\n"       /* levels 0..5: ones, twos, fours, eights, sixteens, lr */
@@ -459,16 +459,46 @@ __asm__(
     "8:\n"
     "    ldr r9, [sp]\n"
     "    sub r9, r9, r1\n"
-    "    cmp r9, #64\n"
+    "    cmp r9, #96\n"
     "    bhi 1b\n"                         /* two blocks or more left */
-    "    bne 3f\n"                         /* none */
+    "    cmp r9, #64\n"
+    "    blo 10f\n"                        /* less than a block */
     "    GLT_BLOCK\n"
     "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
     "    eor r6, r6, r7\n"                  /* (flags kept) */
-    "    beq 3f\n"
+    "    beq 10f\n"
     "    ands r9, lr, r8\n"
     "    eor lr, lr, r8\n"
+    "    beq 10f\n"
+    "    GLT_RIPPLE\n"
+    "10:\n"
+    "    ldr r9, [sp]\n"
+    "    cmp r1, r9\n"
     "    beq 3f\n"
+    /* a last half block of 8 planes (the list is padded to a multiple of 8 only) */
+    "    ldmia r1!, {r7-r10}\n"
+    "    GLT_LDP r7, r8\n"
+    "    GLT_CSA r7, r2, r7, r8, r11\n"
+    "    GLT_LDP r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    GLT_CSA r7, r3, r7, r9, r11\n"
+    "    ldmia r1!, {r8-r11}\n"
+    "    GLT_LDP r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r12\n"
+    "    GLT_LDP r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r8, r3, r8, r10, r12\n"
+    "    GLT_CSA r7, r4, r7, r8, r12\n"     /* eights carry */
+    "    ands r8, r5, r7\n"
+    "    eor r5, r5, r7\n"
+    "    beq 3f\n"
+    "    ands r9, r6, r8\n"
+    "    eor r6, r6, r8\n"
+    "    beq 3f\n"
+    "    ands r8, lr, r9\n"
+    "    eor lr, lr, r9\n"
+    "    beq 3f\n"
+    "    mov r9, r8\n"
     "    GLT_RIPPLE\n"
     "3:\n"
     /* carry out of 2 (c + B) + Z + (r & 1), levels 1 .. nb - 1 */
@@ -517,7 +547,8 @@ typedef struct {
 
 /* The list of a receptive field: n1 = the sum of the counts of the records tp[t] + goff
  * (t < ntaps >= 1), then their set lists, or their clear lists when 2 n1 > K, entry +
- * stride * t, padded with K to a multiple of 16. Returns the padded end. */
+ * stride * t, padded with K to a multiple of 8 (glt_bs_eval_t2 ends with a half block).
+ * Returns the padded end. */
 uint32_t *glt_bs_field_t2(uint32_t *lst, const uint32_t *const *tp, uint32_t ntaps, glt_bs_field_t *f);
 __asm__(
     "    .syntax unified\n"
@@ -631,7 +662,7 @@ __asm__(
     "    cmp r1, r10\n"
     "    it ne\n"
     "    movne pc, lr\n"
-    /* pad: 16 zero-plane entries after the end, then round the end up */
+    /* pad: 8 zero-plane entries after the end, then round the end up to 8 entries */
     "    ldr r4, [sp, #4]\n"
     "    mov r5, r4\n"
     "    mov r6, r4\n"
@@ -639,11 +670,9 @@ __asm__(
     "    mov r3, r9\n"
     "    stmia r3!, {r4-r7}\n"
     "    stmia r3!, {r4-r7}\n"
-    "    stmia r3!, {r4-r7}\n"
-    "    stmia r3!, {r4-r7}\n"
     "    sub r1, r9, r0\n"
-    "    add r1, r1, #60\n"
-    "    bic r1, r1, #63\n"
+    "    add r1, r1, #28\n"
+    "    bic r1, r1, #31\n"
     "    add r0, r0, r1\n"
     "    add sp, sp, #12\n"
     "    pop {r4-r11, pc}\n"
@@ -656,8 +685,8 @@ __asm__(
 #define GLT_BS_FIELD_ASM 0
 #endif
 
-/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
- * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
+/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16; of 8
+ * for glt_bs_eval_t2) planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
  * r < 2^(nb - 1). With B = r >> 1 the counter starts at B (broadcast) and
  * 2 (c + B) + Z + (r & 1) is one bit-sliced addition with a carry-in, of which only the
  * carry out of level nb - 1 is needed (c + B < 2^(nb - 1), Z < 2^nb). */
@@ -669,7 +698,7 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint32_t *lst, uint32_t
     a.z = z;
     a.nb = nb;
     a.r = r;
-    return glt_bs_eval_t2(W, lst, count >> 4, &a);
+    return glt_bs_eval_t2(W, lst, count, &a);
 #else
     uint32_t lev[GLT_BS_LEVELS]; /* levels 0 .. nb - 2 of c + B */
     const uint32_t B = r >> 1;

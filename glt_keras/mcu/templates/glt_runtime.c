@@ -678,6 +678,90 @@ __asm__(
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_CHUNK\n"
     "    .size glt_bs_field_t2, . - glt_bs_field_t2\n");
+
+/* glt_bs_records (see glt_conv_row_px_nb) for wpg >= 1: the clz loop is five
+ * instructions per listed bit of a group's first word and six for the others (C: six
+ * to seven and the loop). */
+void glt_bs_records_t2(uint32_t *rec, const uint32_t *a, uint32_t n, uint32_t wpg);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_bs_records_t2\n"
+    "    .type glt_bs_records_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_bs_records_t2:\n"
+    "    push {r4-r8, lr}\n"
+    "    mov r8, #0x80000000\n"
+    "    mul r2, r2, r3\n"
+    "    add r2, r1, r2, lsl #2\n"     /* end of a */
+    "1:\n"                             /* one (pixel, group): words r1 .. lr */
+    "    add r4, r0, #4\n"             /* next entry */
+    "    add lr, r1, r3, lsl #2\n"
+    "    ldr r6, [r1], #4\n"           /* set bits of the first word */
+    "    cbz r6, 3f\n"
+    "2:\n"
+    "    clz r7, r6\n"
+    "    str r7, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 2b\n"
+    "3:\n"
+    "    movs r5, #0\n"
+    "4:\n"                             /* set bits of the other words, + 32 w */
+    "    cmp r1, lr\n"
+    "    beq 6f\n"
+    "    adds r5, r5, #32\n"
+    "    ldr r6, [r1], #4\n"
+    "    cmp r6, #0\n"
+    "    beq 4b\n"
+    "5:\n"
+    "    clz r7, r6\n"
+    "    orr r12, r7, r5\n"
+    "    str r12, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 5b\n"
+    "    b 4b\n"
+    "6:\n"
+    "    sub r6, r4, r0\n"
+    "    subs r6, r6, #4\n"
+    "    lsrs r6, r6, #2\n"
+    "    str r6, [r0]\n"               /* n1 */
+    "    sub r1, r1, r3, lsl #2\n"
+    "    ldr r6, [r1], #4\n"           /* clear bits of the first word */
+    "    mvns r6, r6\n"
+    "    beq 8f\n"
+    "7:\n"
+    "    clz r7, r6\n"
+    "    str r7, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 7b\n"
+    "8:\n"
+    "    movs r5, #0\n"
+    "9:\n"
+    "    cmp r1, lr\n"
+    "    beq 11f\n"
+    "    adds r5, r5, #32\n"
+    "    ldr r6, [r1], #4\n"
+    "    mvns r6, r6\n"
+    "    beq 9b\n"
+    "10:\n"
+    "    clz r7, r6\n"
+    "    orr r12, r7, r5\n"
+    "    str r12, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 10b\n"
+    "    b 9b\n"
+    "11:\n"
+    "    mov r0, r4\n"
+    "    cmp r1, r2\n"
+    "    bne 1b\n"
+    "    pop {r4-r8, pc}\n"
+    "    .size glt_bs_records_t2, . - glt_bs_records_t2\n");
 #endif /* GLT_BS_PIX && GLT_BS_MAX_WPG <= 2 */
 #endif /* GLT_BS_ASM */
 
@@ -853,6 +937,9 @@ GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *ro
 
 /* The records of n (pixel, group) pairs: the wpg words a[i * wpg ..] of pair i at
  * rec + i * (1 + 32 * wpg) (see above). */
+#if GLT_BS_FIELD_ASM
+#define glt_bs_records glt_bs_records_t2
+#else
 GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n, uint32_t wpg)
 {
     uint32_t i, w;
@@ -893,6 +980,7 @@ GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n, u
 #endif
     }
 }
+#endif
 
 /* d[i] = s[i] + off for i < len; whole blocks of 4 are copied (up to 3 entries past
  * len are written, and read past the record: the ring and the list have the room). */

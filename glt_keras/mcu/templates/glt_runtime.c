@@ -1053,11 +1053,27 @@ GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint
             for (dx = 0; dx < L->pw; ++dx) {
                 const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
                 /* tp[t]: the records of the pixel under tap t */
-                for (ky = 0, t = 0; ky < kh; ++ky) {
-                    const uint32_t *row = rrow[dy * L->sh + ky];
-                    for (kx = 0; kx < kw; ++kx) {
-                        const int32_t x = x0 + (int32_t)kx;
-                        tp[t++] = (row != NULL && x >= 0 && x < (int32_t)in_w) ? row + (uint32_t)x * pixrec : padrec;
+                if (x0 >= 0 && (uint32_t)x0 + kw <= in_w) { /* no padding column */
+                    for (ky = 0, t = 0; ky < kh; ++ky) {
+                        const uint32_t *row = rrow[dy * L->sh + ky];
+                        if (row == NULL) {
+                            for (kx = 0; kx < kw; ++kx) {
+                                tp[t++] = padrec;
+                            }
+                            continue;
+                        }
+                        row += (uint32_t)x0 * pixrec;
+                        for (kx = 0; kx < kw; ++kx, row += pixrec) {
+                            tp[t++] = row;
+                        }
+                    }
+                } else {
+                    for (ky = 0, t = 0; ky < kh; ++ky) {
+                        const uint32_t *row = rrow[dy * L->sh + ky];
+                        for (kx = 0; kx < kw; ++kx) {
+                            const int32_t x = x0 + (int32_t)kx;
+                            tp[t++] = (row != NULL && x >= 0 && x < (int32_t)in_w) ? row + (uint32_t)x * pixrec : padrec;
+                        }
                     }
                 }
                 for (c = 0; c < ncw; c = c1) {

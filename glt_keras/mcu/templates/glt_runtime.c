@@ -1444,12 +1444,15 @@ static GLT_NO_MEMSET void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_
                      * chunk_rows kernel rows and at the end */
                     const uint8_t *px = rgb + ((uint32_t)y0 * in_w + (uint32_t)x0) * GLT_ENC_CHANNELS;
                     const uint32_t **p = ptr;
+                    const uint8_t (*const lvl)[256] = (const uint8_t (*)[256])glt_enc_level;
                     uint32_t rows_left = chunk_rows;
                     for (ky = 0; ky < kh; ++ky, px += (in_w - kw) * GLT_ENC_CHANNELS) {
-                        for (kx = 0; kx < kw; ++kx, px += GLT_ENC_CHANNELS) {
+                        for (kx = 0; kx < kw; ++kx, px += GLT_ENC_CHANNELS, tap += GLT_ENC_CHANNELS * tap_words) {
+                            /* byte offsets: one shifted addition per tap (GLT_L0_CW == 8) */
                             GLT_UNROLL
-                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
-                                *p++ = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
+                            for (c = 0; c < GLT_ENC_CHANNELS; ++c) {
+                                *p++ = (const uint32_t *)((const uint8_t *)(tap + c * tap_words) +
+                                                          ((uint32_t)lvl[c][px[c]] << 5));
                             }
                         }
                         if (--rows_left == 0u || ky + 1u == kh) {

@@ -1341,9 +1341,9 @@ GLT_NOINLINE void glt_head_row(const glt_conv_t *L, const uint32_t *const *rows,
 #endif
 
 #if GLT_L0_ASM
-/* cnt[2 i] += bytes 0 and 2, cnt[2 i + 1] += bytes 1 and 3 (as 16-bit lanes) of the sum
+/* cnt[2 i] = bytes 0 and 2, cnt[2 i + 1] = bytes 1 and 3 (as 16-bit lanes) of the sum
  * of ptr[t][i] (i < 8) over the taps of a chunk (at most GLT_L0_CHUNK taps, ended by
- * NULL); chunk after chunk until an empty one. */
+ * NULL), summed over the chunks (until an empty one; the first is not empty). */
 void glt_l0_sum_t2(const uint32_t *const *ptr, uint32_t *cnt);
 __asm__(
     "    .syntax unified\n"
@@ -1356,9 +1356,9 @@ __asm__(
     "glt_l0_sum_t2:\n"
     "    push {r4-r11, lr}\n"
     "    push {r1}\n"
-    "    .macro GLT_L0_TAP\n"
+    "    .macro GLT_L0_TAP done\n"
     "    ldr r1, [r0], #4\n"
-    "    cbz r1, 3f\n"
+    "    cbz r1, \\done\n"
     "    ldmia r1!, {r9, r10, r11, lr}\n"
     "    add r2, r9\n"
     "    add r3, r10\n"
@@ -1378,7 +1378,14 @@ __asm__(
     "    uxtab16 lr, lr, \\b, ror #8\n"
     "    stmia r1!, {r9, r10, r11, lr}\n"
     "    .endm\n"
-    "1:\n"
+    "    .macro GLT_L0_WIDEN0 a, b\n"       /* the first chunk: no accumulation */
+    "    uxtb16 r9, \\a\n"
+    "    uxtb16 r10, \\a, ror #8\n"
+    "    uxtb16 r11, \\b\n"
+    "    uxtb16 lr, \\b, ror #8\n"
+    "    stmia r1!, {r9, r10, r11, lr}\n"
+    "    .endm\n"
+    "    .macro GLT_L0_ZERO\n"
     "    movs r2, #0\n"
     "    movs r3, #0\n"
     "    movs r4, #0\n"
@@ -1387,10 +1394,28 @@ __asm__(
     "    movs r7, #0\n"
     "    mov r8, #0\n"
     "    mov r12, #0\n"
+    "    .endm\n"
+    "    GLT_L0_ZERO\n"
+    "20:\n"
+    "    GLT_L0_TAP 30f\n"
+    "    GLT_L0_TAP 30f\n"
+    "    GLT_L0_TAP 30f\n"
+    "    b 20b\n"
+    "30:\n"
+    "    ldr r1, [sp]\n"
+    "    GLT_L0_WIDEN0 r2, r3\n"
+    "    GLT_L0_WIDEN0 r4, r5\n"
+    "    GLT_L0_WIDEN0 r6, r7\n"
+    "    GLT_L0_WIDEN0 r8, r12\n"
+    "    ldr r1, [r0]\n"                    /* another chunk? */
+    "    cmp r1, #0\n"
+    "    beq 9f\n"
+    "1:\n"
+    "    GLT_L0_ZERO\n"
     "2:\n"
-    "    GLT_L0_TAP\n"
-    "    GLT_L0_TAP\n"
-    "    GLT_L0_TAP\n"
+    "    GLT_L0_TAP 3f\n"
+    "    GLT_L0_TAP 3f\n"
+    "    GLT_L0_TAP 3f\n"
     "    b 2b\n"
     "3:\n"
     "    ldr r1, [sp]\n"
@@ -1401,10 +1426,13 @@ __asm__(
     "    ldr r1, [r0]\n"                    /* another chunk? */
     "    cmp r1, #0\n"
     "    bne 1b\n"
+    "9:\n"
     "    add sp, sp, #4\n"
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_L0_TAP\n"
     "    .purgem GLT_L0_WIDEN\n"
+    "    .purgem GLT_L0_WIDEN0\n"
+    "    .purgem GLT_L0_ZERO\n"
     "    .size glt_l0_sum_t2, . - glt_l0_sum_t2\n");
 #endif
 
@@ -1461,9 +1489,6 @@ static GLT_NO_MEMSET void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_
                         }
                     }
                     *p = NULL;
-                    for (j = 0; j < 2u * GLT_L0_CW; ++j) {
-                        cnt[j] = 0;
-                    }
                     glt_l0_sum_t2(ptr, cnt);
                 } else
 #endif

@@ -1085,6 +1085,8 @@ extern "C" {{
 #define GLT_L0_CW {_table_words_per_level(first)}
 /* Words per weight row with a specialised (unrolled) kernel. */
 #define GLT_SPECIALIZED_NK(X) {specialized}
+/* 1: some hidden layer uses the XNOR-popcount row kernel (neither bit-sliced nor table). */
+#define GLT_POPCOUNT_ROWS {int(any(not l["head"] and not l["table"] and not l["bitslice"] for l in layer_summaries))}
 /* Entries of the bit-sliced kernel's list of set / clear field bits (0: unused). */
 #define GLT_BS_LIST {bs_list}
 #define GLT_BS_MAX_CW {max(bs_max_cw, 1)}

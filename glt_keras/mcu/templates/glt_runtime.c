@@ -914,18 +914,6 @@ GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *r
     }
 }
 
-GLT_NOINLINE void glt_conv_row_bs10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
-                                    uint32_t *scratch)
-{
-    glt_conv_row_bs_nb(L, rows, out, scratch, 10u);
-}
-
-GLT_NOINLINE void glt_conv_row_bs11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
-                                    uint32_t *scratch)
-{
-    glt_conv_row_bs_nb(L, rows, out, scratch, 11u);
-}
-
 GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                   uint32_t *scratch)
 {
@@ -1147,35 +1135,21 @@ GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint
     }
 }
 
-GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
-                                    uint32_t *out)
+/* One instance for every nb: copies specialised for a constant nb (~1 KB of flash each)
+ * saved next to nothing once the summation and the threshold test are in Thumb-2. */
+GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy,
+                                                int32_t y0, uint32_t *out)
 {
-    glt_conv_row_px_nb(L, rows, oy, y0, out, 10u);
-}
-
-GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
-                                    uint32_t *out)
-{
-    glt_conv_row_px_nb(L, rows, oy, y0, out, 11u);
-}
-
-GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
-                                  uint32_t *out)
-{
-    if (L->bs_nb == 10u) {
-        glt_conv_row_px10(L, rows, oy, y0, out);
-    } else if (L->bs_nb == 11u) {
-        glt_conv_row_px11(L, rows, oy, y0, out);
-    } else {
-        glt_conv_row_px_nb(L, rows, oy, y0, out, L->bs_nb);
-    }
+    glt_conv_row_px_nb(L, rows, oy, y0, out, L->bs_nb);
 }
 #endif /* GLT_BS_PIX */
 #endif /* GLT_BS_LIST */
 
+#if GLT_POPCOUNT_ROWS
 /* One output row of a binary layer: bits of sign(BN(conv)), OR-pooled, packed in the
  * next layer's input layout. nk = words per weight row; inlined with a constant nk for
- * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). */
+ * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). Compiled only when a layer
+ * uses it (GLT_POPCOUNT_ROWS: ~1 KB of flash otherwise unused). */
 GLT_INLINE void glt_conv_row_nk(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                 uint32_t *scratch, const uint32_t nk, const int unrolled)
 {
@@ -1289,6 +1263,7 @@ GLT_NOINLINE void glt_conv_row_any(const glt_conv_t *L, const uint32_t *const *r
 {
     glt_conv_row_nk(L, rows, out, scratch, L->row_words, 0);
 }
+#endif /* GLT_POPCOUNT_ROWS */
 
 static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                          uint32_t *scratch)
@@ -1297,16 +1272,11 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
     (void)nk; /* unused when no row size is specialised */
 #if GLT_BS_DENSE
     if (L->bs != NULL) {
-        if (L->bs_nb == 10u) {
-            glt_conv_row_bs10(L, rows, out, scratch);
-        } else if (L->bs_nb == 11u) {
-            glt_conv_row_bs11(L, rows, out, scratch);
-        } else {
-            glt_conv_row_bs(L, rows, out, scratch);
-        }
+        glt_conv_row_bs(L, rows, out, scratch);
         return;
     }
 #endif
+#if GLT_POPCOUNT_ROWS
 #define GLT_CALL_ROW(N)                             \
     if (nk == N##u) {                               \
         glt_conv_row_##N(L, rows, out, scratch);    \
@@ -1315,6 +1285,12 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
     GLT_SPECIALIZED_NK(GLT_CALL_ROW)
 #undef GLT_CALL_ROW
     glt_conv_row_any(L, rows, out, scratch);
+#else
+    (void)L;
+    (void)rows;
+    (void)out;
+    (void)scratch;
+#endif
 }
 
 /* One output row of the head: acc[j] += conv sum (an integer in [-k_bits, k_bits]). */

@@ -523,10 +523,11 @@ def test_qemu_bitslice_asm_and_c_identical_every_layer(toolchain, tiny, tmp_path
     assert result.layers[0]["table"]
     dis = _qemu_words_equal_host(out, x[:2], tmp_path, (("asm", ()), ("c", ("-DGLT_NO_BS_ASM",)),
                                                           ("c_l0", ("-DGLT_NO_L0_ASM",))))
+    l0_asm = read_macros(out / "glt_model.h")["GLT_L0_CW"] == 8  # glt_l0_sum_t2: 32-row first layers
     for label, text in dis.items():
         for fn in ("glt_bs_eval_t2", "glt_bs_field_t2", "glt_bs_records_t2"):
             assert (f"<{fn}>:" in text) == (label != "c"), (label, fn)
-        assert ("<glt_l0_sum_t2>:" in text) == (label != "c_l0")
+        assert ("<glt_l0_sum_t2>:" in text) == (l0_asm and label != "c_l0")
 
 
 @pytest.mark.parametrize("widths,groups,table", [
@@ -548,8 +549,11 @@ def test_qemu_bitslice_word_groups(toolchain, widths, groups, table, tmp_path):
     assert macros["GLT_BS_MAX_WPG"] == wpg and wpg == (2 if not table else 4)
     assert macros["GLT_BS_DENSE"] == int(not table) and macros["GLT_BS_PIX"] == 1
     x = images_for((16, 16, 3), n=2, seed=8)
-    dis = _qemu_words_equal_host(out, x, tmp_path, (("asm", ()), ("c", ("-DGLT_NO_BS_ASM",))))
+    dis = _qemu_words_equal_host(out, x, tmp_path, (("asm", ()), ("c", ("-DGLT_NO_BS_ASM", "-DGLT_NO_L0_ASM"))))
     assert ("<glt_bs_field_t2>:" in dis["asm"]) == (wpg <= 2)
+    # 32 first-layer rows: the table layer's Thumb-2 sums (windows inside the image; the
+    # border ones, with padding, in C)
+    assert ("<glt_l0_sum_t2>:" in dis["asm"]) == table and "<glt_l0_sum_t2>:" not in dis["c"]
     export_c(model, tmp_path / "popcount", first_layer_table=table, bitslice=False)
     ours, ref = build_host(out, capture=True), build_host(tmp_path / "popcount", capture=True)
     for image in x:

@@ -1238,7 +1238,10 @@ Memory plan (GLT_PEAK_RAM_BYTES = {result.peak_ram_bytes} bytes of static RAM)
   One uint32 arena of {plan.arena_words} words: a two-ended ping-pong region of
   {plan.pingpong_words} words (each layer reads from one end and writes to the other, so
   the region is max(input + output) over layers) and a gather scratch of
-  {plan.scratch_words} words (one output pixel's receptive fields). The first layer
+  {plan.scratch_words} words (one output pixel's receptive fields), and {plan.bs_ring_words}
+  words of bit-list records for the bit-sliced layers (a ring of {plan.bs_ring_rows} input rows:
+  per pixel and input group, the positions of its set and of its clear bits, built once
+  per input row instead of once per receptive field). The first layer
   reads the image through a ring of {plan.ring_rows} thermometer-encoded rows instead of
   materialising all {h}x{w}x{c * enc.levels} planes. Not counted: the caller's image ({h * w * c} B)
   and scores, and the stack of glt_infer (a few hundred bytes: row pointers and

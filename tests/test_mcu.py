@@ -155,7 +155,8 @@ def test_peak_ram_macro_matches_plan(tiny, tmp_path):
     plan = result.plan
     sizes = [(lp.in_words, lp.out_words) for lp in plan.layers]
     assert plan.pingpong_words == max(a + b for a, b in sizes)
-    assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words)
+    assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words
+                                                                          + plan.bs_ring_words)
     # ... and it is what the compiled library reserves.
     obj = tmp_path / "data.o"
     subprocess.run(["cc", "-std=c99", "-O2", "-c", str(out / "glt_model_data.c"), "-o", str(obj)], check=True)
@@ -487,30 +488,79 @@ def test_bitslice_and_popcount_exports_identical(tiny, tiny_host, tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
-def test_qemu_bitslice_asm_and_c_identical_every_layer(toolchain, tiny, tmp_path):
-    """Cortex-M4, default (bit-sliced) export: the hand-written Thumb-2 summation
-    (glt_bs_sum_t2) and the C code (-DGLT_NO_BS_ASM) give every layer's packed output
-    words and the scores bit for bit equal to the host build's."""
+def _qemu_words_equal_host(out, x, tmp_path, variants):
+    """Every layer's packed words and the scores of Cortex-M4 builds (label, cflags) of
+    the export ``out`` equal the portable host build's, bit for bit. Returns the
+    disassembly of each build's runtime object."""
     from glt_keras.mcu.qemu import build_firmware, run_firmware
 
-    _, result, out, x = tiny
-    assert any(layer.get("bitslice") for layer in result.layers)
     host = build_host(out, capture=True)
-    ref_scores = host.infer(x[:2])
-    ref_words = [host.layer_words(image) for image in x[:2]]
-    for label, flags in (("asm", ()), ("c", ("-DGLT_NO_BS_ASM",))):
-        fw = build_firmware(out, x[:2], cpu="cortex-m4", build_dir=tmp_path / label, extra_cflags=flags,
+    ref_scores = host.infer(x)
+    ref_words = [host.layer_words(image) for image in x]
+    dis = {}
+    for label, flags in variants:
+        fw = build_firmware(out, x, cpu="cortex-m4", build_dir=tmp_path / label, extra_cflags=flags,
                             dump_layers=True)
         run = run_firmware(fw, timeout=300)
         np.testing.assert_array_equal(run.scores.view(np.uint32), ref_scores.view(np.uint32))
-        assert run.layer_words is not None and len(run.layer_words) == 2
+        assert run.layer_words is not None and len(run.layer_words) == len(x)
         for ours, ref in zip(run.layer_words, ref_words):
             assert len(ours) == len(ref)
             for a, b in zip(ours, ref):
                 np.testing.assert_array_equal(a, b)
-        dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / label / "lib_glt_runtime.o")],
-                             capture_output=True, text=True, check=True).stdout
-        assert ("<glt_bs_sum_t2>:" in dis) == (label == "asm")
+        dis[label] = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / label / "lib_glt_runtime.o")],
+                                    capture_output=True, text=True, check=True).stdout
+    return dis
+
+
+def test_qemu_bitslice_asm_and_c_identical_every_layer(toolchain, tiny, tmp_path):
+    """Cortex-M4, default (bit-sliced) export: the hand-written Thumb-2 kernels (list
+    records, field lists, summation, first-layer sums) and the C code (-DGLT_NO_BS_ASM,
+    -DGLT_NO_L0_ASM) give every layer's packed output words and the scores bit for bit
+    equal to the portable host build's."""
+    _, result, out, x = tiny
+    assert any(layer.get("bitslice") for layer in result.layers)
+    assert result.layers[0]["table"]
+    dis = _qemu_words_equal_host(out, x[:2], tmp_path, (("asm", ()), ("c", ("-DGLT_NO_BS_ASM",)),
+                                                          ("c_l0", ("-DGLT_NO_L0_ASM",))))
+    l0_asm = read_macros(out / "glt_model.h")["GLT_L0_CW"] == 8  # glt_l0_sum_t2: 32-row first layers
+    for label, text in dis.items():
+        for fn in ("glt_bs_eval_t2", "glt_bs_field_t2", "glt_bs_records_t2"):
+            assert (f"<{fn}>:" in text) == (label != "c"), (label, fn)
+        assert ("<glt_l0_sum_t2>:" in text) == (l0_asm and label != "c_l0")
+
+
+@pytest.mark.parametrize("widths,groups,table", [
+    ((32, 64, 64, 128), (1, 1, 1, 2), False),  # 2 words per group (64-entry records), dense first layer
+    ((32, 128, 64), (1, 1, 1), True),  # 4 words per group: C lists, 12-plane counters
+])
+def test_qemu_bitslice_word_groups(toolchain, widths, groups, table, tmp_path):
+    """Bit-sliced layers whose input groups are 1, 2 or 4 words per pixel (the Thumb-2
+    list copy handles <= 2, the C code the others), with a bit-sliced "dense" first layer
+    (gathered fields) or the table first layer: Cortex-M4 words = host words, and the
+    host's bit-sliced layers = the popcount export's, channel for channel."""
+    model = randomize(glt_net(input_shape=(16, 16, 3), num_classes=4, topology=None, widths=widths,
+                              groups=groups, pools=(True,) + (False,) * (len(widths) - 2) + (True,),
+                              shuffle=True, classifier_activation=None), seed=7)
+    out = tmp_path / "bs"
+    result = export_c(model, out, first_layer_table=table)
+    macros = read_macros(out / "glt_model.h")
+    wpg = max(-(-l["input"][2] // l["groups"] // 32) for l in result.layers[1:-1])
+    assert macros["GLT_BS_MAX_WPG"] == wpg and wpg == (2 if not table else 4)
+    assert macros["GLT_BS_DENSE"] == int(not table) and macros["GLT_BS_PIX"] == 1
+    x = images_for((16, 16, 3), n=2, seed=8)
+    dis = _qemu_words_equal_host(out, x, tmp_path, (("asm", ()), ("c", ("-DGLT_NO_BS_ASM", "-DGLT_NO_L0_ASM"))))
+    assert ("<glt_bs_field_t2>:" in dis["asm"]) == (wpg <= 2)
+    # 32 first-layer rows: the table layer's Thumb-2 sums (windows inside the image; the
+    # border ones, with padding, in C)
+    assert ("<glt_l0_sum_t2>:" in dis["asm"]) == table and "<glt_l0_sum_t2>:" not in dis["c"]
+    export_c(model, tmp_path / "popcount", first_layer_table=table, bitslice=False)
+    ours, ref = build_host(out, capture=True), build_host(tmp_path / "popcount", capture=True)
+    for image in x:
+        for a, b in zip(ours.layer_outputs(image), ref.layer_outputs(image)):
+            np.testing.assert_array_equal(a, b)
+    keras = model(x.astype("float32"), training=False).numpy()
+    np.testing.assert_array_equal(ours.infer(x).argmax(1), keras.argmax(1))
 
 
 def test_first_layer_swar_thresholds_identical(tiny, tiny_host):

@@ -451,6 +451,11 @@ class MemoryPlan:
     scratch_words: int
     ring_rows: int
     layers: list = field(default_factory=list)
+    #: bit-sliced layers on per-word bit lists: their ring of list records (words)
+    bs_ring_words: int = 0
+    bs_ring_rows: int = 0
+    bs_slot_words: int = 0
+    bs_pad_words: int = 0
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -464,9 +469,18 @@ def _consumer_layout(nxt: ConvSpec | None):
     return cin_g, wpg, wpg * nxt.groups
 
 
-def plan_memory(spec: ModelSpec, first_layer_table: bool = False) -> MemoryPlan:
+def _bs_pixel_record_words(conv: ConvSpec) -> int:
+    """Words of the list records of one input pixel in the bit-sliced kernel on per-word
+    lists: per input group, its set-bit count and 32 plane offsets per word."""
+    wpg = _wpg(conv.cin_g)
+    return conv.groups * (1 + 32 * wpg)
+
+
+def plan_memory(spec: ModelSpec, first_layer_table: bool = False, pixel_lists=()) -> MemoryPlan:
     """``first_layer_table``: the first layer reads the uint8 image through lookup
-    tables (no ring of encoded rows, no gather scratch for it)."""
+    tables (no ring of encoded rows, no gather scratch for it). ``pixel_lists``: the
+    indices of the layers computed by the bit-sliced kernel on per-word bit lists (no
+    gather scratch; a ring of list records instead, see glt_conv_row_px_nb)."""
     convs = spec.convs
     first = convs[0]
     ring_rows = 0 if first_layer_table else (first.ph - 1) * first.sh + first.kh
@@ -490,9 +504,17 @@ def plan_memory(spec: ModelSpec, first_layer_table: bool = False) -> MemoryPlan:
             out_what = f"{conv.out_h}x{conv.out_w}x{conv.cout} bits"
         sizes.append((conv, in_words, out_words, in_what, out_what))
     pingpong = max(a + b for _, a, b, _, _ in sizes)
-    scratch = max(c.ph * c.pw * c.row_words * c.groups for c in convs[1 if first_layer_table else 0:])
-    plan = MemoryPlan(arena_words=pingpong + scratch, pingpong_words=pingpong, scratch_words=scratch,
-                      ring_rows=ring_rows)
+    pixel_lists = set(pixel_lists)
+    scratch = max([c.ph * c.pw * c.row_words * c.groups for i, c in enumerate(convs)
+                   if not (i == 0 and first_layer_table) and i not in pixel_lists] or [0])
+    bs_ring_rows = max([(convs[i].ph - 1) * convs[i].sh + convs[i].kh for i in pixel_lists] or [0])
+    bs_pad = max([_bs_pixel_record_words(convs[i]) for i in pixel_lists] or [0])
+    bs_slot = max([convs[i].in_w * _bs_pixel_record_words(convs[i]) for i in pixel_lists] or [0])
+    # tags, the padding pixel's records, the slots, and 4 words that glt_bs_cat may read past the end
+    bs_ring = bs_ring_rows + bs_pad + bs_ring_rows * bs_slot + 4 if pixel_lists else 0
+    plan = MemoryPlan(arena_words=pingpong + scratch + bs_ring, pingpong_words=pingpong, scratch_words=scratch,
+                      ring_rows=ring_rows, bs_ring_words=bs_ring, bs_ring_rows=bs_ring_rows,
+                      bs_slot_words=bs_slot, bs_pad_words=bs_pad)
     low = True  # where the current layer's input lives
     for conv, in_words, out_words, in_what, out_what in sizes:
         in_off = 0 if low else pingpong - in_words
@@ -832,7 +854,10 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
                  if bitslice and not c.head and not (i == 0 and use_table)
                  and _bitslice_nb(32 * c.row_words) <= BITSLICE_MAX_NB]
     moved = _group_contiguous_rows(spec, bs_layers)
-    plan = plan_memory(spec, first_layer_table=use_table)
+    # Bit-sliced layers whose groups are whole words of each pixel read per-word bit lists
+    # (glt_conv_row_px_nb); "dense" ones gather and list each receptive field.
+    px_layers = [i for i in bs_layers if not spec.convs[i].dense]
+    plan = plan_memory(spec, first_layer_table=use_table, pixel_lists=px_layers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Sources of an earlier export (possibly under another name) would clash at link time.
@@ -1060,9 +1085,21 @@ extern "C" {{
 #define GLT_L0_CW {_table_words_per_level(first)}
 /* Words per weight row with a specialised (unrolled) kernel. */
 #define GLT_SPECIALIZED_NK(X) {specialized}
+/* 1: some hidden layer uses the XNOR-popcount row kernel (neither bit-sliced nor table). */
+#define GLT_POPCOUNT_ROWS {int(any(not l["head"] and not l["table"] and not l["bitslice"] for l in layer_summaries))}
 /* Entries of the bit-sliced kernel's list of set / clear field bits (0: unused). */
 #define GLT_BS_LIST {bs_list}
 #define GLT_BS_MAX_CW {max(bs_max_cw, 1)}
+/* Bit-sliced layers on per-word bit lists (1: some), on gathered fields ("dense" rows). */
+#define GLT_BS_PIX {int(bool(px_layers))}
+#define GLT_BS_DENSE {int(any(l.get("bitslice") for i, l in enumerate(layer_summaries) if i not in px_layers))}
+#define GLT_BS_RING_OFFSET {plan.pingpong_words + plan.scratch_words}
+#define GLT_BS_RING_ROWS {max(plan.bs_ring_rows, 1)}
+#define GLT_BS_SLOT_WORDS {plan.bs_slot_words}
+#define GLT_BS_PAD_WORDS {plan.bs_pad_words}
+/* Most words per pixel and input group of those layers (the Thumb-2 list copy takes <= 2). */
+#define GLT_BS_MAX_WPG {max([_wpg(convs[i].cin_g) for i in px_layers] or [1])}
+#define GLT_BS_TAPS {max([convs[i].kh * convs[i].kw for i in px_layers] or [1])}
 
 /* Classify one image: rgb = GLT_INPUT_HEIGHT x GLT_INPUT_WIDTH x GLT_INPUT_CHANNELS
  * uint8 pixels (row-major HWC), scores = GLT_NUM_CLASSES floats. Returns GLT_OK, or
@@ -1201,7 +1238,10 @@ Memory plan (GLT_PEAK_RAM_BYTES = {result.peak_ram_bytes} bytes of static RAM)
   One uint32 arena of {plan.arena_words} words: a two-ended ping-pong region of
   {plan.pingpong_words} words (each layer reads from one end and writes to the other, so
   the region is max(input + output) over layers) and a gather scratch of
-  {plan.scratch_words} words (one output pixel's receptive fields). The first layer
+  {plan.scratch_words} words (one output pixel's receptive fields), and {plan.bs_ring_words}
+  words of bit-list records for the bit-sliced layers (a ring of {plan.bs_ring_rows} input rows:
+  per pixel and input group, the positions of its set and of its clear bits, built once
+  per input row instead of once per receptive field). The first layer
   reads the image through a ring of {plan.ring_rows} thermometer-encoded rows instead of
   materialising all {h}x{w}x{c * enc.levels} planes. Not counted: the caller's image ({h * w * c} B)
   and scores, and the stack of glt_infer (a few hundred bytes: row pointers and

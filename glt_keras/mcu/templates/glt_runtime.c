@@ -42,6 +42,14 @@ void GLT_LAYER_HOOK(uint32_t layer, const uint32_t *out);
 #define GLT_UNROLL
 #endif
 
+/* Short zeroing loops stay loops: GCC would call memset for a few words (~30
+ * instructions of call and setup instead of one store per word). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define GLT_NO_MEMSET __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define GLT_NO_MEMSET
+#endif
+
 #if defined(__GNUC__)
 #define GLT_INLINE static inline __attribute__((always_inline))
 #define GLT_NOINLINE static __attribute__((noinline))
@@ -270,8 +278,9 @@ GLT_INLINE uint32_t glt_pop32(uint32_t x)
 #endif
 }
 
+#if GLT_BS_DENSE
 /* Append the plane indices 32 k + (31 - b) of the set bits b of a[k] ^ flip, k < nk. */
-GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk, uint32_t flip)
+GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk, uint32_t flip)
 {
     uint32_t k, base;
     for (k = 0, base = 0; k < nk; ++k, base += 32u) {
@@ -279,24 +288,39 @@ GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk
 #if defined(__GNUC__) && !defined(GLT_NO_CLZ)
         while (x != 0u) {
             const uint32_t n = (uint32_t)__builtin_clz(x);
-            *lst++ = (uint16_t)(base + n);
+            *lst++ = base + n;
             x &= ~(0x80000000u >> n);
         }
 #else
         uint32_t n;
         for (n = 0; x != 0u; ++n, x <<= 1) {
             if (x & 0x80000000u) {
-                *lst++ = (uint16_t)(base + n);
+                *lst++ = base + n;
             }
         }
 #endif
     }
     return lst;
 }
+#endif /* GLT_BS_DENSE */
 
-/* Hand-written Thumb-2 summation of the listed planes (ARMv7-M with GCC / Clang):
- * Harley-Seal blocks of 16 planes with levels 0..4 of the counter in registers and the
- * higher levels rippled in memory. -DGLT_NO_BS_ASM selects the C code (same integers). */
+/* Hand-written Thumb-2 kernels (ARMv7-M with GCC / Clang); -DGLT_NO_BS_ASM selects the
+ * C code (same integers).
+ *
+ * glt_bs_eval_t2 = glt_bs_eval: the summation of the listed planes by Harley-Seal
+ * blocks of 16 (levels 0..5 of the counter in registers, the higher levels rippled in
+ * memory), with the counter's initial value and the final threshold addition done in
+ * the same call (in C they cost more than a third of the summation of a short list).
+ * The list entries are 32-bit plane indices so that one LDM fetches four of them (1.25
+ * loads per plane instead of 2 with 16-bit entries and LDRH); the tree is ordered so
+ * that at most two partial carries are pending when entries are loaded (6
+ * temporaries; the last four entries of a block by two LDM, so that lr can hold level
+ * 5). Two blocks per iteration share one carry-save addition into the sixteens.
+ *
+ * glt_bs_field_t2 = glt_bs_cat over the taps of a receptive field: each record's list
+ * is copied in blocks of 4 entries (LDM, 4 ADD, STM: 1.5 instructions per entry) through
+ * a TBB jump on its length into an unrolled sequence, then the list is padded to a
+ * multiple of 8 with the zero plane (the summation ends with a half block of 8). */
 #if defined(__GNUC__) && defined(__thumb2__) && !defined(GLT_NO_BS_ASM)
 #define GLT_BS_ASM 1
 #else
@@ -307,23 +331,47 @@ GLT_NOINLINE uint16_t *glt_bs_list(uint16_t *lst, const uint32_t *a, uint32_t nk
 #define GLT_BS_LEVELS (GLT_BS_MAXNB - 1)
 
 #if GLT_BS_ASM
-/* lev[k] += (level k of) the per-lane sums of the planes W[lst[i]], i < 16 * nblocks
- * (nblocks >= 1), lev a bit-sliced counter (the caller bounds it). */
-void glt_bs_sum_t2(const uint32_t *W, const uint16_t *lst, uint32_t nblocks, uint32_t *lev);
+/* Arguments of glt_bs_eval_t2 besides W, lst and the number of blocks (offsets fixed). */
+typedef struct {
+    const uint32_t *z;          /* 0: the nb threshold planes */
+    uint32_t nb;                /* 4: 7 <= nb <= GLT_BS_MAXNB */
+    uint32_t r;                 /* 8 */
+    uint32_t lev[GLT_BS_LEVELS]; /* 12: levels of the counter (levels 6.. used) */
+} glt_bs_arg_t;
+
+/* glt_bs_eval(W, lst, count, a->z, a->nb, a->r), count a multiple of 8 (may be 0). */
+uint32_t glt_bs_eval_t2(const uint32_t *W, const uint32_t *lst, uint32_t count, glt_bs_arg_t *a);
 __asm__(
     "    .syntax unified\n"
     "    .thumb\n"
     "    .text\n"
     "    .balign 4\n"
-    "    .global glt_bs_sum_t2\n"
-    "    .type glt_bs_sum_t2, %function\n"
+    "    .global glt_bs_eval_t2\n"
+    "    .type glt_bs_eval_t2, %function\n"
     "    .thumb_func\n"
-    "glt_bs_sum_t2:\n"
+    "glt_bs_eval_t2:\n"
     "    push {r4-r11, lr}\n"
-    "    add r2, r1, r2, lsl #5\n"     /* end of the list */
-    "    add r3, r3, #20\n"            /* &lev[5] */
-    "    push {r2, r3}\n"
-    "    ldmdb r3, {r2-r6}\n"          /* ones, twos, fours, eights, sixteens */
+    "    ldr r12, [r3, #8]\n"
+    "    lsr r12, r12, #1\n"           /* B = r >> 1: the counter starts at B */
+    "    sbfx r4, r12, #6, #1\n"
+    "    str r4, [r3, #36]\n"
+    "    sbfx r4, r12, #7, #1\n"
+    "    str r4, [r3, #40]\n"
+    "    sbfx r4, r12, #8, #1\n"
+    "    str r4, [r3, #44]\n"
+    "    sbfx r4, r12, #9, #1\n"
+    "    str r4, [r3, #48]\n"
+    "    sbfx r4, r12, #10, #1\n"
+    "    str r4, [r3, #52]\n"          /* lev[6..10] */
+    "    add r2, r1, r2, lsl #2\n"     /* end of the list (a multiple of 8 entries) */
+    "    add r4, r3, #36\n"            /* &lev[6] */
+    "    push {r2, r3, r4, r5}\n"      /* [sp] end, [sp, #4] a, [sp, #8] &lev[6], [sp, #12] spill */
+    "    sbfx r2, r12, #0, #1\n"       /* levels 0..5: ones, twos, fours, eights, sixteens, lr */
+    "    sbfx r3, r12, #1, #1\n"
+    "    sbfx r4, r12, #2, #1\n"
+    "    sbfx r5, r12, #3, #1\n"
+    "    sbfx r6, r12, #4, #1\n"
+    "    sbfx lr, r12, #5, #1\n"
     /* h = carry, l = sum of l + b + c; h may be b; x a temporary */
     "    .macro GLT_CSA h, l, b, c, x\n"
     "    eor \\x, \\l, \\b\n"
@@ -332,82 +380,436 @@ __asm__(
     "    and \\x, \\x, \\c\n"
     "    orr \\h, \\h, \\x\n"
     "    .endm\n"
-    "    .macro GLT_LD2 a, b\n"
-    "    ldrh \\a, [r1], #2\n"
-    "    ldrh \\b, [r1], #2\n"
+    /* the planes of the list entries held in a and b */
+    "    .macro GLT_LDP a, b\n"
     "    ldr \\a, [r0, \\a, lsl #2]\n"
     "    ldr \\b, [r0, \\b, lsl #2]\n"
     "    .endm\n"
-    "1:\n"
-    "    GLT_LD2 r7, r8\n"
-    "    GLT_CSA r7, r2, r7, r8, r9\n"      /* tA */
-    "    GLT_LD2 r8, r9\n"
-    "    GLT_CSA r8, r2, r8, r9, r10\n"     /* tB */
-    "    GLT_CSA r7, r3, r7, r8, r9\n"      /* fA */
-    "    GLT_LD2 r8, r9\n"
-    "    GLT_CSA r8, r2, r8, r9, r10\n"
-    "    GLT_LD2 r9, r10\n"
+    /* carry (r8) out of level k: a = lev[k - 1], next z plane at [r7] */
+    "    .macro GLT_STEP a\n"
+    "    ldr r12, [r7], #4\n"
+    "    eor r11, \\a, r12\n"
+    "    and r12, \\a, r12\n"
+    "    and r11, r11, r8\n"
+    "    orr r8, r12, r11\n"
+    "    .endm\n"
+    /* ripple the carry r9 into lev[6..] */
+    "    .macro GLT_RIPPLE\n"
+    "    ldr r10, [sp, #8]\n"
+    "77:\n"
+    "    ldr r11, [r10]\n"
+    "    and r12, r11, r9\n"
+    "    eor r11, r11, r9\n"
+    "    str r11, [r10], #4\n"
+    "    movs r9, r12\n"
+    "    bne 77b\n"
+    "    .endm\n"
+    /* one Harley-Seal block of 16 planes into levels 0..3; its sixteens carry in r7.
+     * Six temporaries (the last four entries are loaded by two LDM) so that lr can hold
+     * level 5. */
+    "    .macro GLT_BLOCK\n"
+    "    ldmia r1!, {r7-r10}\n"
+    "    GLT_LDP r7, r8\n"
+    "    GLT_CSA r7, r2, r7, r8, r11\n"     /* tA */
+    "    GLT_LDP r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"    /* tB */
+    "    GLT_CSA r7, r3, r7, r9, r11\n"     /* fA */
+    "    ldmia r1!, {r8-r11}\n"
+    "    GLT_LDP r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r12\n"
+    "    GLT_LDP r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r8, r3, r8, r10, r12\n"    /* fB */
+    "    GLT_CSA r7, r4, r7, r8, r12\n"     /* eA */
+    "    ldmia r1!, {r8-r11}\n"
+    "    GLT_LDP r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r12\n"
+    "    GLT_LDP r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r8, r3, r8, r10, r12\n"    /* fA */
+    "    ldmia r1!, {r9, r10}\n"
+    "    GLT_LDP r9, r10\n"
     "    GLT_CSA r9, r2, r9, r10, r11\n"
-    "    GLT_CSA r8, r3, r8, r9, r10\n"     /* fB */
-    "    GLT_CSA r7, r4, r7, r8, r9\n"      /* eA */
-    "    GLT_LD2 r8, r9\n"
-    "    GLT_CSA r8, r2, r8, r9, r10\n"
-    "    GLT_LD2 r9, r10\n"
-    "    GLT_CSA r9, r2, r9, r10, r11\n"
-    "    GLT_CSA r8, r3, r8, r9, r10\n"     /* fA */
-    "    GLT_LD2 r9, r10\n"
-    "    GLT_CSA r9, r2, r9, r10, r11\n"
-    "    GLT_LD2 r10, r11\n"
+    "    ldmia r1!, {r10, r11}\n"
+    "    GLT_LDP r10, r11\n"
     "    GLT_CSA r10, r2, r10, r11, r12\n"
     "    GLT_CSA r9, r3, r9, r10, r11\n"    /* fB */
     "    GLT_CSA r8, r4, r8, r9, r10\n"     /* eB */
     "    GLT_CSA r7, r5, r7, r8, r9\n"      /* s16 */
+    "    .endm\n"
+    "    b 8f\n"
+    /* two blocks per iteration: their sixteens and the counter's are added by one
+     * carry-save adder, whose carry goes into level 5 (lr) by a half adder; only the
+     * carry out of level 5 is rippled into memory */
+    "1:\n"
+    "    GLT_BLOCK\n"
+    "    str r7, [sp, #12]\n"
+    "    GLT_BLOCK\n"
+    "    ldr r8, [sp, #12]\n"
+    "    eor r9, r6, r8\n"
+    "    and r8, r6, r8\n"
+    "    eor r6, r9, r7\n"
+    "    and r9, r9, r7\n"
+    "    orrs r8, r8, r9\n"
+    "    beq 8f\n"
+    "    ands r9, lr, r8\n"
+    "    eor lr, lr, r8\n"
+    "    beq 8f\n"
+    "    GLT_RIPPLE\n"
+    "8:\n"
+    "    ldr r9, [sp]\n"
+    "    sub r9, r9, r1\n"
+    "    cmp r9, #96\n"
+    "    bhi 1b\n"                         /* two blocks or more left */
+    "    cmp r9, #64\n"
+    "    blo 10f\n"                        /* less than a block */
+    "    GLT_BLOCK\n"
     "    ands r8, r6, r7\n"                 /* half adder into the sixteens */
     "    eor r6, r6, r7\n"                  /* (flags kept) */
-    "    beq 3f\n"
-    "    ldr r9, [sp, #4]\n"
-    "2:\n"                                  /* ripple the carry into lev[5..] */
-    "    ldr r10, [r9]\n"
-    "    and r11, r10, r8\n"
-    "    eor r10, r10, r8\n"
-    "    str r10, [r9], #4\n"
-    "    movs r8, r11\n"
-    "    bne 2b\n"
-    "3:\n"
+    "    beq 10f\n"
+    "    ands r9, lr, r8\n"
+    "    eor lr, lr, r8\n"
+    "    beq 10f\n"
+    "    GLT_RIPPLE\n"
+    "10:\n"
     "    ldr r9, [sp]\n"
     "    cmp r1, r9\n"
-    "    bne 1b\n"
+    "    beq 3f\n"
+    /* a last half block of 8 planes (the list is padded to a multiple of 8 only) */
+    "    ldmia r1!, {r7-r10}\n"
+    "    GLT_LDP r7, r8\n"
+    "    GLT_CSA r7, r2, r7, r8, r11\n"
+    "    GLT_LDP r9, r10\n"
+    "    GLT_CSA r9, r2, r9, r10, r11\n"
+    "    GLT_CSA r7, r3, r7, r9, r11\n"
+    "    ldmia r1!, {r8-r11}\n"
+    "    GLT_LDP r8, r9\n"
+    "    GLT_CSA r8, r2, r8, r9, r12\n"
+    "    GLT_LDP r10, r11\n"
+    "    GLT_CSA r10, r2, r10, r11, r12\n"
+    "    GLT_CSA r8, r3, r8, r10, r12\n"
+    "    GLT_CSA r7, r4, r7, r8, r12\n"     /* eights carry */
+    "    ands r8, r5, r7\n"
+    "    eor r5, r5, r7\n"
+    "    beq 3f\n"
+    "    ands r9, r6, r8\n"
+    "    eor r6, r6, r8\n"
+    "    beq 3f\n"
+    "    ands r8, lr, r9\n"
+    "    eor lr, lr, r9\n"
+    "    beq 3f\n"
+    "    mov r9, r8\n"
+    "    GLT_RIPPLE\n"
+    "3:\n"
+    /* carry out of 2 (c + B) + Z + (r & 1), levels 1 .. nb - 1 */
     "    ldr r9, [sp, #4]\n"
-    "    stmdb r9, {r2-r6}\n"               /* lev[0..4] */
-    "    add sp, sp, #8\n"
+    "    ldr r7, [r9]\n"                    /* z */
+    "    ldr r10, [r9, #8]\n"               /* r */
+    "    ldr r8, [r7], #4\n"                /* z[0] */
+    "    lsls r10, r10, #31\n"
+    "    it eq\n"
+    "    moveq r8, #0\n"                    /* carry-in (r & 1) */
+    "    GLT_STEP r2\n"
+    "    GLT_STEP r3\n"
+    "    GLT_STEP r4\n"
+    "    GLT_STEP r5\n"
+    "    GLT_STEP r6\n"
+    "    GLT_STEP lr\n"
+    "    ldr r1, [r9, #4]\n"                /* nb */
+    "    add r10, r9, #36\n"                /* &lev[6] */
+    "    subs r1, r1, #7\n"                 /* levels 6 .. nb - 2 in memory: 0 .. 5 */
+    "    tbb [pc, r1]\n"                    /* enter the unrolled steps so as to do r1 */
+    "4:\n"
+    "    .byte (5f - 4b) / 2, (85f - 4b) / 2, (84f - 4b) / 2, (83f - 4b) / 2\n"
+    "    .byte (82f - 4b) / 2, (81f - 4b) / 2\n"
+    "    .balign 2\n"
+    "81:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "82:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "83:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "84:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "85:\n"
+    "    ldr r2, [r10], #4\n"
+    "    GLT_STEP r2\n"
+    "5:\n"
+    "    mov r0, r8\n"
+    "    add sp, sp, #16\n"
     "    pop {r4-r11, pc}\n"
     "    .purgem GLT_CSA\n"
-    "    .purgem GLT_LD2\n"
-    "    .size glt_bs_sum_t2, . - glt_bs_sum_t2\n");
+    "    .purgem GLT_LDP\n"
+    "    .purgem GLT_STEP\n"
+    "    .purgem GLT_BLOCK\n"
+    "    .purgem GLT_RIPPLE\n"
+    "    .size glt_bs_eval_t2, . - glt_bs_eval_t2\n");
+
+#if GLT_BS_PIX && GLT_BS_MAX_WPG <= 2
+#define GLT_BS_FIELD_ASM 1
+/* Arguments of glt_bs_field_t2 besides the list and the taps (offsets fixed). */
+typedef struct {
+    uint32_t goff;              /* 0: byte offset of the group's record in a pixel's records */
+    uint32_t stride;            /* 4: plane offset between taps = 32 * words per group (<= 64) */
+    uint32_t K;                 /* 8: the zero plane */
+    uint32_t n1;                /* 12: out: set bits of the field */
+} glt_bs_field_t;
+
+/* The list of a receptive field: n1 = the sum of the counts of the records tp[t] + goff
+ * (t < ntaps >= 1), then their set lists, or their clear lists when 2 n1 > K, entry +
+ * stride * t, padded with K to a multiple of 8 (glt_bs_eval_t2 ends with a half block).
+ * Returns the padded end. */
+uint32_t *glt_bs_field_t2(uint32_t *lst, const uint32_t *const *tp, uint32_t ntaps, glt_bs_field_t *f);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_bs_field_t2\n"
+    "    .type glt_bs_field_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_bs_field_t2:\n"
+    "    push {r4-r11, lr}\n"
+    "    ldmia r3, {r4, r5, r6}\n"     /* goff, stride, K */
+    "    push {r3}\n"
+    "    push {r5, r6}\n"              /* [sp] stride, [sp, #4] K, [sp, #8] f */
+    "    mov r11, r4\n"                /* goff */
+    "    add r10, r1, r2, lsl #2\n"    /* end of tp */
+    "    mov r4, r1\n"
+    "    movs r12, #0\n"
+    "0:\n"                             /* n1 */
+    "    ldr r5, [r4], #4\n"
+    "    ldr r5, [r5, r11]\n"
+    "    add r12, r12, r5\n"
+    "    cmp r4, r10\n"
+    "    bne 0b\n"
+    "    str r12, [r3, #12]\n"
+    "    mov r9, r0\n"                 /* end of the list */
+    "    movs r8, #0\n"                /* plane offset of the tap */
+    "    cmp r6, r12, lsl #1\n"
+    "    blo 2f\n"                     /* K < 2 n1: clear lists */
+    "    adr lr, 1f\n"
+    "1:\n"                             /* set list: entries 1 .. n1 */
+    "    ldr r2, [r1], #4\n"
+    "    add r2, r2, r11\n"
+    "    ldr r12, [r2], #4\n"
+    "    b 3f\n"
+    "2:\n"
+    "    adr lr, 6f\n"
+    "6:\n"                             /* clear list: entries n1 + 1 .. stride */
+    "    ldr r2, [r1], #4\n"
+    "    add r2, r2, r11\n"
+    "    ldr r12, [r2], #4\n"
+    "    add r2, r2, r12, lsl #2\n"
+    "    ldr r3, [sp]\n"
+    "    sub r12, r3, r12\n"
+    "3:\n"
+    "    mov r3, r9\n"
+    "    add r9, r9, r12, lsl #2\n"
+    "    tbb [pc, r12]\n"
+    "7:\n"
+    "    .byte (40f - 7b) / 2\n"
+    "    .byte (50f - 7b) / 2, (50f - 7b) / 2, (50f - 7b) / 2, (50f - 7b) / 2\n"
+    "    .byte (51f - 7b) / 2, (51f - 7b) / 2, (51f - 7b) / 2, (51f - 7b) / 2\n"
+    "    .byte (52f - 7b) / 2, (52f - 7b) / 2, (52f - 7b) / 2, (52f - 7b) / 2\n"
+    "    .byte (53f - 7b) / 2, (53f - 7b) / 2, (53f - 7b) / 2, (53f - 7b) / 2\n"
+    "    .byte (54f - 7b) / 2, (54f - 7b) / 2, (54f - 7b) / 2, (54f - 7b) / 2\n"
+    "    .byte (55f - 7b) / 2, (55f - 7b) / 2, (55f - 7b) / 2, (55f - 7b) / 2\n"
+    "    .byte (56f - 7b) / 2, (56f - 7b) / 2, (56f - 7b) / 2, (56f - 7b) / 2\n"
+    "    .byte (57f - 7b) / 2, (57f - 7b) / 2, (57f - 7b) / 2, (57f - 7b) / 2\n"
+    "    .byte (58f - 7b) / 2, (58f - 7b) / 2, (58f - 7b) / 2, (58f - 7b) / 2\n"
+    "    .byte (59f - 7b) / 2, (59f - 7b) / 2, (59f - 7b) / 2, (59f - 7b) / 2\n"
+    "    .byte (60f - 7b) / 2, (60f - 7b) / 2, (60f - 7b) / 2, (60f - 7b) / 2\n"
+    "    .byte (61f - 7b) / 2, (61f - 7b) / 2, (61f - 7b) / 2, (61f - 7b) / 2\n"
+    "    .byte (62f - 7b) / 2, (62f - 7b) / 2, (62f - 7b) / 2, (62f - 7b) / 2\n"
+    "    .byte (63f - 7b) / 2, (63f - 7b) / 2, (63f - 7b) / 2, (63f - 7b) / 2\n"
+    "    .byte (64f - 7b) / 2, (64f - 7b) / 2, (64f - 7b) / 2, (64f - 7b) / 2\n"
+    "    .byte (65f - 7b) / 2, (65f - 7b) / 2, (65f - 7b) / 2, (65f - 7b) / 2\n"
+    "    .balign 2\n"
+    "    .macro GLT_CHUNK\n"
+    "    ldmia r2!, {r4-r7}\n"
+    "    add r4, r8\n"
+    "    add r5, r8\n"
+    "    add r6, r8\n"
+    "    add r7, r8\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    .endm\n"
+    "65:\n"
+    "    GLT_CHUNK\n"
+    "64:\n"
+    "    GLT_CHUNK\n"
+    "63:\n"
+    "    GLT_CHUNK\n"
+    "62:\n"
+    "    GLT_CHUNK\n"
+    "61:\n"
+    "    GLT_CHUNK\n"
+    "60:\n"
+    "    GLT_CHUNK\n"
+    "59:\n"
+    "    GLT_CHUNK\n"
+    "58:\n"
+    "    GLT_CHUNK\n"
+    "57:\n"
+    "    GLT_CHUNK\n"
+    "56:\n"
+    "    GLT_CHUNK\n"
+    "55:\n"
+    "    GLT_CHUNK\n"
+    "54:\n"
+    "    GLT_CHUNK\n"
+    "53:\n"
+    "    GLT_CHUNK\n"
+    "52:\n"
+    "    GLT_CHUNK\n"
+    "51:\n"
+    "    GLT_CHUNK\n"
+    "50:\n"
+    "    GLT_CHUNK\n"
+    "40:\n"
+    "    ldr r12, [sp]\n"
+    "    add r8, r8, r12\n"
+    "    cmp r1, r10\n"
+    "    it ne\n"
+    "    movne pc, lr\n"
+    /* pad: 8 zero-plane entries after the end, then round the end up to 8 entries */
+    "    ldr r4, [sp, #4]\n"
+    "    mov r5, r4\n"
+    "    mov r6, r4\n"
+    "    mov r7, r4\n"
+    "    mov r3, r9\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    stmia r3!, {r4-r7}\n"
+    "    sub r1, r9, r0\n"
+    "    add r1, r1, #28\n"
+    "    bic r1, r1, #31\n"
+    "    add r0, r0, r1\n"
+    "    add sp, sp, #12\n"
+    "    pop {r4-r11, pc}\n"
+    "    .purgem GLT_CHUNK\n"
+    "    .size glt_bs_field_t2, . - glt_bs_field_t2\n");
+
+/* glt_bs_records (see glt_conv_row_px_nb) for wpg >= 1: the clz loop is five
+ * instructions per listed bit of a group's first word and six for the others (C: six
+ * to seven and the loop). */
+void glt_bs_records_t2(uint32_t *rec, const uint32_t *a, uint32_t n, uint32_t wpg);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_bs_records_t2\n"
+    "    .type glt_bs_records_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_bs_records_t2:\n"
+    "    push {r4-r8, lr}\n"
+    "    mov r8, #0x80000000\n"
+    "    mul r2, r2, r3\n"
+    "    add r2, r1, r2, lsl #2\n"     /* end of a */
+    "1:\n"                             /* one (pixel, group): words r1 .. lr */
+    "    add r4, r0, #4\n"             /* next entry */
+    "    add lr, r1, r3, lsl #2\n"
+    "    ldr r6, [r1], #4\n"           /* set bits of the first word */
+    "    cbz r6, 3f\n"
+    "2:\n"
+    "    clz r7, r6\n"
+    "    str r7, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 2b\n"
+    "3:\n"
+    "    movs r5, #0\n"
+    "4:\n"                             /* set bits of the other words, + 32 w */
+    "    cmp r1, lr\n"
+    "    beq 6f\n"
+    "    adds r5, r5, #32\n"
+    "    ldr r6, [r1], #4\n"
+    "    cmp r6, #0\n"
+    "    beq 4b\n"
+    "5:\n"
+    "    clz r7, r6\n"
+    "    orr r12, r7, r5\n"
+    "    str r12, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 5b\n"
+    "    b 4b\n"
+    "6:\n"
+    "    sub r6, r4, r0\n"
+    "    subs r6, r6, #4\n"
+    "    lsrs r6, r6, #2\n"
+    "    str r6, [r0]\n"               /* n1 */
+    "    sub r1, r1, r3, lsl #2\n"
+    "    ldr r6, [r1], #4\n"           /* clear bits of the first word */
+    "    mvns r6, r6\n"
+    "    beq 8f\n"
+    "7:\n"
+    "    clz r7, r6\n"
+    "    str r7, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 7b\n"
+    "8:\n"
+    "    movs r5, #0\n"
+    "9:\n"
+    "    cmp r1, lr\n"
+    "    beq 11f\n"
+    "    adds r5, r5, #32\n"
+    "    ldr r6, [r1], #4\n"
+    "    mvns r6, r6\n"
+    "    beq 9b\n"
+    "10:\n"
+    "    clz r7, r6\n"
+    "    orr r12, r7, r5\n"
+    "    str r12, [r4], #4\n"
+    "    lsr r12, r8, r7\n"
+    "    bics r6, r6, r12\n"
+    "    bne 10b\n"
+    "    b 9b\n"
+    "11:\n"
+    "    mov r0, r4\n"
+    "    cmp r1, r2\n"
+    "    bne 1b\n"
+    "    pop {r4-r8, pc}\n"
+    "    .size glt_bs_records_t2, . - glt_bs_records_t2\n");
+#endif /* GLT_BS_PIX && GLT_BS_MAX_WPG <= 2 */
+#endif /* GLT_BS_ASM */
+
+#ifndef GLT_BS_FIELD_ASM
+#define GLT_BS_FIELD_ASM 0
 #endif
 
-/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16)
- * planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
+/* 32 lanes of bit nb of 2 c + Z + r, c the sum of the count (a multiple of 16; of 8
+ * for glt_bs_eval_t2) planes W[lst[i]], Z = the nb planes z, r a scalar (broadcast); c < 2^(nb - 2),
  * r < 2^(nb - 1). With B = r >> 1 the counter starts at B (broadcast) and
  * 2 (c + B) + Z + (r & 1) is one bit-sliced addition with a carry-in, of which only the
  * carry out of level nb - 1 is needed (c + B < 2^(nb - 1), Z < 2^nb). */
-GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t count,
+GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint32_t *lst, uint32_t count,
                                 const uint32_t *z, const uint32_t nb, uint32_t r)
 {
+#if GLT_BS_ASM
+    glt_bs_arg_t a;
+    a.z = z;
+    a.nb = nb;
+    a.r = r;
+    return glt_bs_eval_t2(W, lst, count, &a);
+#else
     uint32_t lev[GLT_BS_LEVELS]; /* levels 0 .. nb - 2 of c + B */
     const uint32_t B = r >> 1;
     uint32_t k, a, b, carry;
+    uint32_t ones, twos, fours, eights, n;
+    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
     for (k = 0; k < GLT_BS_LEVELS; ++k) {
         lev[k] = 0u - ((B >> k) & 1u);
     }
-#if GLT_BS_ASM
-    if (count != 0u) {
-        glt_bs_sum_t2(W, lst, count >> 4, lev);
-    }
-#else
-    {
-    uint32_t ones = lev[0], twos = lev[1], fours = lev[2], eights = lev[3], n;
-    uint32_t *hi = lev + 4;          /* levels 4 .. nb - 2 */
+    ones = lev[0];
+    twos = lev[1];
+    fours = lev[2];
+    eights = lev[3];
     for (n = 0; n < count; n += 16u, lst += 16) {
         uint32_t tA, tB, fA, fB, eA, eB, s16, p0, p1;
 #define GLT_BS_PAIR(i, t)     \
@@ -440,8 +842,6 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
     lev[1] = twos;
     lev[2] = fours;
     lev[3] = eights;
-    }
-#endif
     /* carry out of 2 (c + B) + Z + (r & 1): level 0 has no bit of 2 (c + B) */
     carry = (r & 1u) ? z[0] : 0u;
     for (k = 1; k < nb; ++k) {
@@ -450,13 +850,16 @@ GLT_INLINE uint32_t glt_bs_eval(const uint32_t *W, const uint16_t *lst, uint32_t
         carry = (a & b) | ((a ^ b) & carry);
     }
     return carry;
+#endif
 }
 
-/* One output row of a binary layer with the bit-sliced kernel. */
+#if GLT_BS_DENSE
+/* One output row of a binary layer with the bit-sliced kernel ("dense" layers: the
+ * receptive field is gathered and its bits listed per conv position). */
 GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                    uint32_t *scratch, const uint32_t nb)
 {
-    uint16_t lst[GLT_BS_LIST];
+    uint32_t lst[GLT_BS_LIST];
     uint32_t acc[GLT_BS_MAX_CW];
     const uint32_t nk = L->row_words, K = 32u * nk, nq = (uint32_t)L->ph * L->pw;
     const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
@@ -473,7 +876,7 @@ GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *r
                 const uint32_t g = cw[c].group;
                 const uint32_t *a = scratch + (g * nq + q) * nk;
                 uint32_t n1 = 0, flip, n, count, todo = 0;
-                uint16_t *e;
+                uint32_t *e;
                 /* max-pool: skip the group when all its lanes are +1 already */
                 for (c1 = c; c1 < ncw && cw[c1].group == g; ++c1) {
                     todo |= acc[c1] ^ cw[c1].lanes;
@@ -488,7 +891,7 @@ GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *r
                 n = flip ? K - n1 : n1;
                 e = glt_bs_list(lst, a, nk, flip);
                 while ((uint32_t)(e - lst) & 15u) {
-                    *e++ = (uint16_t)K; /* the zero plane */
+                    *e++ = K; /* the zero plane */
                 }
                 count = (uint32_t)(e - lst);
                 for (; c < c1; ++c) {
@@ -511,28 +914,242 @@ GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *r
     }
 }
 
-GLT_NOINLINE void glt_conv_row_bs10(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
-                                    uint32_t *scratch)
-{
-    glt_conv_row_bs_nb(L, rows, out, scratch, 10u);
-}
-
-GLT_NOINLINE void glt_conv_row_bs11(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
-                                    uint32_t *scratch)
-{
-    glt_conv_row_bs_nb(L, rows, out, scratch, 11u);
-}
-
 GLT_NOINLINE void glt_conv_row_bs(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                   uint32_t *scratch)
 {
     glt_conv_row_bs_nb(L, rows, out, scratch, L->bs_nb);
 }
+#endif /* GLT_BS_DENSE */
+
+#if GLT_BS_PIX
+/* ---- bit-sliced kernel on per-word bit lists ---------------------------------------
+ * For layers whose groups are whole 32-bit words of every pixel (not "dense"): listing
+ * the bits of each receptive field (glt_bs_list, ~5 instructions per listed bit, plus a
+ * popcount and a gather of the field) was a third of the bit-sliced layers' cost, and
+ * each input word was listed once per field it lies in (kh * kw times). Instead, the
+ * words of every (pixel, input group) get a record once, when their row is first read:
+ * 1 + 32 * wpg words = the number n1 of their set bits, the plane offsets 32 w + 31 - b
+ * (b in clz order) of the set bits b of their word w, then those of their clear bits.
+ * Records live in a ring of input rows (glt_arena + GLT_BS_RING_OFFSET, tags = the input
+ * row of each slot) plus the records of the padding pixel. A field's list is then the
+ * concatenation of its taps' set lists (or, when more than half of the field's bits are
+ * set, of their clear lists), each entry plus 32 * wpg * t for tap t (glt_bs_cat: ~1.5
+ * instructions per entry with 4 entries per LDM / STM); n1 is the sum of the counts. The
+ * same multiset of planes as glt_bs_list gives, so the same integers, bit for bit. */
+
+/* The records of n (pixel, group) pairs: the wpg words a[i * wpg ..] of pair i at
+ * rec + i * (1 + 32 * wpg) (see above). */
+#if GLT_BS_FIELD_ASM
+#define glt_bs_records glt_bs_records_t2
+#else
+GLT_NOINLINE void glt_bs_records(uint32_t *rec, const uint32_t *a, uint32_t n, uint32_t wpg)
+{
+    uint32_t i, w;
+    for (i = 0; i < n; ++i, a += wpg) {
+#if defined(__GNUC__) && !defined(GLT_NO_CLZ)
+        uint32_t *e = rec + 1;
+        for (w = 0; w < wpg; ++w) {
+            uint32_t x = a[w];
+            while (x != 0u) {
+                const uint32_t k = (uint32_t)__builtin_clz(x);
+                *e++ = 32u * w + k;
+                x &= ~(0x80000000u >> k);
+            }
+        }
+        rec[0] = (uint32_t)(e - rec) - 1u;
+        for (w = 0; w < wpg; ++w) {
+            uint32_t x = ~a[w];
+            while (x != 0u) {
+                const uint32_t k = (uint32_t)__builtin_clz(x);
+                *e++ = 32u * w + k;
+                x &= ~(0x80000000u >> k);
+            }
+        }
+        rec = e;
+#else
+        uint32_t *s = rec + 1, *c = rec + 1 + 32u * wpg, k;
+        for (w = 0; w < wpg; ++w) {
+            for (k = 0; k < 32u; ++k) {
+                if ((a[w] << k) & 0x80000000u) {
+                    *s++ = 32u * w + k;
+                } else {
+                    *--c = 32u * w + k; /* clear bits from the end: the order in a list is free */
+                }
+            }
+        }
+        rec[0] = (uint32_t)(s - rec) - 1u;
+        rec += 1 + 32u * wpg;
+#endif
+    }
+}
+#endif
+
+/* d[i] = s[i] + off for i < len; whole blocks of 4 are copied (up to 3 entries past
+ * len are written, and read past the record: the ring and the list have the room). */
+GLT_INLINE uint32_t *glt_bs_cat(uint32_t *d, const uint32_t *s, uint32_t len, uint32_t off)
+{
+    uint32_t *const end = d + len;
+    while (d < end) {
+        const uint32_t a = s[0], b = s[1], c = s[2], e = s[3];
+        d[0] = a + off;
+        d[1] = b + off;
+        d[2] = c + off;
+        d[3] = e + off;
+        d += 4;
+        s += 4;
+    }
+    return end;
+}
+
+/* One output row oy of a binary layer with the bit-sliced kernel on per-word lists;
+ * rows[r] = input row y0 + r (NULL: padding). */
+GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy, int32_t y0,
+                                   uint32_t *out, const uint32_t nb)
+{
+    uint32_t lst[GLT_BS_LIST];
+    uint32_t acc[GLT_BS_MAX_CW];
+    const uint32_t *tp[GLT_BS_TAPS];
+    const uint32_t *rrow[GLT_BS_RING_ROWS];
+    uint32_t *const ring = glt_arena + GLT_BS_RING_OFFSET;
+    int32_t *const tag = (int32_t *)ring;
+    uint32_t *const padrec = ring + GLT_BS_RING_ROWS;
+    uint32_t *const slots = padrec + GLT_BS_PAD_WORDS;
+    const uint32_t wpp = L->in_wpp, wpg = L->in_wpg, kh = L->kh, kw = L->kw, in_w = L->in_w;
+    const uint32_t recg = 1u + 32u * wpg, groups = wpp / wpg; /* words of a (pixel, group) record */
+    const uint32_t K = 32u * L->row_words, pixrec = groups * recg;
+    const uint32_t nrows = (uint32_t)(L->ph - 1) * L->sh + kh;
+    const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
+    const glt_bs_cw_t *const cw = L->bs;
+    uint32_t ox, dy, dx, ky, kx, t, k, c, c1, r;
+#if GLT_BS_FIELD_ASM
+    glt_bs_field_t fa;
+    fa.stride = 32u * wpg;
+    fa.K = K;
+#endif
+    if (oy == 0u) { /* a new layer: forget the rows of the previous one */
+        for (r = 0; r < GLT_BS_RING_ROWS; ++r) {
+            tag[r] = -1;
+        }
+        glt_bs_records(padrec, L->pad, groups, wpg);
+    }
+    for (r = 0; r < nrows; ++r) {
+        const int32_t y = y0 + (int32_t)r;
+        uint32_t slot;
+        if (rows[r] == NULL) {
+            rrow[r] = NULL;
+            continue;
+        }
+        slot = (uint32_t)y % nrows; /* nrows consecutive rows: distinct slots */
+        rrow[r] = slots + slot * GLT_BS_SLOT_WORDS;
+        if (tag[slot] != y) {
+            glt_bs_records(slots + slot * GLT_BS_SLOT_WORDS, rows[r], in_w * groups, wpg);
+            tag[slot] = y;
+        }
+    }
+    for (ox = 0; ox < L->out_w; ++ox) {
+        uint32_t *o = out + ox * out_wpp;
+        for (c = 0; c < ncw; ++c) {
+            acc[c] = 0;
+        }
+        for (dy = 0; dy < L->ph; ++dy) {
+            for (dx = 0; dx < L->pw; ++dx) {
+                const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
+                /* tp[t]: the records of the pixel under tap t */
+                if (x0 >= 0 && (uint32_t)x0 + kw <= in_w) { /* no padding column */
+                    for (ky = 0, t = 0; ky < kh; ++ky) {
+                        const uint32_t *row = rrow[dy * L->sh + ky];
+                        if (row == NULL) {
+                            for (kx = 0; kx < kw; ++kx) {
+                                tp[t++] = padrec;
+                            }
+                            continue;
+                        }
+                        row += (uint32_t)x0 * pixrec;
+                        for (kx = 0; kx < kw; ++kx, row += pixrec) {
+                            tp[t++] = row;
+                        }
+                    }
+                } else {
+                    for (ky = 0, t = 0; ky < kh; ++ky) {
+                        const uint32_t *row = rrow[dy * L->sh + ky];
+                        for (kx = 0; kx < kw; ++kx) {
+                            const int32_t x = x0 + (int32_t)kx;
+                            tp[t++] = (row != NULL && x >= 0 && x < (int32_t)in_w) ? row + (uint32_t)x * pixrec : padrec;
+                        }
+                    }
+                }
+                for (c = 0; c < ncw; c = c1) {
+                    const uint32_t g = cw[c].group, goff = g * recg;
+                    uint32_t n1, flip, n, count, todo = 0;
+                    uint32_t *e;
+                    /* max-pool: skip the group when all its lanes are +1 already */
+                    for (c1 = c; c1 < ncw && cw[c1].group == g; ++c1) {
+                        todo |= acc[c1] ^ cw[c1].lanes;
+                    }
+                    if (todo == 0u) {
+                        continue;
+                    }
+#if GLT_BS_FIELD_ASM
+                    fa.goff = 4u * goff;
+                    e = glt_bs_field_t2(lst, tp, kh * kw, &fa);
+                    n1 = fa.n1;
+                    flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* the clear bits were listed */
+#else
+                    {
+                        uint32_t off;
+                        for (t = 0, n1 = 0; t < kh * kw; ++t) {
+                            n1 += tp[t][goff];
+                        }
+                        flip = 2u * n1 > K ? 0xFFFFFFFFu : 0u; /* list the clear bits */
+                        e = lst;
+                        for (t = 0, off = 0; t < kh * kw; ++t, off += 32u * wpg) {
+                            const uint32_t *rec = tp[t] + goff;
+                            const uint32_t m = rec[0];
+                            e = flip ? glt_bs_cat(e, rec + 1u + m, 32u * wpg - m, off) : glt_bs_cat(e, rec + 1, m, off);
+                        }
+                        while ((uint32_t)(e - lst) & 15u) {
+                            *e++ = K; /* the zero plane */
+                        }
+                    }
+#endif
+                    n = flip ? K - n1 : n1;
+                    count = (uint32_t)(e - lst);
+                    for (; c < c1; ++c) {
+                        if (acc[c] != cw[c].lanes) {
+                            const uint32_t bits = glt_bs_eval(cw[c].planes, lst, count, cw[c].z + (flip & nb), nb,
+                                                              (1u << (nb - 1u)) - n);
+                            acc[c] |= (bits ^ flip) & cw[c].lanes;
+                        }
+                    }
+                }
+            }
+        }
+        for (k = 0; k < out_wpp; ++k) {
+            o[k] = 0;
+        }
+        for (k = 0; k < L->bsq_count; ++k) {
+            const glt_bs_piece_t *p = &L->bsq[k];
+            const uint32_t v = acc[p->cw] & p->mask;
+            o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
+        }
+    }
+}
+
+/* One instance for every nb: copies specialised for a constant nb (~1 KB of flash each)
+ * saved next to nothing once the summation and the threshold test are in Thumb-2. */
+GLT_NOINLINE GLT_NO_MEMSET void glt_conv_row_px(const glt_conv_t *L, const uint32_t *const *rows, uint32_t oy,
+                                                int32_t y0, uint32_t *out)
+{
+    glt_conv_row_px_nb(L, rows, oy, y0, out, L->bs_nb);
+}
+#endif /* GLT_BS_PIX */
 #endif /* GLT_BS_LIST */
 
+#if GLT_POPCOUNT_ROWS
 /* One output row of a binary layer: bits of sign(BN(conv)), OR-pooled, packed in the
  * next layer's input layout. nk = words per weight row; inlined with a constant nk for
- * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). */
+ * the sizes listed in GLT_SPECIALIZED_NK (unrolled popcount). Compiled only when a layer
+ * uses it (GLT_POPCOUNT_ROWS: ~1 KB of flash otherwise unused). */
 GLT_INLINE void glt_conv_row_nk(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                                 uint32_t *scratch, const uint32_t nk, const int unrolled)
 {
@@ -646,24 +1263,20 @@ GLT_NOINLINE void glt_conv_row_any(const glt_conv_t *L, const uint32_t *const *r
 {
     glt_conv_row_nk(L, rows, out, scratch, L->row_words, 0);
 }
+#endif /* GLT_POPCOUNT_ROWS */
 
 static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint32_t *out,
                          uint32_t *scratch)
 {
     const uint32_t nk = L->row_words;
     (void)nk; /* unused when no row size is specialised */
-#if GLT_BS_LIST > 0
+#if GLT_BS_DENSE
     if (L->bs != NULL) {
-        if (L->bs_nb == 10u) {
-            glt_conv_row_bs10(L, rows, out, scratch);
-        } else if (L->bs_nb == 11u) {
-            glt_conv_row_bs11(L, rows, out, scratch);
-        } else {
-            glt_conv_row_bs(L, rows, out, scratch);
-        }
+        glt_conv_row_bs(L, rows, out, scratch);
         return;
     }
 #endif
+#if GLT_POPCOUNT_ROWS
 #define GLT_CALL_ROW(N)                             \
     if (nk == N##u) {                               \
         glt_conv_row_##N(L, rows, out, scratch);    \
@@ -672,6 +1285,12 @@ static void glt_conv_row(const glt_conv_t *L, const uint32_t *const *rows, uint3
     GLT_SPECIALIZED_NK(GLT_CALL_ROW)
 #undef GLT_CALL_ROW
     glt_conv_row_any(L, rows, out, scratch);
+#else
+    (void)L;
+    (void)rows;
+    (void)out;
+    (void)scratch;
+#endif
 }
 
 /* One output row of the head: acc[j] += conv sum (an integer in [-k_bits, k_bits]). */
@@ -701,20 +1320,131 @@ GLT_NOINLINE void glt_head_row(const glt_conv_t *L, const uint32_t *const *rows,
 /* Taps summed in byte lanes before widening to 16 bits (each adds at most LEVELS). */
 #define GLT_L0_CHUNK (255u / GLT_ENC_LEVELS)
 
+/* First layer on ARMv7E-M (GCC / Clang; -DGLT_NO_L0_ASM: the C code, same integers):
+ * the table rows of the taps (32 rows = 8 words each) are summed with two LDM of four
+ * words and eight additions per tap (the C loop: eight LDR, eight ADD and the loop per
+ * tap), then widened to 16-bit lanes with UXTAB16. */
+#if defined(__GNUC__) && defined(__thumb2__) && GLT_ARM_DSP && GLT_L0_CW == 8 && !defined(GLT_NO_L0_ASM)
+#define GLT_L0_ASM 1
+#else
+#define GLT_L0_ASM 0
+#endif
+
+#if GLT_L0_ASM
+/* cnt[2 i] = bytes 0 and 2, cnt[2 i + 1] = bytes 1 and 3 (as 16-bit lanes) of the sum
+ * of ptr[t][i] (i < 8) over the taps of a chunk (at most GLT_L0_CHUNK taps, ended by
+ * NULL), summed over the chunks (until an empty one; the first is not empty). */
+void glt_l0_sum_t2(const uint32_t *const *ptr, uint32_t *cnt);
+__asm__(
+    "    .syntax unified\n"
+    "    .thumb\n"
+    "    .text\n"
+    "    .balign 4\n"
+    "    .global glt_l0_sum_t2\n"
+    "    .type glt_l0_sum_t2, %function\n"
+    "    .thumb_func\n"
+    "glt_l0_sum_t2:\n"
+    "    push {r4-r11, lr}\n"
+    "    push {r1}\n"
+    "    .macro GLT_L0_TAP done\n"
+    "    ldr r1, [r0], #4\n"
+    "    cbz r1, \\done\n"
+    "    ldmia r1!, {r9, r10, r11, lr}\n"
+    "    add r2, r9\n"
+    "    add r3, r10\n"
+    "    add r4, r11\n"
+    "    add r5, lr\n"
+    "    ldmia r1, {r9, r10, r11, lr}\n"
+    "    add r6, r9\n"
+    "    add r7, r10\n"
+    "    add r8, r11\n"
+    "    add r12, lr\n"
+    "    .endm\n"
+    "    .macro GLT_L0_WIDEN a, b\n"
+    "    ldmia r1, {r9, r10, r11, lr}\n"
+    "    uxtab16 r9, r9, \\a\n"
+    "    uxtab16 r10, r10, \\a, ror #8\n"
+    "    uxtab16 r11, r11, \\b\n"
+    "    uxtab16 lr, lr, \\b, ror #8\n"
+    "    stmia r1!, {r9, r10, r11, lr}\n"
+    "    .endm\n"
+    "    .macro GLT_L0_WIDEN0 a, b\n"       /* the first chunk: no accumulation */
+    "    uxtb16 r9, \\a\n"
+    "    uxtb16 r10, \\a, ror #8\n"
+    "    uxtb16 r11, \\b\n"
+    "    uxtb16 lr, \\b, ror #8\n"
+    "    stmia r1!, {r9, r10, r11, lr}\n"
+    "    .endm\n"
+    "    .macro GLT_L0_ZERO\n"
+    "    movs r2, #0\n"
+    "    movs r3, #0\n"
+    "    movs r4, #0\n"
+    "    movs r5, #0\n"
+    "    movs r6, #0\n"
+    "    movs r7, #0\n"
+    "    mov r8, #0\n"
+    "    mov r12, #0\n"
+    "    .endm\n"
+    "    GLT_L0_ZERO\n"
+    "20:\n"
+    "    GLT_L0_TAP 30f\n"
+    "    GLT_L0_TAP 30f\n"
+    "    GLT_L0_TAP 30f\n"
+    "    b 20b\n"
+    "30:\n"
+    "    ldr r1, [sp]\n"
+    "    GLT_L0_WIDEN0 r2, r3\n"
+    "    GLT_L0_WIDEN0 r4, r5\n"
+    "    GLT_L0_WIDEN0 r6, r7\n"
+    "    GLT_L0_WIDEN0 r8, r12\n"
+    "    ldr r1, [r0]\n"                    /* another chunk? */
+    "    cmp r1, #0\n"
+    "    beq 9f\n"
+    "1:\n"
+    "    GLT_L0_ZERO\n"
+    "2:\n"
+    "    GLT_L0_TAP 3f\n"
+    "    GLT_L0_TAP 3f\n"
+    "    GLT_L0_TAP 3f\n"
+    "    b 2b\n"
+    "3:\n"
+    "    ldr r1, [sp]\n"
+    "    GLT_L0_WIDEN r2, r3\n"
+    "    GLT_L0_WIDEN r4, r5\n"
+    "    GLT_L0_WIDEN r6, r7\n"
+    "    GLT_L0_WIDEN r8, r12\n"
+    "    ldr r1, [r0]\n"                    /* another chunk? */
+    "    cmp r1, #0\n"
+    "    bne 1b\n"
+    "9:\n"
+    "    add sp, sp, #4\n"
+    "    pop {r4-r11, pc}\n"
+    "    .purgem GLT_L0_TAP\n"
+    "    .purgem GLT_L0_WIDEN\n"
+    "    .purgem GLT_L0_WIDEN0\n"
+    "    .purgem GLT_L0_ZERO\n"
+    "    .size glt_l0_sum_t2, . - glt_l0_sum_t2\n");
+#endif
+
 /* One output row of the first layer straight from the uint8 image. The thermometer of
  * a pixel channel is its level (a table lookup); the mismatches of all weight rows
  * with the planes of one tap are one row of glt_l0_table, 4 rows per word (one byte
  * each), so a conv position is a sum of table words: 4 rows per addition instead of
  * an XOR-popcount per row. The same integers as glt_encode_row + glt_conv_row. */
-static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
+static GLT_NO_MEMSET void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
 {
     const glt_conv_t *L = &glt_layers[0];
     const uint32_t tap_words = (GLT_ENC_LEVELS + 1u) * GLT_L0_CW;
     const uint32_t cout = L->cout, out_wpp = L->out_wpp, out_cpg = L->out_cpg, out_wpg = L->out_wpg;
     const int16_t *thr = L->thr;
-    const uint32_t *ptr[GLT_L0_TAPS];
+    const uint32_t *ptr[2 * GLT_L0_TAPS + 1];
     uint32_t cnt[2 * GLT_L0_CW]; /* 16-bit lanes: [2w] rows 4w, 4w + 2; [2w + 1] rows 4w + 1, 4w + 3 */
     uint32_t ox, dy, dx, ky, kx, c, t, b, j;
+#if GLT_L0_ASM
+    /* kernel rows per chunk of taps summed in bytes (0: the C code) */
+    const uint32_t chunk_rows = GLT_L0_CHUNK / ((uint32_t)L->kw * GLT_ENC_CHANNELS);
+    const uint32_t in_w = L->in_w, in_h = L->in_h, kh = L->kh, kw = L->kw;
+#endif
     for (ox = 0; ox < L->out_w; ++ox) {
         uint32_t *o = out + ox * out_wpp;
         for (j = 0; j < out_wpp; ++j) {
@@ -726,96 +1456,124 @@ static void glt_first_row(const uint8_t *rgb, uint32_t oy, uint32_t *out)
                 const int32_t x0 = (int32_t)((ox * L->pw + dx) * L->sw) - L->pad_left;
                 const uint32_t *tap = glt_l0_table;
                 uint32_t r = 0, og = 0, word = 0;
-                t = 0;
-                /* ptr[t]: the table row of tap t at its pixel's level */
-                for (ky = 0; ky < L->kh; ++ky) {
-                    const int32_t y = y0 + (int32_t)ky;
-                    for (kx = 0; kx < L->kw; ++kx) {
-                        const int32_t x = x0 + (int32_t)kx;
-                        if (y >= 0 && y < (int32_t)L->in_h && x >= 0 && x < (int32_t)L->in_w) {
-                            const uint8_t *px = rgb + ((uint32_t)y * L->in_w + (uint32_t)x) * GLT_ENC_CHANNELS;
+#if GLT_L0_ASM
+                if (chunk_rows != 0u && y0 >= 0 && x0 >= 0 && (uint32_t)y0 + kh <= in_h && (uint32_t)x0 + kw <= in_w) {
+                    /* the window inside the image: no padding tests; a NULL after every
+                     * chunk_rows kernel rows and at the end */
+                    const uint8_t *px = rgb + ((uint32_t)y0 * in_w + (uint32_t)x0) * GLT_ENC_CHANNELS;
+                    const uint32_t **p = ptr;
+                    const uint8_t (*const lvl)[256] = (const uint8_t (*)[256])glt_enc_level;
+                    uint32_t rows_left = chunk_rows;
+                    for (ky = 0; ky < kh; ++ky, px += (in_w - kw) * GLT_ENC_CHANNELS) {
+                        for (kx = 0; kx < kw; ++kx, px += GLT_ENC_CHANNELS, tap += GLT_ENC_CHANNELS * tap_words) {
+                            /* byte offsets: one shifted addition per tap (GLT_L0_CW == 8) */
                             GLT_UNROLL
-                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
-                                ptr[t++] = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
-                            }
-                        } else { /* padding: every plane +1 = the top level */
-                            for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
-                                ptr[t++] = tap + GLT_ENC_LEVELS * GLT_L0_CW;
+                            for (c = 0; c < GLT_ENC_CHANNELS; ++c) {
+                                *p++ = (const uint32_t *)((const uint8_t *)(tap + c * tap_words) +
+                                                          ((uint32_t)lvl[c][px[c]] << 5));
                             }
                         }
-                    }
-                }
-#if GLT_L0_CW % 8 == 0
-                /* 8 words (32 rows) per pass: one pointer load per 8 additions */
-                for (b = 0; b < GLT_L0_CW; b += 8u) {
-                    uint32_t e[8], f[8], t0, i;
-                    for (i = 0; i < 8u; ++i) {
-                        e[i] = f[i] = 0;
-                    }
-                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
-                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
-                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-                        for (t = t0; t < t1; ++t) {
-                            const uint32_t *p = ptr[t] + b;
-                            a0 += p[0];
-                            a1 += p[1];
-                            a2 += p[2];
-                            a3 += p[3];
-                            a4 += p[4];
-                            a5 += p[5];
-                            a6 += p[6];
-                            a7 += p[7];
+                        if (--rows_left == 0u || ky + 1u == kh) {
+                            *p++ = NULL;
+                            rows_left = chunk_rows;
                         }
-#define GLT_L0_WIDEN(i, v)                        \
-    e[i] += (v) & 0x00FF00FFu;                    \
-    f[i] += ((v) >> 8) & 0x00FF00FFu
-                        GLT_L0_WIDEN(0, a0);
-                        GLT_L0_WIDEN(1, a1);
-                        GLT_L0_WIDEN(2, a2);
-                        GLT_L0_WIDEN(3, a3);
-                        GLT_L0_WIDEN(4, a4);
-                        GLT_L0_WIDEN(5, a5);
-                        GLT_L0_WIDEN(6, a6);
-                        GLT_L0_WIDEN(7, a7);
-#undef GLT_L0_WIDEN
                     }
-                    for (i = 0; i < 8u; ++i) {
-                        cnt[2u * (b + i)] = e[i];
-                        cnt[2u * (b + i) + 1u] = f[i];
-                    }
-                }
-#else
-                for (b = 0; b < GLT_L0_CW; b += 4u) {
-                    uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
-                    for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
-                        const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
-                        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                        for (t = t0; t < t1; ++t) {
-                            const uint32_t *p = ptr[t] + b;
-                            a0 += p[0];
-                            a1 += p[1];
-                            a2 += p[2];
-                            a3 += p[3];
-                        }
-                        e0 += a0 & 0x00FF00FFu;
-                        f0 += (a0 >> 8) & 0x00FF00FFu;
-                        e1 += a1 & 0x00FF00FFu;
-                        f1 += (a1 >> 8) & 0x00FF00FFu;
-                        e2 += a2 & 0x00FF00FFu;
-                        f2 += (a2 >> 8) & 0x00FF00FFu;
-                        e3 += a3 & 0x00FF00FFu;
-                        f3 += (a3 >> 8) & 0x00FF00FFu;
-                    }
-                    cnt[2u * b] = e0;
-                    cnt[2u * b + 1u] = f0;
-                    cnt[2u * b + 2u] = e1;
-                    cnt[2u * b + 3u] = f1;
-                    cnt[2u * b + 4u] = e2;
-                    cnt[2u * b + 5u] = f2;
-                    cnt[2u * b + 6u] = e3;
-                    cnt[2u * b + 7u] = f3;
-                }
+                    *p = NULL;
+                    glt_l0_sum_t2(ptr, cnt);
+                } else
 #endif
+                {
+                    t = 0;
+                    /* ptr[t]: the table row of tap t at its pixel's level */
+                    for (ky = 0; ky < L->kh; ++ky) {
+                        const int32_t y = y0 + (int32_t)ky;
+                        for (kx = 0; kx < L->kw; ++kx) {
+                            const int32_t x = x0 + (int32_t)kx;
+                            if (y >= 0 && y < (int32_t)L->in_h && x >= 0 && x < (int32_t)L->in_w) {
+                                const uint8_t *px = rgb + ((uint32_t)y * L->in_w + (uint32_t)x) * GLT_ENC_CHANNELS;
+                                GLT_UNROLL
+                                for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                    ptr[t++] = tap + glt_enc_level[c * 256u + px[c]] * GLT_L0_CW;
+                                }
+                            } else { /* padding: every plane +1 = the top level */
+                                for (c = 0; c < GLT_ENC_CHANNELS; ++c, tap += tap_words) {
+                                    ptr[t++] = tap + GLT_ENC_LEVELS * GLT_L0_CW;
+                                }
+                            }
+                        }
+                    }
+#if GLT_L0_CW % 8 == 0
+                    /* 8 words (32 rows) per pass: one pointer load per 8 additions */
+                    for (b = 0; b < GLT_L0_CW; b += 8u) {
+                        uint32_t e[8], f[8], t0, i;
+                        for (i = 0; i < 8u; ++i) {
+                            e[i] = f[i] = 0;
+                        }
+                        for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                            const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                            uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+                            for (t = t0; t < t1; ++t) {
+                                const uint32_t *p = ptr[t] + b;
+                                a0 += p[0];
+                                a1 += p[1];
+                                a2 += p[2];
+                                a3 += p[3];
+                                a4 += p[4];
+                                a5 += p[5];
+                                a6 += p[6];
+                                a7 += p[7];
+                            }
+#define GLT_L0_WIDEN(i, v)                        \
+        e[i] += (v) & 0x00FF00FFu;                    \
+        f[i] += ((v) >> 8) & 0x00FF00FFu
+                            GLT_L0_WIDEN(0, a0);
+                            GLT_L0_WIDEN(1, a1);
+                            GLT_L0_WIDEN(2, a2);
+                            GLT_L0_WIDEN(3, a3);
+                            GLT_L0_WIDEN(4, a4);
+                            GLT_L0_WIDEN(5, a5);
+                            GLT_L0_WIDEN(6, a6);
+                            GLT_L0_WIDEN(7, a7);
+#undef GLT_L0_WIDEN
+                        }
+                        for (i = 0; i < 8u; ++i) {
+                            cnt[2u * (b + i)] = e[i];
+                            cnt[2u * (b + i) + 1u] = f[i];
+                        }
+                    }
+#else
+                    for (b = 0; b < GLT_L0_CW; b += 4u) {
+                        uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0, f0 = 0, f1 = 0, f2 = 0, f3 = 0, t0;
+                        for (t0 = 0; t0 < GLT_L0_TAPS; t0 += GLT_L0_CHUNK) {
+                            const uint32_t t1 = t0 + GLT_L0_CHUNK < GLT_L0_TAPS ? t0 + GLT_L0_CHUNK : GLT_L0_TAPS;
+                            uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                            for (t = t0; t < t1; ++t) {
+                                const uint32_t *p = ptr[t] + b;
+                                a0 += p[0];
+                                a1 += p[1];
+                                a2 += p[2];
+                                a3 += p[3];
+                            }
+                            e0 += a0 & 0x00FF00FFu;
+                            f0 += (a0 >> 8) & 0x00FF00FFu;
+                            e1 += a1 & 0x00FF00FFu;
+                            f1 += (a1 >> 8) & 0x00FF00FFu;
+                            e2 += a2 & 0x00FF00FFu;
+                            f2 += (a2 >> 8) & 0x00FF00FFu;
+                            e3 += a3 & 0x00FF00FFu;
+                            f3 += (a3 >> 8) & 0x00FF00FFu;
+                        }
+                        cnt[2u * b] = e0;
+                        cnt[2u * b + 1u] = f0;
+                        cnt[2u * b + 2u] = e1;
+                        cnt[2u * b + 3u] = f1;
+                        cnt[2u * b + 4u] = e2;
+                        cnt[2u * b + 5u] = f2;
+                        cnt[2u * b + 6u] = e3;
+                        cnt[2u * b + 7u] = f3;
+                    }
+#endif
+                }
 #if GLT_L0_THR2 && !defined(GLT_NO_L0_SWAR)
                 if ((cout & 31u) == 0u && (out_cpg & 31u) == 0u) {
                     /* SWAR: a 16-bit lane of (thr + 0x8000) - m has bit 15 set iff
@@ -966,7 +1724,13 @@ int glt_infer(const uint8_t *rgb, float *scores)
             }
             if (l + 1 == GLT_NUM_CONV_LAYERS) {
                 glt_head_row(L, rows, acc, scratch);
-            } else {
+            }
+#if GLT_BS_PIX
+            else if (L->bs != NULL && !L->dense) {
+                glt_conv_row_px(L, rows, oy, y0, glt_arena + L->out_off + oy * (uint32_t)L->out_w * L->out_wpp);
+            }
+#endif
+            else {
                 glt_conv_row(L, rows, glt_arena + L->out_off + oy * (uint32_t)L->out_w * L->out_wpp,
                              scratch);
             }

@@ -156,7 +156,8 @@ def test_peak_ram_macro_matches_plan(tiny, tmp_path):
     sizes = [(lp.in_words, lp.out_words) for lp in plan.layers]
     assert plan.pingpong_words == max(a + b for a, b in sizes)
     assert macros["GLT_PEAK_RAM_BYTES"] == result.peak_ram_bytes == 4 * (plan.pingpong_words + plan.scratch_words
-                                                                          + plan.bs_ring_words)
+                                                                          + plan.bs_ring_words + plan.bs_flip_words)
+    assert macros["GLT_BS_FLIP_OFFSET"] == plan.arena_words - plan.bs_flip_words
     # ... and it is what the compiled library reserves.
     obj = tmp_path / "data.o"
     subprocess.run(["cc", "-std=c99", "-O2", "-c", str(out / "glt_model_data.c"), "-o", str(obj)], check=True)
@@ -574,3 +575,40 @@ def test_first_layer_swar_thresholds_identical(tiny, tiny_host):
     for image in x[:3]:
         for a, b in zip(tiny_host.layer_words(image), plain.layer_words(image)):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("widths,groups", [
+    (None, None),  # the tiny model (1 and 2 words per group)
+    ((32, 128, 64), (1, 1, 1)),  # 4 words per group (C lists)
+])
+def test_bs_flip_identical_every_layer(toolchain, tiny, widths, groups, tmp_path):
+    """Input bits flipped to their minority value (GLT_BS_FLIP, every bit-sliced layer):
+    complemented weight planes and moved thresholds (including the constant-output lanes
+    of zero-gamma channels) give every layer's words equal to the export without flips,
+    on the host (portable and -DGLT_NO_CLZ) and on Cortex-M4 (Thumb-2 and C kernels);
+    argmax = Keras."""
+    if widths is None:
+        model, _, _, x = tiny
+    else:
+        model = randomize(glt_net(input_shape=(16, 16, 3), num_classes=4, topology=None, widths=widths,
+                                  groups=groups, pools=(True, False, True), shuffle=True,
+                                  classifier_activation=None), seed=9)
+        x = images_for((16, 16, 3), n=4, seed=10)
+    x = x.copy()
+    x[-1] = np.clip(x[-1].astype(int) // 4 + 160, 0, 255)  # a bright image: skewed bits
+    export_c(model, tmp_path / "flip", bs_flip=True)
+    export_c(model, tmp_path / "plain", bs_flip=False)
+    assert read_macros(tmp_path / "flip" / "glt_model.h")["GLT_BS_FLIP"] != 0
+    assert read_macros(tmp_path / "plain" / "glt_model.h")["GLT_BS_FLIP"] == 0
+    flip, plain = build_host(tmp_path / "flip", capture=True), build_host(tmp_path / "plain", capture=True)
+    ref = plain.infer(x)
+    np.testing.assert_array_equal(flip.infer(x).view(np.uint32), ref.view(np.uint32))
+    noclz = build_host(tmp_path / "flip", cflags=("-O2", "-DGLT_NO_CLZ"))
+    np.testing.assert_array_equal(noclz.infer(x).view(np.uint32), ref.view(np.uint32))
+    for image in x:
+        for a, b in zip(flip.layer_words(image), plain.layer_words(image)):
+            np.testing.assert_array_equal(a, b)
+    keras = model(x.astype("float32"), training=False).numpy()
+    np.testing.assert_array_equal(ref.argmax(1), keras.argmax(1))
+    _qemu_words_equal_host(tmp_path / "flip", x[-2:], tmp_path,
+                           (("asm", ()), ("c", ("-DGLT_NO_BS_ASM", "-DGLT_NO_L0_ASM"))))

@@ -456,6 +456,9 @@ class MemoryPlan:
     bs_ring_rows: int = 0
     bs_slot_words: int = 0
     bs_pad_words: int = 0
+    #: bit-sliced layers whose input bits are flipped (GLT_BS_FLIP): their copy of the
+    #: flip masks, padding pixel, weight and threshold planes (words, at the arena's end)
+    bs_flip_words: int = 0
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -693,6 +696,11 @@ FIRST_LAYER_TABLE_MAX_BYTES = 32 * 1024
 #: Default flash budget of the library: the first-layer table is only used when the
 #: weights, thresholds, table and code (estimated) fit in it.
 FLASH_BUDGET_BYTES = 128 * 1024
+#: Smallest input map (pixels) of a bit-sliced layer whose input bits are flipped by default.
+BS_FLIP_MIN_PIXELS = 64
+#: Code of glt_bs_flip_setup on Cortex-M (-O2), an upper estimate: by default the input
+#: bits are flipped only when the library still fits the flash budget with it.
+BS_FLIP_CODE_BYTES = 1536
 #: Code of the runtime on Cortex-M (-O2, a few specialised kernels), an upper estimate.
 CODE_BYTES_ESTIMATE = 12 * 1024
 
@@ -803,7 +811,7 @@ class ExportResult:
 
 def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
              first_layer_table: bool | None = None, flash_budget: int = FLASH_BUDGET_BYTES,
-             bitslice: bool = True) -> ExportResult:
+             bitslice: bool = True, bs_flip: bool | None = None) -> ExportResult:
     """Generate a self-contained C99 library computing ``model`` on uint8 HWC images.
 
     Writes ``{name}.h`` (the API: ``int glt_infer(const uint8_t *rgb, float *scores)``
@@ -829,6 +837,15 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     transposed to one 32-lane plane per input bit and output word, counted only over
     the set -- or clear -- bits of each receptive field, see :func:`bitslice_tables`);
     ``False``: the XNOR-popcount kernel on weight rows (same outputs, bit for bit).
+
+    ``bs_flip``: bit-sliced layers on per-word lists flip, per inference, the input bits
+    set in more than half of the input map's pixels (and complement the matching weight
+    planes in a RAM copy, see glt_bs_flip_setup), so that their lists are shorter. Same
+    outputs, bit for bit. ``None`` (default): the layers whose input map has at least
+    :data:`BS_FLIP_MIN_PIXELS` pixels (on small maps the padding, all set, dominates the
+    fields and flipping lengthens the lists), when the const data, the code estimate and
+    :data:`BS_FLIP_CODE_BYTES` fit ``flash_budget``; ``True``: every bit-sliced layer on
+    per-word lists; ``False``: none.
 
     Example:
         >>> result = export_c(model, "build/c_model")      # doctest: +SKIP
@@ -858,6 +875,12 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
     # (glt_conv_row_px_nb); "dense" ones gather and list each receptive field.
     px_layers = [i for i in bs_layers if not spec.convs[i].dense]
     plan = plan_memory(spec, first_layer_table=use_table, pixel_lists=px_layers)
+    if bs_flip is None:
+        flip_layers = [i for i in px_layers if spec.convs[i].in_h * spec.convs[i].in_w >= BS_FLIP_MIN_PIXELS]
+    else:
+        flip_layers = list(px_layers) if bs_flip else []
+    flip_layers = [i for i in flip_layers if i < 32]
+    flip_offset, flip_words = plan.arena_words, 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Sources of an earlier export (possibly under another name) would clash at link time.
@@ -961,6 +984,9 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
             bs_ref, bs_count = f"{tag}_bs", len(cws)
             bsq_ref, bsq_count = f"{tag}_bsq", len(pieces)
             bs_max_cw = max(bs_max_cw, len(cws))
+            if idx in flip_layers:
+                in_wpp = _wpg(conv.cin_g) * conv.groups
+                flip_words = max(flip_words, 2 * in_wpp + len(cws) * (kp + 2 * bs_nb))
         if (idx == 0 and use_table) or use_bs:  # no packed rows
             data.append(_c_array("uint32_t", f"{tag}_w", [0], per_line=6))
         else:
@@ -1017,6 +1043,10 @@ def export_c(model: tf.keras.Model, out_dir, *, name: str = "glt_model",
                       "out_words": lp.out_words},
         })
 
+    if bs_flip is None and const_bytes + CODE_BYTES_ESTIMATE + BS_FLIP_CODE_BYTES > flash_budget:
+        flip_layers = []  # the flip code (glt_bs_flip_setup) would not fit the flash budget
+    plan.bs_flip_words = flip_words if flip_layers else 0
+    plan.arena_words += plan.bs_flip_words
     max_rows = max((c.ph - 1) * c.sh + c.kh for c in convs)
     # Inline a constant-size kernel for the common row sizes (at most 4: code size).
     row_words = sorted({c.row_words for i, c in enumerate(convs[:-1])
@@ -1100,6 +1130,10 @@ extern "C" {{
 /* Most words per pixel and input group of those layers (the Thumb-2 list copy takes <= 2). */
 #define GLT_BS_MAX_WPG {max([_wpg(convs[i].cin_g) for i in px_layers] or [1])}
 #define GLT_BS_TAPS {max([convs[i].kh * convs[i].kw for i in px_layers] or [1])}
+/* Layers (bit = index) whose input bits are flipped to their minority value, and their
+ * working copy in the arena (glt_bs_flip_setup). */
+#define GLT_BS_FLIP {sum(1 << i for i in flip_layers)}
+#define GLT_BS_FLIP_OFFSET {flip_offset}
 
 /* Classify one image: rgb = GLT_INPUT_HEIGHT x GLT_INPUT_WIDTH x GLT_INPUT_CHANNELS
  * uint8 pixels (row-major HWC), scores = GLT_NUM_CLASSES floats. Returns GLT_OK, or
@@ -1241,7 +1275,9 @@ Memory plan (GLT_PEAK_RAM_BYTES = {result.peak_ram_bytes} bytes of static RAM)
   {plan.scratch_words} words (one output pixel's receptive fields), and {plan.bs_ring_words}
   words of bit-list records for the bit-sliced layers (a ring of {plan.bs_ring_rows} input rows:
   per pixel and input group, the positions of its set and of its clear bits, built once
-  per input row instead of once per receptive field). The first layer
+  per input row instead of once per receptive field), and {plan.bs_flip_words} words for the
+  layers whose input bits are flipped to their minority value (GLT_BS_FLIP: flip masks,
+  padding pixel, complemented weight planes and moved threshold planes). The first layer
   reads the image through a ring of {plan.ring_rows} thermometer-encoded rows instead of
   materialising all {h}x{w}x{c * enc.levels} planes. Not counted: the caller's image ({h * w * c} B)
   and scores, and the stack of glt_infer (a few hundred bytes: row pointers and

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Training throughput (images/s) of a 96x96 fully binarized network: split vs native groups.
+"""Training throughput (images/s): glt96 split vs native groups, or a recipe's step by precision.
 
     python benchmarks/bench_training_throughput.py [--steps 5] [--warmup 2] [--json out.json]
     python benchmarks/bench_training_throughput.py --per-layer [--json out.json]
+    python benchmarks/bench_training_throughput.py --recipe cifar10_binary \
+        [--variants float32,mixed_bfloat16] [--steps 10] [--profile /tmp/trace] [--json out.json]
 
 ``glt_net(topology="glt96")`` trains its grouped binary convolutions as per-group convs
 (``split_groups=True``, the default); ``split_groups=False`` is TensorFlow's native grouped
@@ -14,6 +16,15 @@ wall time over the timed steps, on all the cores TensorFlow is allowed to use.
 ``--per-layer`` times each binary convolution of glt96 alone (forward + backward to its
 input and kernel, same input shape as in the network) in both forms, and the whole-network
 speed-up those times allow (Amdahl: an ungrouped layer costs the same in both forms).
+
+``--recipe`` times the recipe's own training step (its network, larq CaseOptimizer, loss without
+distillation, and batch size) under each of ``--variants``: ``float32``, ``mixed_bfloat16`` or ``auto``
+(``training.precision``), optionally with ``+split`` (per-group convs under bfloat16, not the
+fused grouped conv) or ``+larq_ste`` (larq's own ``tf.where`` straight-through gradient, as
+before ``glt_keras/layers/ste.py``). The variants' steps are interleaved (A, B, A, B, ...)
+so that a change in machine load hits all of them alike; the ratios are the result, the
+images/s depend on the machine. ``--profile DIR`` then traces 3 steps of each variant with the
+TensorFlow profiler and prints the time per op type and per layer (training_profile.py).
 """
 import argparse
 import json
@@ -122,6 +133,94 @@ def print_layers(rows, batch) -> dict:
     return totals
 
 
+def build_recipe_step(recipe, variant: str, batch: int, seed: int = 0):
+    """A callable running one training step of ``recipe`` under ``variant`` (see the docstring)."""
+    import numpy as np
+    import tensorflow as tf
+    from larq import quantizers
+
+    from glt_keras.layers.binary import BinaryConv2D
+    from glt_keras.training import precision
+    from glt_keras.training.run import _compile
+    from glt_keras.training.schedule import make_optimizer
+
+    name, *options = variant.split("+")
+    unknown = set(options) - {"split", "larq_ste"}
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown option(s) {sorted(unknown)} (known: split, larq_ste)")
+    fast_ste = quantizers._clipped_gradient
+    # The step is traced on its first call: the gradient function in place then is the one it keeps.
+    quantizers._clipped_gradient = getattr(quantizers, "_larq_clipped_gradient", fast_ste) \
+        if "larq_ste" in options else fast_ste
+    tf.keras.utils.set_random_seed(seed)
+    with precision.policy(name) as resolved:
+        model = recipe.build_model(classifier_activation=None)
+        trainer = _compile(model, make_optimizer(recipe.training, 100, 10, model), recipe)
+    for layer in model.layers:
+        if isinstance(layer, BinaryConv2D) and "split" in options:
+            layer.fuse_bf16_groups = False
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (batch, *recipe.input_shape)).astype(np.float32)
+    y = rng.integers(0, len(recipe.classes), (batch,)).astype(np.int32)
+    # The step fit() runs (its train function on a dataset iterator), without train_on_batch's
+    # per-call Python and data-adapter work, which would blur the ratios of fast variants.
+    batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    train_function = trainer.make_train_function()
+
+    def step():
+        tf.nest.map_structure(lambda t: t.numpy(), train_function(batches))
+
+    try:
+        step()  # traces now, with this variant's straight-through gradient
+    finally:
+        quantizers._clipped_gradient = fast_ste
+    return step, resolved
+
+
+def measure_recipe(recipe_name: str, variants, *, batch, warmup: int, steps: int, profile=None) -> dict:
+    """Interleaved timed steps of each variant; ratios against the first variant."""
+    import numpy as np
+
+    from glt_keras.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    batch = batch or recipe.training["batch_size"]
+    built = {v: build_recipe_step(recipe, v, batch) for v in variants}
+    for step, _ in built.values():
+        for _ in range(warmup):
+            step()
+    times = {v: [] for v in variants}
+    for _ in range(steps):
+        for v, (step, _) in built.items():
+            t = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - t)
+    base = float(np.median(times[variants[0]]))
+    rows = [{"variant": v, "precision": built[v][1], "images_per_second": batch / float(np.median(ts)),
+             "seconds_per_step_median": float(np.median(ts)), "step_seconds": ts,
+             "speedup_vs_first": base / float(np.median(ts))} for v, ts in times.items()]
+    profiles = {}
+    if profile:
+        from training_profile import profile_steps, summarise
+
+        for i, (v, (step, _)) in enumerate(built.items()):
+            logdir = profile_steps(step, n=3, logdir=os.path.join(profile, f"{i}_{v.replace('+', '_')}"))
+            profiles[v] = summarise(logdir, steps=3, model_name=recipe.name)
+    return {"recipe": recipe.name, "batch": batch, "rows": rows, "profiles": profiles}
+
+
+def print_recipe(result, args) -> None:
+    print("| variant | compute | images/s (median step) | s/step | speed-up vs first |")
+    print("|---|---|---:|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['variant']} | {r['precision']} | {r['images_per_second']:.1f} | "
+              f"{r['seconds_per_step_median']:.3f} | {r['speedup_vs_first']:.2f}x |")
+    for v, summary in result["profiles"].items():
+        print(f"\n### {v}\n\n{summary['markdown']}")
+    print(f"\n{result['recipe']}, batch {result['batch']}, {args.warmup} warm-up + {args.steps} interleaved "
+          f"timed steps per variant, {os.cpu_count()} CPUs, load average {load_average()}")
+
+
 def load_average():
     """The 1/5/15-minute load averages after a measurement (None where the OS has none)."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -129,15 +228,31 @@ def load_average():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, help="images per step (default 32; --recipe: its batch size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--only", choices=("split", "native"), help="run one variant only")
     parser.add_argument("--per-layer", action="store_true", help="time each binary conv alone")
+    parser.add_argument("--recipe", help="time this recipe's training step by precision (e.g. cifar10_binary)")
+    parser.add_argument("--variants", default="float32,mixed_bfloat16",
+                        help="with --recipe: comma-separated precisions [+split] [+larq_ste]")
+    parser.add_argument("--profile", metavar="DIR", help="with --recipe: profiler traces here, per-op tables")
     parser.add_argument("--json", metavar="OUT.json")
     args = parser.parse_args(argv)
-    if min(args.batch, args.steps) < 1 or args.warmup < 0:
+    if (args.batch is not None and args.batch < 1) or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1, --warmup >= 0")
+    if args.recipe:
+        result = measure_recipe(args.recipe, args.variants.split(","), batch=args.batch, warmup=args.warmup,
+                                steps=args.steps, profile=args.profile)
+        print_recipe(result, args)
+        if args.json:
+            from glt_keras._io import atomic_write
+
+            payload = {**result, "warmup": args.warmup, "steps": args.steps, "cpus": os.cpu_count(),
+                       "load_average": load_average()}
+            atomic_write(args.json, json.dumps(payload, indent=2))
+        return 0
+    args.batch = args.batch or 32
     if args.per_layer:
         rows = measure_layers(batch=args.batch, warmup=max(1, args.warmup), steps=args.steps)
         totals = print_layers(rows, args.batch)

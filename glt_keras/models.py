@@ -207,10 +207,29 @@ def _with_layer_config(model: tf.keras.Model, update) -> tf.keras.Model:
     return clone
 
 
+def _float32_policies(config):
+    """``config`` with every Keras mixed-precision policy (``mixed_bfloat16``) replaced by
+    ``float32``, in place, nested configs (larq quantizers) included."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, dict) and \
+                    str(value.get("config", {}).get("name", "")).startswith("mixed_"):
+                config[key] = "float32"
+            else:
+                _float32_policies(value)
+    elif isinstance(config, list):
+        for item in config:
+            _float32_policies(item)
+    return config
+
+
 def for_export(model: tf.keras.Model) -> tf.keras.Model:
-    """The same model and weights with native grouped convolutions, for LCE conversion."""
+    """The same model and weights with native grouped convolutions, for LCE conversion;
+    a model trained under ``mixed_bfloat16`` comes back float32 (what LCE and the C export
+    take; its variables are float32 already)."""
 
     def native(layer):
+        _float32_policies(layer)
         if layer["class_name"].endswith("BinaryConv2D"):
             layer["config"]["split_groups"] = False
 

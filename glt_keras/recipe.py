@@ -30,6 +30,9 @@ DEFAULT_TRAINING = {
     "real_from_binary": False,
     # Best weights by the mean validation accuracy of this many last epochs (1: the epoch's own).
     "select_smoothing": 1,
+    # float32, mixed_bfloat16, or auto: bfloat16 on CPUs with AVX512-BF16 / AMX and oneDNN
+    # (glt_keras.training.precision). Weights files are float32 whatever was trained.
+    "precision": "float32",
 }
 
 # teacher: a real-valued twin ("twin") or a run folder; teachers: model files
@@ -323,6 +326,7 @@ TRAINING_KEYS = {
     "init_weights": Str(optional=True),
     "real_from_binary": Bool(),
     "select_smoothing": Int(1),
+    "precision": Str(["float32", "mixed_bfloat16", "auto"]),
 }
 TEACHER_KEYS = {  # one entry of kd.teachers
     "path": Str(),

@@ -8,6 +8,10 @@ if not any(getattr(r, "_prefix", None) == "tf_keras" for r in _autograph_config.
         _autograph_config.DoNotConvert("tf_keras"),
     )
 
+from . import ste as _ste  # noqa: E402
+
+_ste.install()  # larq's straight-through gradients as a multiply (see ste.py for why)
+
 from .binary import LCE_GROUP_CHANNELS, BinaryConv2D, ChannelShuffle  # noqa: E402
 from .blocks import binary_head, conv_block  # noqa: E402
 from .encoding import (  # noqa: E402

@@ -4,6 +4,8 @@ from __future__ import annotations
 import larq as lq
 import tensorflow as tf
 
+from .._cpu import onednn_enabled
+
 #: LCE binarizes a grouped convolution only when each group has a multiple of this many
 #: input channels; otherwise the converter silently leaves it a float CONV_2D.
 LCE_GROUP_CHANNELS = 32
@@ -19,7 +21,8 @@ class BinaryConv2D(lq.layers.QuantConv2D):
 
     - ``split_groups=True`` (training): ``groups`` ordinary convolutions on channel
       slices, concatenated. About 13x faster to train on CPU than TensorFlow's
-      grouped convolution, which has no fast CPU kernel.
+      grouped convolution, which has no fast CPU kernel. Under a bfloat16 policy with
+      oneDNN the grouped conv runs fused instead (see ``_fuse_groups``).
     - ``split_groups=False`` (export): one native grouped convolution, which Larq
       Compute Engine turns into a single ``LceBconv2d`` (with BatchNorm fused).
 
@@ -35,6 +38,9 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         >>> conv(tf.ones((1, 8, 8, 64))).shape
         TensorShape([1, 8, 8, 64])
     """
+
+    #: Fuse the groups under bfloat16 (``_fuse_groups``); benchmarks turn it off to compare.
+    fuse_bf16_groups = True
 
     def __init__(
         self,
@@ -71,6 +77,11 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         )
         self.split_groups = bool(split_groups)
         self.lce_check = bool(lce_check)
+        # larq builds its quantizer layers under the global precision policy; a conv given
+        # its own dtype (the float32 head of a mixed_bfloat16 model) must quantize in it too.
+        for quantizer in (self.input_quantizer, self.kernel_quantizer):
+            if isinstance(quantizer, tf.keras.layers.Layer) and quantizer.dtype_policy.name != self.dtype_policy.name:
+                quantizer._set_dtype_policy(self.dtype_policy)
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -90,12 +101,22 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         super().build(input_shape)
 
     def convolution_op(self, inputs, kernel):
-        if self.groups == 1 or not self.split_groups:
+        if self.groups == 1 or not self.split_groups or self._fuse_groups():
             return super().convolution_op(inputs, kernel)
         input_slices = tf.split(inputs, self.groups, axis=-1)
         kernel_slices = tf.split(kernel, self.groups, axis=-1)
         outputs = [super(BinaryConv2D, self).convolution_op(x, k) for x, k in zip(input_slices, kernel_slices)]
         return tf.concat(outputs, axis=-1)
+
+    def _fuse_groups(self) -> bool:
+        """Train a grouped conv as one oneDNN grouped convolution (no XLA) when computing in
+        bfloat16: with AMX the per-group convs' slices, concatenations and small GEMMs cost
+        about as much as their arithmetic, and the fused form made the cifar10_binary step
+        ~1.1x faster (bench_training_throughput.py --recipe, mixed_bfloat16+split vs
+        mixed_bfloat16). float32 keeps the split form (the fused one is no faster there, and
+        float32 results stay as they were); so does a TensorFlow without oneDNN, whose CPU
+        Conv2D has no grouped kernel."""
+        return self.fuse_bf16_groups and self.compute_dtype == "bfloat16" and onednn_enabled()
 
     def _jit_compiled_convolution_op(self, inputs, kernel):
         # tf-keras routes grouped convs through XLA on CPU; the split path needs none.

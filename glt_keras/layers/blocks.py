@@ -63,17 +63,21 @@ def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_ac
     A 1x1 ``QuantConv2D`` instead of ``QuantDense``, which LCE does not accelerate.
     Pooling comes last so that every location votes; the average of a (H, W,
     classes) map is a negligible float op.
+
+    The head computes in float32 under any precision policy (``dtype="float32"``; a no-op
+    in a float32 model): under ``mixed_bfloat16`` the logits the loss sees are not rounded
+    to bfloat16, and the head is a few thousand MACs.
     """
     if precision == "binary":
-        conv = BinaryConv2D(num_classes, 1, lce_check=False, name="head_conv")
+        conv = BinaryConv2D(num_classes, 1, lce_check=False, dtype="float32", name="head_conv")
     else:
         conv = BinaryConv2D(
             num_classes, 1, input_quantizer=None, kernel_quantizer=None,
-            kernel_constraint=None, pad_values=0.0, lce_check=False, name="head_conv",
+            kernel_constraint=None, pad_values=0.0, lce_check=False, dtype="float32", name="head_conv",
         )
     x = conv(x)
-    x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name="head_bn")(x)
-    x = tf.keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, dtype="float32", name="head_bn")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D(dtype="float32", name="head_pool")(x)
     if classifier_activation:
         x = tf.keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
     return x

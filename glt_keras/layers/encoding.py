@@ -55,8 +55,24 @@ def _check_channels(layer, input_shape):
     return int(channels)
 
 
+class _Float32Encoding(tf.keras.layers.Layer):
+    """An input encoding computes in float32 under every Keras precision policy.
+
+    Under ``mixed_bfloat16`` (``glt_keras.training.precision``) Keras would otherwise cast
+    the pixels and the thresholds to bfloat16, which has 8 significant bits: the
+    half-integer thresholds above 128 (``170.5``) do not exist there and the +-1 code would
+    change. In float32 it is exact; the next layer casts the +-1 output (exact in any
+    float type) to its own compute dtype. Under float32 this changes nothing.
+    """
+
+    def __init__(self, **kwargs):
+        if kwargs.get("dtype") is None:
+            kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+
 @tf.keras.utils.register_keras_serializable(package="glt_keras")
-class LearnedThermometer(tf.keras.layers.Layer):
+class LearnedThermometer(_Float32Encoding):
     """Generic Learned Thermometer (GLT): learned, ordered thresholds -> +-1 bit planes.
 
     Each input channel ``c`` gets ``levels`` thresholds ``t_1 < ... < t_M`` inside
@@ -317,7 +333,7 @@ class FixedThermometer(LearnedThermometer):
 
 
 @tf.keras.utils.register_keras_serializable(package="glt_keras")
-class BinaryPlanes(tf.keras.layers.Layer):
+class BinaryPlanes(_Float32Encoding):
     """Natural binary coding: the 8 bit planes of each uint8 pixel as +-1 (MSB first).
 
     The paper's "what an ADC gives you" baseline. Output channel ``c * 8 + k`` is bit
@@ -347,7 +363,7 @@ class BinaryPlanes(tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="glt_keras")
-class RealInput(tf.keras.layers.Layer):
+class RealInput(_Float32Encoding):
     """Real-valued input path for teachers: pixels ``/ 127.5 - 1`` into [-1, 1].
 
     Example:

@@ -32,6 +32,7 @@ def cmd_train(args):
             out_dir=out,
             epochs=args.epochs,
             batch_size=args.batch_size,
+            precision=args.precision,
             resume=args.resume,
             overwrite=args.overwrite,
             data_dir=args.data_dir,
@@ -44,7 +45,8 @@ def cmd_train(args):
         again = " ".join(
             ["glt-keras train", args.recipe, "--resume", "--out", str(out)]
             + (["--epochs", str(args.epochs)] if args.epochs else [])
-            + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
+            + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+            + (["--precision", args.precision] if args.precision else []))
         print(f"\nglt-keras train: interrupted; every completed epoch is saved in {out / 'checkpoints'}. "
               f"Continue with: {again}", file=sys.stderr)
         return 130
@@ -180,6 +182,8 @@ def register(subparsers):
     p.add_argument("recipe", help="zoo recipe name (e.g. cifar10_binary) or path to a recipe .yaml")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "auto"],
+                   help="override training.precision (auto: bfloat16 on CPUs with AVX512-BF16 / AMX)")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out (checkpoints, history, best weights) and start again")

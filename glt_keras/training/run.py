@@ -39,6 +39,7 @@ from ..models import load_weights
 from ..recipe import Recipe, load_recipe
 from .checkpoints import (CheckpointError, EpochCheckpoint, _check_best_weights, checkpoint_candidates,
                           resolve_init_weights, restore_checkpoint)
+from . import precision as precision_lib
 from . import pruning as pruning_lib
 from .history import RunLogger, _thermometer, extend_schedule
 from .mixbin.variants import binary_start
@@ -103,6 +104,7 @@ def train(
     out_dir=None,
     epochs: int | None = None,
     batch_size: int | None = None,
+    precision: str | None = None,
     resume: bool = False,
     data_dir=None,
     strategy: str | None = None,
@@ -131,6 +133,8 @@ def train(
         recipe = recipe.with_changes(training={"epochs": int(epochs)})
     if batch_size is not None:
         recipe = recipe.with_changes(training={"batch_size": int(batch_size)})
+    if precision is not None:  # training.precision: float32, mixed_bfloat16 or auto
+        recipe = recipe.with_changes(training={"precision": precision})
     cfg = recipe.training
     run_dir = Path(out_dir or Path("runs") / recipe.name)
     ckpt_dir = run_dir / "checkpoints"
@@ -212,7 +216,11 @@ def train(
         init_weights = binary_start(recipe, real_layers, init_weights, run_dir / "start_weights.h5",
                                     calibration=random_subset(256, splits.train[0], seed=cfg["seed"]))
 
-    with strategy_obj.scope():
+    # training.precision: the training model computes in bfloat16 where asked (or, with
+    # auto, where the CPU is fast at it); variables, checkpoints and weights stay float32.
+    with strategy_obj.scope(), precision_lib.policy(cfg.get("precision")) as compute:
+        if verbose and compute != "float32":
+            print(f"{recipe.name}: training under the Keras {compute} policy (float32 variables).")
         model = recipe.build_model(classifier_activation=None)
         if init_weights is not None:
             load_weights(model, init_weights)

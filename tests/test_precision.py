@@ -7,6 +7,7 @@ import tensorflow as tf
 from larq import quantizers
 
 from glt_keras import _cpu
+from glt_keras.layers.binary import BinaryConv2D
 from glt_keras.layers.encoding import FixedThermometer, LearnedThermometer
 from glt_keras.models import for_export, glt_net
 from glt_keras.recipe import Recipe, RecipeError
@@ -199,3 +200,177 @@ def test_bfloat16_run_trains_resumes_in_float32_and_its_weights_load_float32(tmp
     model = tiny_recipe(image_folder).build_model()
     load_weights(model, run / "best_weights.h5")
     assert all(layer.dtype_policy.name == "float32" for layer in model.layers)
+
+
+# --- a float32-trained model under mixed_bfloat16: the same +-1 activations in every layer ---
+#
+# With AMX, oneDNN's bfloat16 conv of TensorFlow 2.16 gets some stride >= 4 convs with fewer
+# than 32 input channels wrong (glt96's 4x4 stride-4 conv on the thermometer's 24 planes: ~97 %
+# of the sums); BinaryConv2D checks its shape once and computes such a conv in float32.
+# Everything else is exact in bfloat16: +-1 products, sums of +-1 terms with the parity of
+# K = kh * kw * cin / groups (bfloat16 holds every even integer up to 512), BatchNorm
+# computed in float32 and rounded (sign kept), max-pooling and shuffles of rounded values.
+
+#: A glt96-like network at 48x48: the 4x4 stride-4 patchify conv on 24 planes (K = 384),
+#: grouped 3x3 convs and channel shuffles, every K <= 512.
+GLT96_LIKE = dict(widths=(32, 64, 64, 128), groups=(1, 1, 2, 2), pools=(False, True, False, False),
+                  kernels=(4, 3, 3, 3), strides=(4, 1, 1, 1), shuffle=True)
+TOPOLOGY_CASES = {"tiny": ((32, 32, 3), dict(topology="tiny")),
+                  "glt96_like": ((48, 48, 3), dict(topology=None, **GLT96_LIKE))}
+
+
+def blocky_images(shape, n=12, seed=0):
+    """Images of uniform 4x4 patches (dark, bright and everything between), so that whole
+    receptive fields see the same thermometer code and biased kernels sum above 256."""
+    rng = np.random.default_rng(seed)
+    h, w, c = shape
+    patches = rng.choice([0, 255, 40, 128, 200], size=(n, h // 4, w // 4, c), p=[0.3, 0.3, 0.1, 0.15, 0.15])
+    noise = rng.integers(0, 256, (n, h // 4, w // 4, c))
+    patches = np.where(rng.random(patches.shape) < 0.2, noise, patches)
+    return np.repeat(np.repeat(patches, 4, axis=1), 4, axis=2).astype(np.float32)
+
+
+def binary_model(shape, spec, seed=0):
+    """A float32 model with latent kernels biased per output channel (some all +1 / all -1)
+    and BatchNorm statistics set block by block on ``blocky_images`` so that each channel's
+    threshold sits between the conv sums it sees, many of them above 256 in magnitude."""
+    tf.keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = glt_net(input_shape=shape, num_classes=10, classifier_activation=None, **spec)
+    x = blocky_images(shape)
+    convs = [layer for layer in model.layers if layer.name.endswith("_conv")]
+    for conv in convs:
+        kernel = conv.kernel.numpy()
+        p = rng.uniform(0.02, 0.98, kernel.shape[-1])
+        p[rng.random(p.size) < 0.3] = 1.0
+        p[rng.random(p.size) < 0.1] = 0.0
+        signs = np.where(rng.random(kernel.shape) < p, 1.0, -1.0)
+        conv.kernel.assign((signs * rng.uniform(0.05, 1.0, kernel.shape)).astype(np.float32))
+        bn = model.get_layer(conv.name[:-len("_conv")] + "_bn")
+        sums = tf.keras.Model(model.input, conv.output).predict(x, verbose=0).reshape(-1, kernel.shape[-1])
+        quantiles = rng.uniform(0.05, 0.95, sums.shape[1])
+        mean = np.array([np.quantile(sums[:, i], q) for i, q in enumerate(quantiles)]) + 0.5
+        for i in range(mean.size):  # where a channel sums above 256, half the time: a threshold there
+            big = np.unique(sums[:, i][np.abs(sums[:, i]) > 256])
+            if len(big) >= 2 and rng.random() < 0.5:
+                j = rng.integers(len(big) - 1)
+                mean[i] = (big[j] + big[j + 1]) / 2
+        gamma = np.where(rng.random(mean.size) < 0.8, 1.0, -1.0) * rng.uniform(0.5, 2.0, mean.size)
+        variance = rng.uniform(1.0, 400.0, mean.size)
+        bn.set_weights([a.astype(np.float32) for a in (gamma, np.zeros_like(mean), mean, variance)])
+    return model, x
+
+
+def layer_outputs(model, x):
+    layers = [layer for layer in model.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
+    outputs = tf.keras.Model(model.input, [layer.output for layer in layers])(x, training=False)
+    return {layer.name: tf.cast(y, tf.float32).numpy() for layer, y in zip(layers, outputs)}
+
+
+@pytest.mark.parametrize("direction", ["float32_weights_into_bf16", "bf16_weights_into_float32"])
+@pytest.mark.parametrize("case", sorted(TOPOLOGY_CASES))
+def test_bf16_build_gives_the_float32_signs_in_every_layer(case, direction, tmp_path):
+    from glt_keras.models import load_weights, save_weights
+
+    shape, spec = TOPOLOGY_CASES[case]
+    reference, x = binary_model(shape, spec)
+    with precision.policy("mixed_bfloat16"):
+        bf16 = glt_net(input_shape=shape, num_classes=10, classifier_activation=None, **spec)
+    if direction == "float32_weights_into_bf16":
+        save_weights(reference, tmp_path / "f32.h5")
+        load_weights(bf16, tmp_path / "f32.h5")
+        loaded = bf16
+    else:  # a model built (and e.g. trained) under bfloat16, loaded into the float32 network
+        bf16.set_weights(reference.get_weights())
+        save_weights(bf16, tmp_path / "bf16.h5")
+        loaded = glt_net(input_shape=shape, num_classes=10, classifier_activation=None, **spec)
+        load_weights(loaded, tmp_path / "bf16.h5")
+        np.testing.assert_array_equal(loaded.get_weights()[0], reference.get_weights()[0])
+    assert bf16.get_layer("block2_conv").compute_dtype == "bfloat16"
+    want, got = layer_outputs(reference, x), layer_outputs(bf16, x)
+    straddled_above_256 = 0
+    for name, expected in want.items():
+        if name.startswith("block") and name.endswith("_conv"):
+            np.testing.assert_array_equal(got[name], expected, err_msg=name)  # the integer sums
+        elif name.startswith("block"):  # BN, pool, shuffle: the next layer's +-1 input
+            np.testing.assert_array_equal(got[name] >= 0, expected >= 0, err_msg=name)
+            if name.endswith("_bn"):
+                sums = want[name[:-3] + "_conv"]
+                mean = reference.get_layer(name).moving_mean.numpy()
+                big = np.abs(mean) > 256
+                positive = (expected >= 0).reshape(-1, mean.size)[:, big].mean(axis=0)
+                straddled_above_256 += int(np.sum((positive > 0) & (positive < 1)))
+                assert np.abs(sums).max() <= 512
+    if case == "glt96_like":  # sums above 256, and thresholds there with sums on both sides
+        assert max(np.abs(v).max() for k, v in want.items() if k.startswith("block") and k.endswith("_conv")) > 256
+        assert straddled_above_256 > 0
+    np.testing.assert_array_equal(got["head_pool"], want["head_pool"])  # the logits, bit for bit
+    if direction == "bf16_weights_into_float32":
+        np.testing.assert_array_equal(layer_outputs(loaded, x)["head_pool"], want["head_pool"])
+
+
+def test_bf16_conv_probe_matches_what_the_raw_bf16_conv_does():
+    """The patchify conv that oneDNN + AMX gets wrong: the probe flags it exactly when the raw
+    bfloat16 conv is wrong on this machine, and the layer's output is exact either way."""
+    rng = np.random.default_rng(1)
+    x = np.where(rng.random((4, 48, 48, 24)) < 0.5, -1.0, 1.0).astype(np.float32)
+    k = np.where(rng.random((4, 4, 24, 32)) < 0.5, -1.0, 1.0).astype(np.float32)
+    exact = tf.nn.conv2d(x, k, 4, "VALID").numpy()
+    raw = tf.cast(tf.nn.conv2d(tf.cast(x, tf.bfloat16), tf.cast(k, tf.bfloat16), 4, "VALID"), tf.float32).numpy()
+    with precision.policy("mixed_bfloat16"):
+        layer = BinaryConv2D(32, 4, strides=4, padding="valid")
+        layer.build((None, 48, 48, 24))
+    layer.kernel.assign(k)
+    assert layer.bf16_conv_exact == np.array_equal(raw, exact)
+    np.testing.assert_array_equal(tf.cast(layer(x), tf.float32).numpy(), exact)
+    if _cpu.bf16_is_fast() and "amx_bf16" in _cpu.cpu_flags():
+        print("raw bfloat16 conv exact on this AMX machine:", np.array_equal(raw, exact))
+
+
+def test_float32_fallback_of_a_bf16_conv_is_exact_and_trains(monkeypatch):
+    # A conv whose probe failed computes in float32 (forced here, whatever this machine does),
+    # returns the compute dtype, and passes gradients to its input and kernel.
+    with precision.policy("mixed_bfloat16"):
+        conv = BinaryConv2D(64, 3, groups=2)
+        conv.build((None, 8, 8, 64))
+    conv.bf16_conv_exact = False
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(-1, 1, (2, 8, 8, 64)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = conv(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+    assert y.dtype == tf.bfloat16
+    dx, dk = tape.gradient(loss, [x, conv.kernel])
+    assert dx is not None and dk is not None and np.any(dk.numpy() != 0)
+    reference = BinaryConv2D(64, 3, groups=2)
+    reference.build((None, 8, 8, 64))
+    reference.kernel.assign(conv.kernel)
+    np.testing.assert_array_equal(tf.cast(y, tf.float32).numpy(), reference(x).numpy())
+
+
+def test_zoo_vww_binary_under_bf16_agrees_with_float32():
+    """The published vww_binary (trained in float32) under mixed_bfloat16: the same class on
+    >= 99 % of the 500 vww_val500 images (identical on all of them since the fix). ~10 s."""
+    from pathlib import Path
+
+    from glt_keras.data import find_data_dir, load_arrays
+    from glt_keras.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        data_dir = find_data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"data not available ({e.args[0].splitlines()[0]})")
+    if not (data_dir / "vww_val500.tar.gz").is_file():
+        pytest.skip(f"vww_val500.tar.gz not in {data_dir}")
+    recipe = load_recipe(root / "zoo/vww_binary/recipe.yaml")
+    images = load_arrays("vww_val500", "val", data_dir=data_dir)
+    logits = []
+    for name in ("float32", "mixed_bfloat16"):
+        with precision.policy(name):
+            model = recipe.build_model(classifier_activation=None)
+        model.load_weights(root / "zoo/vww_binary/vww_binary_weights.h5")
+        logits.append(np.asarray(model.predict(images.x, batch_size=100, verbose=0), np.float32))
+    agreement = np.mean(logits[0].argmax(-1) == logits[1].argmax(-1))
+    assert agreement >= 0.99, agreement

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
+from larq import utils as lq_utils
 
 from .._cpu import onednn_enabled
 
 #: LCE binarizes a grouped convolution only when each group has a multiple of this many
 #: input channels; otherwise the converter silently leaves it a float CONV_2D.
 LCE_GROUP_CHANNELS = 32
+
+#: Per convolution configuration: does this machine's bfloat16 convolution give the exact
+#: (rounded) result? Filled by :meth:`BinaryConv2D._bf16_conv_is_exact`, once per process.
+_BF16_CONV_EXACT: dict = {}
 
 
 @tf.keras.utils.register_keras_serializable(package="glt_keras")
@@ -27,6 +33,13 @@ class BinaryConv2D(lq.layers.QuantConv2D):
       Compute Engine turns into a single ``LceBconv2d`` (with BatchNorm fused).
 
     :func:`glt_keras.models.for_export` switches a whole model to the export form.
+
+    Under ``mixed_bfloat16`` each conv checks once, when built, that this machine's bfloat16
+    convolution of its shape gives the exact result on +-1 data (:meth:`_bf16_conv_is_exact`),
+    and computes in float32 where it does not. With AMX, oneDNN's bfloat16 convolution of
+    TensorFlow 2.16 is wrong for some stride >= 4 convs with fewer than 32 input channels:
+    the 4x4 stride-4 "patchify" conv of glt96 on the thermometer's 24 planes gave ~97 %
+    wrong sums, and a float32-trained vww_binary fell from 75.8 % to chance.
 
     Construction checks LCE's rules and raises, naming the layer, when a group has a
     number of input channels that is not a multiple of 32 (checked at build, when the
@@ -82,6 +95,8 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         for quantizer in (self.input_quantizer, self.kernel_quantizer):
             if isinstance(quantizer, tf.keras.layers.Layer) and quantizer.dtype_policy.name != self.dtype_policy.name:
                 quantizer._set_dtype_policy(self.dtype_policy)
+        #: False: the bfloat16 conv of this shape is wrong here; compute it in float32.
+        self.bf16_conv_exact = True
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -99,14 +114,79 @@ class BinaryConv2D(lq.layers.QuantConv2D):
                     "Change the width or groups, or pass lce_check=False to accept that."
                 )
         super().build(input_shape)
+        if self.compute_dtype == "bfloat16":
+            self.bf16_conv_exact = self._bf16_conv_is_exact(input_shape)
 
     def convolution_op(self, inputs, kernel):
-        if self.groups == 1 or not self.split_groups or self._fuse_groups():
+        if inputs.dtype == tf.bfloat16 and not self.bf16_conv_exact:
+            # The sums of +-1 products in float32 (exact), rounded once to bfloat16 like a
+            # correct bfloat16 conv; gradients flow through the casts.
+            outputs = self._convolution(tf.cast(inputs, tf.float32), tf.cast(kernel, tf.float32))
+            return tf.cast(outputs, inputs.dtype)
+        return self._convolution(inputs, kernel)
+
+    def _convolution(self, inputs, kernel):
+        fused = inputs.dtype == tf.bfloat16 and self._fuse_groups()
+        if self.groups == 1 or not self.split_groups or fused:
+            return super().convolution_op(inputs, kernel)
+        return self._split_convolution(inputs, kernel)
+
+    def _split_convolution(self, inputs, kernel):
+        if self.groups == 1:
             return super().convolution_op(inputs, kernel)
         input_slices = tf.split(inputs, self.groups, axis=-1)
         kernel_slices = tf.split(kernel, self.groups, axis=-1)
         outputs = [super(BinaryConv2D, self).convolution_op(x, k) for x, k in zip(input_slices, kernel_slices)]
         return tf.concat(outputs, axis=-1)
+
+    def _bf16_conv_is_exact(self, input_shape) -> bool:
+        """Whether this machine's bfloat16 conv of this layer's shape (padding, strides,
+        groups, fused or split as it trains) gives, on random +-1 inputs and kernels, the
+        float32 sums rounded to bfloat16 (exact: every partial sum is an integer that float32
+        holds), both eagerly and in a ``tf.function``. Cached per configuration.
+
+        oneDNN picks its kernel by shape and ISA, so the check runs on the layer's own shape
+        (batch 2; 2 ms-50 ms once per shape). The backward convs were found exact; the
+        float32 fallback covers them too. Native grouped convs (``split_groups=False``, the
+        export form) run through XLA, not oneDNN: not checked."""
+        if self.groups > 1 and not self.split_groups:
+            return True
+        shape = tf.TensorShape(input_shape).as_list()
+        spatial = [d if d is not None else 2 * k * s + k
+                   for d, k, s in zip(shape[1:-1], self.kernel_size, self.strides)]
+        key = (tuple(spatial), shape[-1], tuple(self.kernel.shape), tuple(self.strides),
+               tuple(self.dilation_rate), self.groups, self.padding, self._is_native_padding,
+               float(self.pad_values), self.split_groups, self._fuse_groups())
+        if key not in _BF16_CONV_EXACT:
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel("ERROR")  # one tf.function per probe: not the retracing it warns of
+            try:
+                with tf.init_scope():
+                    _BF16_CONV_EXACT[key] = self._probe_bf16_conv([2, *spatial, shape[-1]])
+            finally:
+                logger.setLevel(level)
+        return _BF16_CONV_EXACT[key]
+
+    def _probe_bf16_conv(self, shape) -> bool:
+        rng = np.random.default_rng(0)
+        x = np.where(rng.random(shape) < 0.5, -1.0, 1.0).astype(np.float32)
+        k = np.where(rng.random(self.kernel.shape) < 0.5, -1.0, 1.0).astype(np.float32)
+
+        def conv(x, k, op=self._convolution):  # what call() does: larq's +-1 padding, the conv
+            if self._is_native_padding:
+                return op(x, k)
+            x = tf.pad(x, self._get_padding_same(x), constant_values=self.pad_values)
+            with lq_utils.patch_object(self, "padding", "valid"):
+                return op(x, k)
+
+        exact = conv(tf.constant(x), tf.constant(k), self._split_convolution)  # float32 per group
+        expected = tf.cast(tf.cast(exact, tf.bfloat16), tf.float32).numpy()
+        xb, kb = tf.constant(x, tf.bfloat16), tf.constant(k, tf.bfloat16)
+        for run in (conv, tf.function(conv)):
+            if not np.array_equal(tf.cast(run(xb, kb), tf.float32).numpy(), expected):
+                return False
+        return True
 
     def _fuse_groups(self) -> bool:
         """Train a grouped conv as one oneDNN grouped convolution (no XLA) when computing in

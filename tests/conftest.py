@@ -6,8 +6,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import glt_keras  # noqa: E402,F401  (sets the Keras flavour before TensorFlow loads)
 
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a
+    package). Registered in ``sys.modules`` while loading: dataclasses look their module up."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
 
 
 @pytest.fixture(scope="session")

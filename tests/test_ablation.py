@@ -1,20 +1,15 @@
 """benchmarks/ablation_encoding.py: one network, one change of input encoding per row."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from glt_keras.recipe import load_recipe
+from conftest import load_benchmark
 
 
 @pytest.fixture
 def ablation():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_encoding.py"
-    spec = importlib.util.spec_from_file_location("ablation_encoding", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation_encoding")
 
 
 def test_ablation_trains_each_encoding_then_gathers_them_without_retraining(ablation, tmp_path, image_folder):

@@ -1,26 +1,18 @@
 """The encoding study (benchmarks/encoding_study.py) and its pieces: sensor conditions, the
 quantile thermometer, natural binary coding with fewer planes, resuming, the table."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from glt_keras.data.pixel_stats import pixel_histogram, quantile_thresholds
 from glt_keras.data.sensor import SENSOR_CONDITIONS, apply_sensor, sensor_lut
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "encoding_study.py"
-    spec = importlib.util.spec_from_file_location("encoding_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_benchmark("encoding_study")
 
 
 # ----------------------------------------------------------------------------- sensor

@@ -11,6 +11,7 @@ from glt_keras import models
 from glt_keras.models import glt_net
 from glt_keras.training import mixbin
 from glt_keras.training.mixbin import surgery
+from conftest import load_benchmark
 
 SHAPE = (16, 16, 3)
 TINY = dict(input_shape=SHAPE, num_classes=2, topology="tiny", widths=(64, 64), groups=(1, 2),
@@ -393,13 +394,7 @@ def test_a_real_path_started_from_the_binary_one_computes_the_same_on_pm1_inputs
 
 
 def test_table_report_from_saved_results(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mixbin_table.py"
-    spec = importlib.util.spec_from_file_location("mixbin_table", path)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_benchmark("mixbin_table")
     done = {"accuracy": 0.62, "best_val_accuracy": 0.63, "tflite_bytes": 121600, "int8_tflite_bytes": 121600,
             "int8_accuracy": 0.62, "verification": "verification passed: ...", "lce_bconv2d": 9, "float_convs": [],
             "macs": 100, "real_macs": 0, "weight_bytes_int8": 96112}

@@ -6,6 +6,7 @@ import pytest
 
 from glt_keras import cli, zoo
 from glt_keras.recipe import load_recipe
+from conftest import load_benchmark
 
 
 @pytest.fixture
@@ -238,14 +239,7 @@ def test_published_cards_are_generated_and_say_how_to_run_the_tflite(monkeypatch
 
 
 def _bench_mcu_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_mcu.py"
-    spec = importlib.util.spec_from_file_location("bench_mcu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_mcu")
 
 
 def test_card_shows_cortex_m_numbers_only_for_the_weights_measured(fake_zoo, tmp_path, monkeypatch):

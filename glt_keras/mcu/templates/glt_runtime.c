@@ -278,6 +278,21 @@ GLT_INLINE uint32_t glt_pop32(uint32_t x)
 #endif
 }
 
+/* Scatter the output words' lanes (acc[c], 32 channels each) into the packed output pixel o,
+ * in the next layer's channel order (export.py: the pieces of each output word). */
+GLT_INLINE void glt_bs_store(const glt_conv_t *L, const uint32_t *acc, uint32_t *o)
+{
+    uint32_t k;
+    for (k = 0; k < (uint32_t)L->out_wpp; ++k) {
+        o[k] = 0;
+    }
+    for (k = 0; k < L->bsq_count; ++k) {
+        const glt_bs_piece_t *p = &L->bsq[k];
+        const uint32_t v = acc[p->cw] & p->mask;
+        o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
+    }
+}
+
 #if GLT_BS_DENSE
 /* Append the plane indices 32 k + (31 - b) of the set bits b of a[k] ^ flip, k < nk. */
 GLT_NOINLINE uint32_t *glt_bs_list(uint32_t *lst, const uint32_t *a, uint32_t nk, uint32_t flip)
@@ -903,14 +918,7 @@ GLT_INLINE void glt_conv_row_bs_nb(const glt_conv_t *L, const uint32_t *const *r
                 }
             }
         }
-        for (k = 0; k < out_wpp; ++k) {
-            o[k] = 0;
-        }
-        for (k = 0; k < L->bsq_count; ++k) {
-            const glt_bs_piece_t *p = &L->bsq[k];
-            const uint32_t v = acc[p->cw] & p->mask;
-            o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
-        }
+        glt_bs_store(L, acc, o);
     }
 }
 
@@ -1151,7 +1159,7 @@ GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint
     const uint32_t nrows = (uint32_t)(L->ph - 1) * L->sh + kh;
     const uint32_t out_wpp = L->out_wpp, ncw = L->bs_count;
     const glt_bs_cw_t *const cw = L->bs;
-    uint32_t ox, dy, dx, ky, kx, t, k, c, c1, r;
+    uint32_t ox, dy, dx, ky, kx, t, c, c1, r;
     const uint32_t *pl[GLT_BS_MAX_CW], *zp[GLT_BS_MAX_CW];
 #if GLT_BS_FLIP
     const uint32_t li = (uint32_t)(L - glt_layers);
@@ -1280,14 +1288,7 @@ GLT_INLINE GLT_NO_MEMSET void glt_conv_row_px_nb(const glt_conv_t *L, const uint
                 }
             }
         }
-        for (k = 0; k < out_wpp; ++k) {
-            o[k] = 0;
-        }
-        for (k = 0; k < L->bsq_count; ++k) {
-            const glt_bs_piece_t *p = &L->bsq[k];
-            const uint32_t v = acc[p->cw] & p->mask;
-            o[p->word] |= p->shift >= 0 ? v << p->shift : v >> -p->shift;
-        }
+        glt_bs_store(L, acc, o);
     }
 }
 

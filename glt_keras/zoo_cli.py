@@ -17,6 +17,8 @@ from . import zoo
 from ._io import atomic_write
 from .recipe import ZOO_DIR, load_recipe
 
+#: A zoo model's second training step (fine-tuning the first's weights), beside its recipe.yaml.
+FINETUNE_RECIPE = "finetune.yaml"
 #: Written by ``benchmarks/bench_mcu.py``; read by the cards.
 MCU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mcu.json"
 
@@ -53,6 +55,44 @@ def _check_same_network(run_recipe, zoo_recipe) -> None:
             f"to the zoo (keeping its comments as you see fit) before publishing it.")
 
 
+def _check_finetune_recipe(run_recipe, name) -> None:
+    """A run that fine-tunes earlier weights (``training.init_weights``) is reproduced by two
+    commands; the second needs its recipe in the zoo, as ``zoo/<name>/finetune.yaml``."""
+    path = zoo.ZOO_DIR / name / FINETUNE_RECIPE
+    if not path.exists():
+        raise ValueError(f"{run_recipe.path or run_recipe.name} fine-tunes {run_recipe.training['init_weights']}: "
+                         f"copy the run's recipe to {path} (the card's second training step) before publishing it.")
+    if load_recipe(path).to_dict() != run_recipe.to_dict():
+        raise ValueError(f"{path} differs from the recipe the run used ({run_recipe.path or run_recipe.name}): "
+                         "copy the run's recipe there before publishing it.")
+
+
+def _step(command: str, summary: dict) -> dict:
+    return {"command": command, **{k: summary.get(k) for k in
+                                    ("epochs", "train_seconds", "images_per_second", "sessions", "schedule")}}
+
+
+def training_record(recipe, name: str, run_summary: dict) -> dict:
+    """The registry's ``training`` entry: the command, epochs and cost of the run. A fine-tuning
+    run lists two steps, the run it started from (``training.init_weights``) and its own."""
+    init = recipe.training.get("init_weights")
+    if not init:
+        return _step(f"glt-keras train {name}", run_summary)
+    from .training.checkpoints import resolve_init_weights
+
+    parent_summary_file = resolve_init_weights(init, key="training.init_weights").parent / "summary.json"
+    parent = json.loads(parent_summary_file.read_text()) if parent_summary_file.exists() else {}
+    steps = [_step(f"glt-keras train {name} --out {init}", parent),
+             _step(f"glt-keras train zoo/{name}/{FINETUNE_RECIPE} --out runs/{name}_finetune", run_summary)]
+
+    def total(key):
+        values = [s[key] for s in steps]
+        return None if None in values else round(sum(values), 1)
+
+    return {"command": steps[0]["command"], "steps": steps, "epochs": total("epochs"),
+            "train_seconds": total("train_seconds"), "sessions": total("sessions")}
+
+
 def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) -> dict:
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
     from .bench import anchors_dir, conversion_entry, plot_frontier, reference_entries, run_bench
@@ -74,6 +114,8 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     if name not in zoo.list_models():
         raise ValueError(f"{name} has no recipe under {ZOO_DIR}; add zoo/{name}/recipe.yaml first.")
     _check_same_network(recipe, zoo.get_recipe(name))
+    if recipe.training.get("init_weights"):
+        _check_finetune_recipe(recipe, name)
     best = run_dir / "best_weights.h5"
     if not best.exists():
         raise FileNotFoundError(f"{best} not found: has the run finished an epoch?")
@@ -137,14 +179,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
                 "real_layers": real_layers},
         "benchmark": {"machine": bench["machine"], "data": bench["data"], "rows": bench["rows"]},
         **({"teachers": teachers} if teachers else {}),
-        "training": {
-            "command": f"glt-keras train {name}",
-            "epochs": run_summary.get("epochs"),
-            "train_seconds": run_summary.get("train_seconds"),
-            "images_per_second": run_summary.get("images_per_second"),
-            "sessions": run_summary.get("sessions"),
-            "schedule": run_summary.get("schedule"),
-        },
+        "training": training_record(recipe, name, run_summary),
         "published": time.strftime("%Y-%m-%d"),
     }
     _atomic_json(zoo.REGISTRY_PATH, registry)
@@ -289,10 +324,7 @@ def write_card(name: str) -> Path:
         lines += ["", f"Data: {json.dumps(entry['benchmark']['data'])}; machine: {entry['benchmark']['machine']['platform']}, "
                   f"{entry['benchmark']['machine']['cpus']} CPUs (load average {entry['benchmark']['machine']['load_average']})."]
         lines += mcu_lines(name, entry["sha256"])
-        lines += ["## Training", "",
-                  f"{training_commands(t)} — {t['epochs']} epochs, {t['train_seconds']} s of training "
-                  f"({t['images_per_second']} images/s on a 2-core CPU, {t['sessions']} session(s)). "
-                  "Per-epoch log: [`train_history.csv`](train_history.csv).", ""]
+        lines += ["## Training", ""] + training_lines(t)
         for plot, caption in (("frontier.png", "Accuracy vs .tflite bytes, beside every anchor model"),
                               ("thermometer.png", "Learned thermometer (global tone curve)"),
                               ("thresholds.png", "Thresholds per epoch"), ("curves.png", "Loss and accuracy"),
@@ -311,6 +343,23 @@ def _has_grouped_convs(recipe) -> bool:
 
     groups = recipe.model.get("groups") or TOPOLOGIES.get(recipe.model.get("topology", "glt96"), {}).get("groups", ())
     return any(int(g) > 1 for g in groups)
+
+
+def training_lines(training: dict) -> list:
+    """The card's training paragraph: one run, or the two steps of a fine-tuned model."""
+    def cost(step):
+        return (f"{step['epochs']} epochs, {step['train_seconds']} s of training ({step['images_per_second']} "
+                f"images/s on a 2-core CPU, {step['sessions']} session(s))")
+
+    log = "Per-epoch log: [`train_history.csv`](train_history.csv)."
+    if "steps" not in training:
+        return [f"{training_commands(training)} — {cost(training)}. {log}", ""]
+    first, second = training["steps"]
+    return [f"Two steps, {training['epochs']} epochs and {training['train_seconds']} s of training in all:", "",
+            f"1. {training_commands(first)} — {cost(first)};",
+            f"2. fine-tuning its best weights with [`{FINETUNE_RECIPE}`]({FINETUNE_RECIPE}): "
+            f"{training_commands(second)} — {cost(second)}. Per-epoch log of this step: "
+            "[`train_history.csv`](train_history.csv).", ""]
 
 
 def training_commands(training: dict) -> str:

@@ -301,3 +301,46 @@ def test_bench_mcu_keeps_rows_of_models_not_measured_again(tmp_path):
     assert rows == [{"model": "a", "weights_sha256": "old-a"}, {"model": "b", "weights_sha256": "new-b"}]
     assert merge_rows(previous, [{"model": "b"}], ["cortex-m4", "cortex-m7"]) == [{"model": "b"}]
     assert merge_rows(tmp_path / "missing.json", [{"model": "b"}], ["cortex-m4"]) == [{"model": "b"}]
+
+
+FINETUNE_RUN = ("name: toy_binary\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: [a, b, c]\n"
+                "model: {topology: tiny, levels: 4}\ntraining: {init_weights: runs/step1, epochs: 3}\n")
+
+
+def test_publish_of_a_finetuning_run_needs_its_recipe_in_the_zoo(fake_zoo, tmp_path):
+    """A run started from earlier weights is reproduced by two commands: the card can only give
+    the second one if its recipe is in the zoo (zoo/<name>/finetune.yaml), unchanged."""
+    from glt_keras.zoo_cli import publish
+
+    run = tmp_path / "runs" / "toy_binary_ft"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(FINETUNE_RUN)
+    weights_before = (fake_zoo[0] / "toy_binary" / "toy_binary_weights.h5").read_bytes()
+    with pytest.raises(ValueError, match=r"fine-tunes runs/step1: copy the run's recipe to .*toy_binary/finetune\.yaml"):
+        publish(run)
+    (fake_zoo[0] / "toy_binary" / "finetune.yaml").write_text(FINETUNE_RUN.replace("epochs: 3", "epochs: 4"))
+    with pytest.raises(ValueError, match=r"finetune\.yaml differs from the recipe the run used"):
+        publish(run)
+    assert (fake_zoo[0] / "toy_binary" / "toy_binary_weights.h5").read_bytes() == weights_before
+
+
+def test_card_of_a_finetuned_model_lists_both_training_steps(tmp_path):
+    from glt_keras.zoo_cli import training_lines, training_record
+
+    step1 = tmp_path / "step1"
+    step1.mkdir()
+    (step1 / "best_weights.h5").write_bytes(b"")
+    (step1 / "summary.json").write_text(json.dumps(
+        {"epochs": 150, "train_seconds": 1000.0, "images_per_second": 90.0, "sessions": 3,
+         "schedule": [{"first_epoch": 1, "planned_epochs": 60}, {"first_epoch": 25, "planned_epochs": 150}]}))
+    path = tmp_path / "finetune.yaml"
+    path.write_text(FINETUNE_RUN.replace("runs/step1", str(step1)))
+    record = training_record(load_recipe(path), "toy_binary",
+                             {"epochs": 60, "train_seconds": 500.0, "images_per_second": 110.0, "sessions": 2,
+                              "schedule": [{"first_epoch": 1, "planned_epochs": 60}]})
+    assert record["epochs"] == 210 and record["train_seconds"] == 1500.0 and record["sessions"] == 5
+    text = "\n".join(training_lines(record))
+    assert f"1. `glt-keras train toy_binary --out {step1} --epochs 60`" in text  # the warm restart is kept
+    assert "--resume --epochs 150" in text
+    assert "2. fine-tuning its best weights with [`finetune.yaml`](finetune.yaml): `glt-keras train zoo/toy_binary/finetune.yaml" in text
+    assert "60 epochs, 500.0 s" in text and "210 epochs and 1500.0 s" in text

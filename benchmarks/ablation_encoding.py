@@ -9,8 +9,9 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 6 --out runs/ablation
     python benchmarks/ablation_encoding.py vww_binary --epochs 8 --variants binary_planes fixed glt
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
-    python benchmarks/ablation_encoding.py vww_binary --epochs 12 \
-        --variants no_teacher first_teacher teachers --out runs/ablation_teachers
+    python benchmarks/ablation_encoding.py vww_binary --epochs 12 --precision auto \
+        --variants no_teacher first_teacher teachers --out runs/ablation_teachers \
+        --table vww_binary_teachers --readme README.md
 
 Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds 0 1``:
 ``OUT/<recipe>_ablation_seeds_0_1.json``; with ``--readme``, also the table into the README
@@ -65,6 +66,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--data-dir")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
+    parser.add_argument("--precision", choices=["float32", "mixed_bfloat16", "auto"],
+                        help="training precision of every variant (default: the recipe's)")
+    parser.add_argument("--table", metavar="NAME",
+                        help="name of the table's files and README markers (default: <recipe>_ablation); "
+                             "a second ablation of the same recipe needs its own, e.g. vww_binary_teachers")
     parser.add_argument("--readme", metavar="README.md",
                         help="replace the table between this README's <!-- ablation-RECIPE:start/end --> markers")
     args = parser.parse_args(argv)
@@ -96,7 +102,8 @@ def main(argv=None) -> int:
         if "kd" in change:
             change["kd"] = {**change["kd"], "teacher_epochs": args.epochs}
         name = f"{base.name}_{variant}" + ("" if seed == base_seed else f"_seed{seed}")
-        recipe = base.with_changes(name=name, training={"epochs": args.epochs, "seed": seed}, **change)
+        training = {"epochs": args.epochs, "seed": seed, **({"precision": args.precision} if args.precision else {})}
+        recipe = base.with_changes(name=name, training=training, **change)
         run_dir = out / recipe.name
         t0 = time.time()
         train(recipe, out_dir=run_dir, resume=True, data_dir=args.data_dir, subset=args.subset,
@@ -134,14 +141,16 @@ def main(argv=None) -> int:
     print(table)
     # A table over chosen seeds is its own table (file and README markers), beside the recipe-seed one.
     seeds = "_".join(map(str, args.seeds)) if args.seeds else ""
-    stem = f"{base.name}_ablation" + (f"_seeds_{seeds}" if seeds else "")
+    table_name = args.table or f"{base.name}_ablation"
+    stem = table_name + (f"_seeds_{seeds}" if seeds else "")
     atomic_write(out / f"{stem}.json",
                  json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
     atomic_write(out / f"{stem}.md", table + "\n")
     if args.readme:
         from glt_keras.bench import update_readme
 
-        tag = f"ablation-{base.name}" + (f"-seeds-{seeds.replace('_', '-')}" if seeds else "")
+        tag = (f"ablation-{args.table}" if args.table else f"ablation-{base.name}") + (
+            f"-seeds-{seeds.replace('_', '-')}" if seeds else "")
         update_readme(args.readme, table + "\n",
                       command="python benchmarks/ablation_encoding.py " + " ".join(sys.argv[1:] if argv is None else argv),
                       start=f"<!-- {tag}:start -->", end=f"<!-- {tag}:end -->")

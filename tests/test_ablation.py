@@ -63,3 +63,24 @@ def test_teacher_variants_change_only_the_teaching(ablation):
     assert one.kd["teachers"] == base.kd["teachers"][:1] and one.data == base.data
     assert base.with_changes(**ablation.VARIANTS["teachers"](base)).to_dict() == base.to_dict()
     assert one.model == none.model == base.model  # the same network
+
+
+def test_a_second_ablation_of_a_recipe_gets_its_own_table(ablation, tmp_path, image_folder):
+    """--table names the files and README markers, so a teacher ablation of vww_binary does not
+    overwrite its encoding table; --precision reaches every variant's run."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: toy\ninput_shape: [16, 16, 3]\nclasses: [bright, dark]\nmodel: {topology: tiny, levels: 8}\n"
+        f"data: {{train: {{folder: {image_folder}}}, holdout: 0.25}}\n"
+        "training: {batch_size: 16, binary_lr: 0.01, real_lr: 0.01}\n")
+    readme = tmp_path / "README.md"
+    encoding_table = "<!-- ablation-toy:start -->\nencodings\n<!-- ablation-toy:end -->\n"
+    readme.write_text(encoding_table + "<!-- ablation-toy_second:start -->\n<!-- ablation-toy_second:end -->\n")
+    out = tmp_path / "out"
+    assert ablation.main([str(recipe), "--epochs", "1", "--variants", "fixed", "--out", str(out),
+                          "--precision", "float32", "--table", "toy_second", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(encoding_table)  # untouched
+    assert "| fixed | 0 | fixed | False | 1 |" in text.split("ablation-toy_second:start")[1]
+    assert (out / "toy_second.json").exists() and not (out / "toy_ablation.json").exists()
+    assert load_recipe(out / "toy_fixed" / "recipe.yaml").training["precision"] == "float32"

@@ -1,5 +1,7 @@
 """Topology builders: fully binarized GLT networks, their real-valued teacher twins,
-per-layer precision, the export form, and size / MAC accounting."""
+real-valued residual teachers (CIFAR ResNets), per-layer precision, the export form, and
+size / MAC accounting. :func:`build_network` builds any named topology (what a recipe's
+``model`` block names)."""
 from __future__ import annotations
 
 import os
@@ -36,6 +38,125 @@ TOPOLOGIES = {
     # A tiny network for tests and demos.
     "tiny": dict(widths=(64, 64), groups=(1, 2), pools=(True, True), shuffle=True),
 }
+
+#: Real-valued residual networks for small (32x32) inputs: teachers to distil from, never
+#: binarized. CIFAR ResNet-(6n+2) of He et al. (2016): a 3x3 stem, three stages of
+#: ``blocks_per_stage`` basic blocks at ``widths`` (times the recipe's ``width_multiplier``),
+#: the 2nd and 3rd stage starting with stride 2, then global average pooling and a dense layer.
+RESIDUAL_TOPOLOGIES = {
+    "resnet20": dict(blocks_per_stage=3, widths=(16, 32, 64)),  # 0.27 M weights, 41 M MACs
+    "resnet32": dict(blocks_per_stage=5, widths=(16, 32, 64)),  # 0.46 M weights, 69 M MACs
+    "resnet56": dict(blocks_per_stage=9, widths=(16, 32, 64)),  # 0.85 M weights, 125 M MACs
+    # A tiny residual network for tests.
+    "resnet_tiny": dict(blocks_per_stage=1, widths=(8, 16, 32)),
+}
+
+#: ``model`` keys that only a residual topology takes, and the ones it takes as well.
+RESIDUAL_KEYS = ("width_multiplier", "blocks_per_stage")
+RESIDUAL_COMMON_KEYS = ("num_classes", "input_shape", "include_top", "classifier_activation", "name",
+                        "teacher")
+
+
+def build_network(*, topology: str | None = "glt96", **kwargs) -> tf.keras.Model:
+    """The network a recipe's ``model`` block names: :func:`resnet_net` for a name in
+    :data:`RESIDUAL_TOPOLOGIES`, :func:`glt_net` for everything else. A key that the chosen
+    builder does not take is a ``ValueError`` naming it.
+
+    Example:
+        >>> build_network(topology="resnet_tiny", input_shape=(32, 32, 3), num_classes=10).name
+        'resnet_tiny'
+    """
+    if topology in RESIDUAL_TOPOLOGIES:
+        extra = sorted(set(kwargs) - set(RESIDUAL_KEYS) - set(RESIDUAL_COMMON_KEYS))
+        if extra:
+            raise ValueError(f"model.{extra[0]} does not apply to the residual topology {topology} "
+                             f"(it takes {', '.join(RESIDUAL_KEYS + RESIDUAL_COMMON_KEYS[:-2])}).")
+        kwargs.pop("teacher", None)  # real-valued anyway
+        return resnet_net(topology=topology, **kwargs)
+    extra = sorted(set(kwargs) & set(RESIDUAL_KEYS))
+    if extra:
+        raise ValueError(f"model.{extra[0]} applies only to the residual topologies "
+                         f"({', '.join(sorted(RESIDUAL_TOPOLOGIES))}), not to {topology}.")
+    return glt_net(topology=topology, **kwargs)
+
+
+def resnet_net(
+    *,
+    input_shape=None,
+    num_classes: int = 10,
+    topology: str = "resnet20",
+    blocks_per_stage: int | None = None,
+    width_multiplier: float = 1.0,
+    include_top: bool = True,
+    classifier_activation="softmax",
+    name: str | None = None,
+) -> tf.keras.Model:
+    """A real-valued CIFAR ResNet (a teacher): pixels 0..255 -> logits / probabilities.
+
+    Pixels are scaled to [-1, 1] inside the model (:class:`~glt_keras.layers.encoding.RealInput`,
+    float32). Each basic block is conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU; a
+    block that changes width or resolution has a 1x1 conv + BN shortcut (option B), the others
+    the identity. Convs are He-initialised without bias; the last BN of every block starts at
+    zero (each block starts as the identity, which trains faster). Under ``mixed_bfloat16``
+    everything from the stem to the last block computes in bfloat16; the pooling, the dense
+    layer and the softmax stay float32 (float32 logits for the loss).
+
+    Args:
+        input_shape: ``(H, W, C)`` of raw pixels in [0, 255]; default ``(32, 32, 3)``.
+        topology: a name in :data:`RESIDUAL_TOPOLOGIES`.
+        blocks_per_stage: overrides the topology's (depth ``6 * blocks_per_stage + 2``).
+        width_multiplier: scales the stage widths (16 / 32 / 64); 2.0 gives 32 / 64 / 128.
+        classifier_activation: ``"softmax"`` (Keras convention) or ``None`` for logits.
+
+    Example:
+        >>> model = resnet_net(input_shape=(32, 32, 3), num_classes=10, topology="resnet20")
+        >>> model.output_shape, model.count_params() < 300_000
+        ((None, 10), True)
+    """
+    if topology not in RESIDUAL_TOPOLOGIES:
+        raise ValueError(f"Unknown residual topology {topology!r}; choose one of {sorted(RESIDUAL_TOPOLOGIES)}.")
+    spec = RESIDUAL_TOPOLOGIES[topology]
+    n = int(blocks_per_stage or spec["blocks_per_stage"])
+    if n < 1:
+        raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}.")
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}.")
+    widths = [max(1, int(round(w * width_multiplier))) for w in spec["widths"]]
+    input_shape = tuple(input_shape or (32, 32, 3))
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
+    from .layers.encoding import RealInput
+
+    def conv(x, filters, kernel, stride, conv_name):
+        return tf.keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                                      kernel_initializer="he_normal", name=conv_name)(x)
+
+    def bn(x, bn_name, zero=False):
+        return tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name=bn_name,
+                                                  gamma_initializer="zeros" if zero else "ones")(x)
+
+    inputs = tf.keras.Input(input_shape, name="pixels")
+    x = RealInput(name="encoding")(inputs)
+    x = conv(x, widths[0], 3, 1, "stem_conv")
+    x = tf.keras.layers.ReLU(name="stem_relu")(bn(x, "stem_bn"))
+    for s, width in enumerate(widths):
+        for b in range(n):
+            block = f"stage{s + 1}_block{b + 1}"
+            stride = 2 if s > 0 and b == 0 else 1
+            shortcut = x
+            if stride != 1 or int(x.shape[-1]) != width:
+                shortcut = bn(conv(x, width, 1, stride, f"{block}_proj"), f"{block}_proj_bn")
+            y = conv(x, width, 3, stride, f"{block}_conv1")
+            y = tf.keras.layers.ReLU(name=f"{block}_relu1")(bn(y, f"{block}_bn1"))
+            y = bn(conv(y, width, 3, 1, f"{block}_conv2"), f"{block}_bn2", zero=True)
+            x = tf.keras.layers.Add(name=f"{block}_add")([shortcut, y])
+            x = tf.keras.layers.ReLU(name=f"{block}_relu2")(x)
+    if include_top:
+        x = tf.keras.layers.GlobalAveragePooling2D(dtype="float32", name="head_pool")(x)
+        x = tf.keras.layers.Dense(num_classes, dtype="float32", name="head_dense")(x)
+        if classifier_activation:
+            x = tf.keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
+    return tf.keras.Model(inputs, x, name=name or topology)
 
 
 def _resolve_precisions(n_blocks: int, real_layers, default: str) -> list[str]:
@@ -101,6 +222,11 @@ def glt_net(
         >>> model.output_shape
         (None, 10)
     """
+    if topology in RESIDUAL_TOPOLOGIES:
+        raise ValueError(f"{topology} is a residual topology: build it with build_network or resnet_net.")
+    if topology and topology not in TOPOLOGIES:
+        raise ValueError(f"Unknown topology {topology!r}; choose one of "
+                         f"{sorted(TOPOLOGIES) + sorted(RESIDUAL_TOPOLOGIES)}.")
     spec = dict(TOPOLOGIES[topology]) if topology else {}
     for key, value in dict(widths=widths, groups=groups, pools=pools, strides=strides, kernels=kernels, shuffle=shuffle).items():
         if value is not None:

@@ -33,6 +33,14 @@ DEFAULT_TRAINING = {
     # float32, mixed_bfloat16, or auto: bfloat16 on CPUs with AVX512-BF16 / AMX and oneDNN
     # (glt_keras.training.precision). Weights files are float32 whatever was trained.
     "precision": "float32",
+    # The optimizer of the real-valued variables (latent binary weights always use Adam at
+    # binary_lr): adam, or sgd (Nesterov momentum) at real_lr, for real-valued teachers.
+    "optimizer": "adam",
+    "momentum": 0.9,  # sgd only
+    # L2 penalty on real-valued conv / dense kernels, as SGD's weight decay: the gradient gets
+    # weight_decay * w (loss + weight_decay / 2 * sum(w^2)); BN, biases and latent binary
+    # weights are never decayed. 0: none.
+    "weight_decay": 0.0,
 }
 
 # teacher: a real-valued twin ("twin") or a run folder; teachers: model files
@@ -220,9 +228,9 @@ class AnyOf(Rule):
 
 
 def _topologies():
-    from .models import TOPOLOGIES
+    from .models import RESIDUAL_TOPOLOGIES, TOPOLOGIES
 
-    return sorted(TOPOLOGIES)
+    return sorted(TOPOLOGIES) + sorted(RESIDUAL_TOPOLOGIES)
 
 
 def _encodings():
@@ -261,6 +269,9 @@ MODEL_KEYS = {
     "split_groups": Bool(),
     "include_top": Bool(),
     "classifier_activation": Str(optional=True),
+    # residual topologies only (resnet20, ...: glt_keras.models.RESIDUAL_TOPOLOGIES)
+    "width_multiplier": Num(0, lo_open=True),
+    "blocks_per_stage": Int(1),
 }
 PART_KEYS = {  # one side of a paste source
     "dataset": Str(_datasets),
@@ -327,6 +338,9 @@ TRAINING_KEYS = {
     "real_from_binary": Bool(),
     "select_smoothing": Int(1),
     "precision": Str(["float32", "mixed_bfloat16", "auto"]),
+    "optimizer": Str(["adam", "sgd"]),
+    "momentum": Num(0, 1, hi_open=True),
+    "weight_decay": Num(0),
 }
 TEACHER_KEYS = {  # one entry of kd.teachers
     "path": Str(),
@@ -336,7 +350,7 @@ TEACHER_KEYS = {  # one entry of kd.teachers
     "weight": Num(0, optional=True),
 }
 KD_KEYS = {
-    "teacher": Str(optional=True),  # "twin" or a run folder
+    "teacher": Str(optional=True),  # "twin" or a run folder (its recipe.yaml + best_weights.h5)
     "alpha": Num(0, 1),
     "temperature": Num(0, lo_open=True),
     "teacher_epochs": Int(1),
@@ -412,10 +426,30 @@ def _validate(d: dict) -> None:
             if label != "teacher" and label not in classes:
                 raise RecipeError(f"{key}.paste.label: {label!r} is not one of the recipe's "
                                   f"classes ({', '.join(classes)}) nor 'teacher'.")
+    _validate_model_keys(d["model"], "model")
     pruning = d.get("pruning") or {}
+    if pruning.get("full_model"):
+        _validate_model_keys(pruning["full_model"], "pruning.full_model")
     start, end = pruning.get("start_epoch", 0), pruning.get("end_epoch")
     if end is not None and end < start:
         raise RecipeError(f"pruning needs start_epoch <= end_epoch, got {start} > {end}.")
+
+
+def _validate_model_keys(model: dict, where: str) -> None:
+    """A residual topology takes only its own keys; the GLT topologies do not take them."""
+    from .models import RESIDUAL_COMMON_KEYS, RESIDUAL_KEYS, RESIDUAL_TOPOLOGIES
+
+    topology = model.get("topology", "glt96")
+    if topology in RESIDUAL_TOPOLOGIES:
+        for key in model:
+            if key not in ("topology",) + RESIDUAL_KEYS + RESIDUAL_COMMON_KEYS:
+                raise RecipeError(f"{where}.{key} does not apply to the residual topology {topology} "
+                                  f"(its keys: topology, num_classes, {', '.join(RESIDUAL_KEYS)}).")
+    else:
+        for key in RESIDUAL_KEYS:
+            if key in model:
+                raise RecipeError(f"{where}.{key} applies only to the residual topologies "
+                                  f"({', '.join(sorted(RESIDUAL_TOPOLOGIES))}), not to {topology}.")
 
 
 @dataclass
@@ -456,12 +490,13 @@ class Recipe:
             )
 
     def build_model(self, **overrides):
-        """The recipe's network (``glt_keras.models.glt_net``); keyword overrides win."""
-        from .models import glt_net
+        """The recipe's network (``glt_keras.models.build_network``: ``glt_net``, or
+        ``resnet_net`` for a residual topology); keyword overrides win."""
+        from .models import build_network
 
         kwargs = {**self.model, "input_shape": self.input_shape, **overrides}
         kwargs.setdefault("name", self.name)
-        return glt_net(**kwargs)
+        return build_network(**kwargs)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -173,6 +173,8 @@ def train(
                                  base_dir=Path(recipe.path).parent if recipe.path else None)
         if verbose:
             print(f"{recipe.name}: teachers {teachers}.")
+    if recipe.kd.get("teacher") not in (None, "twin") and teacher_model is None:
+        teacher_source(recipe)  # checked before any output: a missing or unfit teacher fails at once
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -325,25 +327,69 @@ def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose
 
 
 def load_teacher(recipe: Recipe, *, data_dir=None, verbose=1, subset=None, steps_per_epoch=None, run_root="runs"):
-    """The recipe's real-valued teacher (``kd.teacher``): a run folder with best weights,
-    or ``"twin"`` to train the real-valued twin of the student now (cached as
-    ``<run_root>/<recipe>_teacher``, reused by every student of the same recipe name)."""
+    """The recipe's real-valued teacher (``kd.teacher``), frozen, giving logits; it runs in the
+    graph beside the student (:class:`~glt_keras.training.distill.Distiller`), on the same
+    augmented batch. ``kd.teacher`` is one of:
+
+    - a run folder (``runs/cifar10_teacher``): the network its ``recipe.yaml`` describes (any
+      topology: a ``resnet20`` teacher for a ``glt32`` student) with its ``best_weights.h5``;
+    - a weights file ``*.h5`` beside a ``recipe.yaml`` (a zoo folder, or another weights file
+      of a run folder);
+    - ``"twin"``: train the real-valued twin of the student now (cached as
+      ``<run_root>/<recipe>_teacher``, reused by every student of the same recipe name).
+
+    A run folder without ``recipe.yaml`` (older runs) holds the student's twin. A teacher whose
+    classes or input shape differ from the student's is a one-line
+    :class:`~glt_keras.training.teachers.TeacherError` naming its weights file. Paths are
+    relative to the working directory."""
     spec = recipe.kd["teacher"]
-    teacher_recipe = recipe.with_changes(
+    if spec == "twin":  # resumes an unfinished teacher; a finished one returns at once
+        teacher_recipe = _twin_recipe(recipe)
+        run_dir = Path(run_root) / teacher_recipe.name
+        train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose,
+              subset=subset, steps_per_epoch=steps_per_epoch)
+        weights = run_dir / "best_weights.h5"
+    else:
+        weights, teacher_recipe = teacher_source(recipe)
+    teacher = teacher_recipe.build_model(classifier_activation=None)
+    load_weights(teacher, weights)
+    teacher.trainable = False
+    if verbose and spec != "twin":
+        print(f"{recipe.name}: distilling from {teacher.name} ({weights}, {teacher.count_params():,} weights).")
+    return teacher
+
+
+def _twin_recipe(recipe: Recipe) -> Recipe:
+    return recipe.with_changes(
         name=f"{recipe.name}_teacher",
         model={"teacher": True},
         kd={"teacher": None},
         training={"epochs": recipe.kd.get("teacher_epochs", 20)},
         pruning=None,
     )
-    run_dir = Path(spec) if spec != "twin" else Path(run_root) / teacher_recipe.name
-    weights = run_dir / "best_weights.h5"
-    if spec != "twin" and not weights.exists():
-        raise FileNotFoundError(f"Teacher weights {weights} not found.")
-    if spec == "twin":  # resumes an unfinished teacher; a finished one returns at once
-        train(teacher_recipe, out_dir=run_dir, data_dir=data_dir, resume=True, verbose=verbose,
-              subset=subset, steps_per_epoch=steps_per_epoch)
-    teacher = teacher_recipe.build_model(classifier_activation=None)
-    load_weights(teacher, weights)
-    teacher.trainable = False
-    return teacher
+
+
+def teacher_source(recipe: Recipe):
+    """``(weights file, teacher recipe)`` of a recipe whose ``kd.teacher`` is a run folder or a
+    weights file (see :func:`load_teacher`), checked against the student without building
+    anything: a missing file is a ``FileNotFoundError``, other classes or another input shape a
+    :class:`~glt_keras.training.teachers.TeacherError`, each one line naming the weights file."""
+    from .teachers import TeacherError
+
+    path = Path(recipe.kd["teacher"])
+    weights = path if path.suffix == ".h5" else path / "best_weights.h5"
+    if not weights.exists():
+        hint = "" if path.suffix == ".h5" else f" (is {path} a teacher run with a finished epoch?)"
+        raise FileNotFoundError(f"kd.teacher: teacher weights {weights} not found{hint}.")
+    own = weights.parent / "recipe.yaml"
+    teacher_recipe = load_recipe(own) if own.exists() else _twin_recipe(recipe)
+    if list(teacher_recipe.classes) != list(recipe.classes):
+        raise TeacherError(
+            f"kd.teacher {weights}: the teacher has {len(teacher_recipe.classes)} classes "
+            f"({', '.join(teacher_recipe.classes)}), the student {recipe.name} has {len(recipe.classes)} "
+            f"({', '.join(recipe.classes)}); they must be the same, in the same order.")
+    if tuple(teacher_recipe.input_shape) != tuple(recipe.input_shape):
+        raise TeacherError(
+            f"kd.teacher {weights}: the teacher takes {list(teacher_recipe.input_shape)} images, the "
+            f"student {recipe.name} {list(recipe.input_shape)}; distillation feeds both the same batch.")
+    return weights, teacher_recipe

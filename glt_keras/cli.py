@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "glt_keras.mcu.cli",  # export-c
     "glt_keras.zoo_cli",  # zoo
     "glt_keras.training.mixbin_cli",  # mixbin
+    "glt_keras.training.teachers_cli",  # teachers cache
 )
 
 

@@ -355,6 +355,9 @@ KD_KEYS = {
     "temperature": Num(0, lo_open=True),
     "teacher_epochs": Int(1),
     "teachers": Seq(AnyOf(Section(TEACHER_KEYS, required=("path",)), Str()), optional=True),
+    # K fixed augmented views per training image, labelled by the teachers once and cached
+    # (glt_keras.training.view_cache); absent or 0: the teachers label every live view.
+    "view_cache": Int(0, optional=True),
 }
 PRUNING_KEYS = {
     "target_ratio": Num(0, 1, hi_open=True),
@@ -426,6 +429,9 @@ def _validate(d: dict) -> None:
             if label != "teacher" and label not in classes:
                 raise RecipeError(f"{key}.paste.label: {label!r} is not one of the recipe's "
                                   f"classes ({', '.join(classes)}) nor 'teacher'.")
+    kd = d.get("kd") or {}
+    if kd.get("view_cache") and not kd.get("teachers"):
+        raise RecipeError("kd.view_cache caches the outputs of kd.teachers, which names no teacher file.")
     _validate_model_keys(d["model"], "model")
     pruning = d.get("pruning") or {}
     if pruning.get("full_model"):

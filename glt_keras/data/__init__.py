@@ -4,7 +4,7 @@ tf.data pipelines with augmentation.
 TensorFlow is imported only by the functions that need it (``make_dataset``,
 ``load_tfds_stl10``), so the array loaders stay quick to import.
 """
-from .augment import make_dataset, paste_augment, random_subset, resize_uint8
+from .augment import make_dataset, make_views, paste_augment, random_subset, resize_uint8, view_params
 from .cutouts import person_cutouts
 from .sources import (
     DATASETS,
@@ -34,9 +34,11 @@ __all__ = [
     "load_image_folder",
     "load_tfds_stl10",
     "make_dataset",
+    "make_views",
     "paste_augment",
     "person_cutouts",
     "person_scenes_sources",
     "random_subset",
     "resize_uint8",
+    "view_params",
 ]

@@ -8,6 +8,12 @@ The pipeline shuffles indices (cheap), batches them, gathers the uint8 images of
 augments the whole batch with vectorised ops (one ``map`` call per batch), which keeps a 2-core
 machine fed. Random numbers come from stateless ops seeded by a ``tf.data.Dataset.random``
 stream, so a pipeline is reproducible for a given ``seed`` and differs from epoch to epoch.
+
+Fixed views (for cached teacher targets, :mod:`glt_keras.training.view_cache`): with
+``view_targets`` each image ``i`` has ``K`` views whose parameters (:func:`view_params`) are a
+hash of ``(seed, i, k)``; the pipeline samples images as always, draws ``k``, and builds view
+``(i, k)`` with the same ops as live augmentation. :func:`make_views` builds any list of views
+in order: the same pixels, to label them ahead of training.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["make_dataset", "paste_augment", "random_subset", "resize_uint8"]
+__all__ = ["make_dataset", "make_views", "paste_augment", "random_subset", "resize_uint8", "view_params",
+           "view_uniforms"]
 
 from .sources import _as_hw  # noqa: E402  (one definition of image sizes)
 
@@ -29,7 +36,7 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
                  seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False,
-                 balance_by=None):
+                 balance_by=None, view_targets=None):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
     Args:
@@ -63,6 +70,12 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         balance_by: (with ``balance``) the class of each image to balance on, when it is not
             ``y`` (e.g. the teachers' label of images whose ``y`` is -1, unlabelled).
         drop_remainder: drop the last incomplete batch.
+        view_targets: (training) fixed views with cached targets, an array ``(N, K, classes)``:
+            image ``i`` has ``K`` fixed augmented views, view ``(i, k)`` made by
+            :func:`view_params` (a pure function of ``seed``, ``i``, ``k`` and the settings
+            above); each sampled image (shuffled or balanced as without) gets a uniformly drawn
+            ``k``, and the pipeline yields ``(images, (labels, view_targets[i, k]))``
+            (:mod:`glt_keras.training.view_cache`). None: live random views, as always.
     """
     import tensorflow as tf
 
@@ -92,17 +105,12 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
     autotune = tf.data.AUTOTUNE
     images_t = tf.constant(x)
     labels_t = tf.constant(y.astype(np.int32))
-
-    def resize(images):
-        in_size = tuple(images.shape[1:3])
-        if in_size == out_hw:
-            return images
-        if out_hw[0] <= in_size[0] and out_hw[1] <= in_size[1]:
-            # Downscale: area averaging is antialiased and ~7x faster than antialias=True bilinear.
-            return tf.image.resize(images, out_hw, method="area")
-        return tf.image.resize(images, out_hw, method="bilinear")
+    resize = _resizer(out_hw)
 
     if not training:
+        if view_targets is not None:
+            raise ValueError("make_dataset: view_targets is for training pipelines (training=True).")
+
         def load(idx):
             images = resize(tf.cast(tf.gather(images_t, idx), tf.float32))
             return tf.clip_by_value(images, 0.0, 255.0), tf.gather(labels_t, idx)
@@ -132,20 +140,90 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         idx_ds = tf.data.Dataset.range(n).shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     idx_ds = idx_ds.batch(batch_size, drop_remainder=drop_remainder)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2, drop_remainder=True)
+    apply = _pixel_ops(in_hw, out_hw, crop=crop, pad=pad, brightness=brightness, contrast=contrast)
+
+    if view_targets is not None:
+        targets = np.asarray(view_targets, np.float32)
+        if targets.ndim != 3 or len(targets) != n or targets.shape[1] < 1:
+            raise ValueError(f"view_targets must have shape ({n}, views, classes), got {targets.shape}")
+        views = int(targets.shape[1])
+        table = view_params(seed, np.repeat(np.arange(n), views), np.tile(np.arange(views), n), crop=crop,
+                            pad=pad, flip=flip, scale=(lo, hi), brightness=brightness, contrast=contrast)
+        params_t = tf.constant(table)
+        targets_t = tf.constant(targets.reshape(n * views, -1))
+
+        def augment_view(idx, seed_pair):
+            # The index sampling and the seeds are today's; s[7] (unused by live views) picks k.
+            s = tf.random.experimental.stateless_split(seed_pair, num=8)
+            k = tf.random.stateless_uniform(tf.shape(idx), s[7], 0, views, dtype=tf.int64)
+            row = tf.cast(idx, tf.int64) * views + k
+            images = apply(tf.cast(tf.gather(images_t, idx), tf.float32), _draws(tf.gather(params_t, row), crop))
+            return images, (tf.gather(labels_t, idx), tf.gather(targets_t, row))
+
+        ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment_view, num_parallel_calls=autotune)
+        return ds.prefetch(autotune)
 
     def augment(idx, seed_pair):
         s = tf.random.experimental.stateless_split(seed_pair, num=8)
         labels = tf.gather(labels_t, idx)
         images = tf.cast(tf.gather(images_t, idx), tf.float32)
         b = tf.shape(images)[0]
-        do_flip = (tf.random.stateless_uniform([b], s[0]) < 0.5) if flip else tf.zeros([b], tf.bool)
-        h, w = in_hw
+        draws = {"flip": (tf.random.stateless_uniform([b], s[0]) < 0.5) if flip else tf.zeros([b], tf.bool)}
+        if crop == "pad":
+            p = int(pad)
+            draws["oy"] = tf.random.stateless_uniform([b], s[1], 0, 2 * p + 1, dtype=tf.int32)
+            draws["ox"] = tf.random.stateless_uniform([b], s[2], 0, 2 * p + 1, dtype=tf.int32)
+        elif crop == "random_resized":
+            draws["area"] = tf.random.stateless_uniform([b], s[1], lo, hi)
+            draws["log_ratio"] = tf.random.stateless_uniform([b], s[2], math.log(3 / 4), math.log(4 / 3))
+            draws["y"] = tf.random.stateless_uniform([b], s[3])
+            draws["x"] = tf.random.stateless_uniform([b], s[4])
+        if brightness:
+            draws["delta"] = tf.random.stateless_uniform([b], s[5], -float(brightness), float(brightness))
+        if contrast:
+            draws["factor"] = tf.random.stateless_uniform([b], s[6], 1.0 - float(contrast), 1.0 + float(contrast))
+        return apply(images, draws), labels
+
+    ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment, num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
+
+def _resizer(out_hw):
+    """``resize(images)``: float images to ``out_hw`` (area averaging down, bilinear up)."""
+    import tensorflow as tf
+
+    def resize(images):
+        in_size = tuple(images.shape[1:3])
+        if in_size == out_hw:
+            return images
+        if out_hw[0] <= in_size[0] and out_hw[1] <= in_size[1]:
+            # Downscale: area averaging is antialiased and ~7x faster than antialias=True bilinear.
+            return tf.image.resize(images, out_hw, method="area")
+        return tf.image.resize(images, out_hw, method="bilinear")
+
+    return resize
+
+
+def _pixel_ops(in_hw, out_hw, *, crop, pad, brightness, contrast):
+    """``apply(images, draws)``: the augmentation of a float batch given its random draws
+    (``flip``; ``oy, ox`` for ``pad``; ``area, log_ratio, y, x``, or the ``box`` they make,
+    for ``random_resized``; ``delta``, ``factor``), clipped to [0, 255]. One definition for
+    live and fixed views. Fixed views pass the box: TensorFlow's vectorised ``exp`` and
+    ``sqrt`` round a value differently by its position in the batch, and a view must have the
+    same pixels in any batch."""
+    import tensorflow as tf
+
+    resize = _resizer(out_hw)
+    h, w = in_hw
+
+    def apply(images, draws):
+        b = tf.shape(images)[0]
+        do_flip = draws["flip"]
         if crop == "pad":
             p = int(pad)
             if p > 0:
                 images = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]], mode="REFLECT")
-            oy = tf.random.stateless_uniform([b], s[1], 0, 2 * p + 1, dtype=tf.int32)
-            ox = tf.random.stateless_uniform([b], s[2], 0, 2 * p + 1, dtype=tf.int32)
+            oy, ox = draws["oy"], draws["ox"]
             rows = oy[:, None] + tf.range(h)[None, :]
             cols = tf.where(do_flip[:, None], ox[:, None] + (w - 1 - tf.range(w))[None, :],
                             ox[:, None] + tf.range(w)[None, :])
@@ -153,13 +231,15 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             images = tf.gather(images, cols, axis=2, batch_dims=1)
             images = resize(images)
         elif crop == "random_resized":
-            area = tf.random.stateless_uniform([b], s[1], lo, hi)
-            log_r = tf.random.stateless_uniform([b], s[2], math.log(3 / 4), math.log(4 / 3))
-            ratio = tf.exp(log_r)
-            hf = tf.minimum(tf.sqrt(area / ratio), 1.0)
-            wf = tf.minimum(tf.sqrt(area * ratio), 1.0)
-            y1 = tf.random.stateless_uniform([b], s[3]) * (1.0 - hf)
-            x1 = tf.random.stateless_uniform([b], s[4]) * (1.0 - wf)
+            if "box" in draws:  # fixed views: the box computed ahead (view_params)
+                y1, x1, hf, wf = tf.unstack(draws["box"], axis=1)
+            else:
+                area = draws["area"]
+                ratio = tf.exp(draws["log_ratio"])
+                hf = tf.minimum(tf.sqrt(area / ratio), 1.0)
+                wf = tf.minimum(tf.sqrt(area * ratio), 1.0)
+                y1 = draws["y"] * (1.0 - hf)
+                x1 = draws["x"] * (1.0 - wf)
             x2 = x1 + wf
             # crop_and_resize flips a box whose x1 > x2.
             left, right = tf.where(do_flip, x2, x1), tf.where(do_flip, x1, x2)
@@ -169,18 +249,125 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             images = tf.where(do_flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
             images = resize(images)
         if brightness:
-            delta = tf.random.stateless_uniform([b], s[5], -float(brightness), float(brightness))
-            images = images + delta[:, None, None, None]
+            images = images + draws["delta"][:, None, None, None]
         if contrast:
-            factor = tf.random.stateless_uniform([b], s[6], 1.0 - float(contrast), 1.0 + float(contrast))
+            factor = draws["factor"]
             mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
             images = (images - mean) * factor[:, None, None, None] + mean
         images = tf.clip_by_value(images, 0.0, 255.0)
-        images = tf.ensure_shape(images, [None, out_hw[0], out_hw[1], 3])
-        return images, labels
+        return tf.ensure_shape(images, [None, out_hw[0], out_hw[1], 3])
 
-    ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment, num_parallel_calls=autotune)
-    return ds.prefetch(autotune)
+    return apply
+
+
+# ----------------------------------------------------------------------------- fixed views
+#: Random draws of one view, in this order: flip, four for the crop, brightness, contrast.
+VIEW_DRAWS = 7
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(z):
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def view_uniforms(seed: int, i, k) -> np.ndarray:
+    """Uniform numbers in [0, 1), ``(len(i), VIEW_DRAWS)`` float64, of the views ``(i[j], k[j])``:
+    a hash of ``(seed, i, k, draw)``, so a pure function of them, whatever the number of images
+    or views (view ``(i, k)`` of a set with 4 views per image is the same in one with 8).
+
+        >>> u = view_uniforms(0, [3, 3, 5], [0, 1, 0])
+        >>> u.shape, bool(((0 <= u) & (u < 1)).all()), bool((u[0] != u[1]).all())
+        ((3, 7), True, True)
+        >>> bool((view_uniforms(0, [5], [0]) == u[2]).all())
+        True
+    """
+    i = np.asarray(i, np.int64).astype(np.uint64).reshape(-1, 1)
+    k = np.asarray(k, np.int64).astype(np.uint64).reshape(-1, 1)
+    draw = np.arange(VIEW_DRAWS, dtype=np.uint64)[None, :]
+    golden = np.uint64(_GOLDEN)
+    with np.errstate(over="ignore"):
+        z = _mix(np.full((1, 1), int(seed) & (2 ** 64 - 1), np.uint64) + golden)
+        z = _mix((z ^ i) + golden)
+        z = _mix((z ^ k) + golden)
+        z = _mix((z ^ draw) + golden)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def view_params(seed: int, i, k, *, crop: str = "none", pad: int = 4, flip: bool = True,
+                scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
+                contrast: float = 0.0) -> np.ndarray:
+    """The augmentation parameters of the fixed views ``(i[j], k[j])``: float32
+    ``(len(i), VIEW_DRAWS)`` columns flip (0 / 1), crop (``pad``: row and column offsets;
+    ``random_resized``: the box's top, left, height and width as fractions of the image),
+    brightness offset, contrast factor; drawn as :func:`make_dataset`'s live views are. :func:`make_dataset` (``view_targets``) and :func:`make_views` build view ``(i, k)``
+    from its row with the live pipeline's own ops."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    u = view_uniforms(seed, i, k)
+    out = np.zeros_like(u)
+    out[:, 0] = (u[:, 0] < 0.5) if flip else 0.0
+    if crop == "pad":
+        out[:, 1:3] = np.minimum(np.floor(u[:, 1:3] * (2 * int(pad) + 1)), 2 * int(pad))
+    elif crop == "random_resized":
+        lo, hi = float(scale[0]), float(scale[1])
+        area = lo + u[:, 1] * (hi - lo)
+        ratio = np.exp(math.log(3 / 4) + u[:, 2] * (math.log(4 / 3) - math.log(3 / 4)))
+        hf, wf = np.minimum(np.sqrt(area / ratio), 1.0), np.minimum(np.sqrt(area * ratio), 1.0)
+        out[:, 1:5] = np.stack([u[:, 3] * (1.0 - hf), u[:, 4] * (1.0 - wf), hf, wf], axis=1)
+    out[:, 5] = float(brightness) * (2.0 * u[:, 5] - 1.0)
+    out[:, 6] = 1.0 + float(contrast) * (2.0 * u[:, 6] - 1.0)
+    return out.astype(np.float32)
+
+
+def _draws(params, crop: str) -> dict:
+    """A batch of :func:`view_params` rows (a tensor) -> the draws ``_pixel_ops`` applies."""
+    import tensorflow as tf
+
+    draws = {"flip": params[:, 0] > 0.5, "delta": params[:, 5], "factor": params[:, 6]}
+    if crop == "pad":
+        draws["oy"], draws["ox"] = tf.cast(params[:, 1], tf.int32), tf.cast(params[:, 2], tf.int32)
+    elif crop == "random_resized":
+        draws["box"] = params[:, 1:5]
+    return draws
+
+
+def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize = None,
+               crop: str = "none", pad: int = 4, flip: bool = True,
+               scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0,
+               **_ignored):
+    """A ``tf.data.Dataset`` of float32 batches: the fixed views ``(i[j], k[j])`` of the uint8
+    images ``x``, in order, ``batch_size`` at a time; pixel for pixel the views that
+    :func:`make_dataset` with ``view_targets`` (same ``x``, ``seed`` and settings) yields.
+    Other :func:`make_dataset` keywords (``shuffle_buffer``, ...) are accepted and ignored.
+
+        >>> x = np.zeros((2, 8, 8, 3), np.uint8)
+        >>> next(iter(make_views(x, [0, 1], [0, 0], batch_size=2, image_size=4))).shape.as_list()
+        [2, 4, 4, 3]
+    """
+    import tensorflow as tf
+
+    x = np.asarray(x)
+    i = np.asarray(i, np.int64)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise ValueError(f"x must be uint8 images (N, H, W, 3), got {x.dtype} {x.shape}")
+    in_hw = (int(x.shape[1]), int(x.shape[2]))
+    out_hw = _as_hw(image_size) or in_hw
+    images_t = tf.constant(x)
+    idx_t = tf.constant(i)
+    params_t = tf.constant(view_params(seed, i, k, crop=crop, pad=pad, flip=flip, scale=scale,
+                                       brightness=brightness, contrast=contrast))
+    apply = _pixel_ops(in_hw, out_hw, crop=crop, pad=pad, brightness=brightness, contrast=contrast)
+
+    def build(rows):
+        images = tf.cast(tf.gather(images_t, tf.gather(idx_t, rows)), tf.float32)
+        return apply(images, _draws(tf.gather(params_t, rows), crop))
+
+    ds = tf.data.Dataset.range(len(i)).batch(int(batch_size))
+    return ds.map(build, num_parallel_calls=tf.data.AUTOTUNE).prefetch(1)
 
 
 def _soft_ellipse(h: int, w: int, person_fraction: float, feather: float) -> np.ndarray:

@@ -6,7 +6,8 @@ The public API, importable from here (``from glt_keras.training import train, Di
 - ``evaluate``: accuracy, mean per-class accuracy, confusion matrix (:mod:`.evaluation`);
 - ``load_splits``, ``extra_eval_sets``: a recipe's data as uint8 arrays (:mod:`.splits`);
 - ``Distiller``, ``TargetDistiller``, ``load_teachers``: knowledge distillation
-  (:mod:`.distill`, :mod:`.teachers`);
+  (:mod:`.distill`, :mod:`.teachers`); ``ensure_view_cache``: teacher files' outputs on fixed
+  augmented views, computed once (:mod:`.view_cache`);
 - ``BlockPruning``, ``block_structure``, ``shrink``, ``pruning_report``: structured block
   pruning (:mod:`.pruning`);
 - ``select_layers``, ``Selection``, ``budget_cost``, ``int8_real_export``,
@@ -18,12 +19,12 @@ One module per concept; data flows one way (each line imports only from lines ab
 
 - :mod:`.splits` (recipe sources -> arrays), :mod:`.schedule` (learning rate, optimizer),
   :mod:`.checkpoints`, :mod:`.history` (history.csv, summary, plots), :mod:`.evaluation`,
-  :mod:`.distill`, :mod:`.teachers`;
+  :mod:`.distill`, :mod:`.teachers`, :mod:`.view_cache`;
 - :mod:`.pruning` (structure, scores, schedule, shrinking, recipes) and :mod:`.mixbin`
   (costs, selection, surgery, search, int8, variants);
 - :mod:`.run`: ``train()``, the fit-loop glue;
 - :mod:`.mixbin_run`: train and evaluate a MixBin selection; :mod:`.cli`,
-  :mod:`.mixbin_cli`: the command line.
+  :mod:`.mixbin_cli`, :mod:`.teachers_cli`: the command line.
 
 The names are resolved on first use, so that importing this package (as the command line
 does to register its subcommands) does not load TensorFlow.
@@ -62,6 +63,8 @@ _EXPORTS = {
     "TeacherEnsemble": "teachers",
     "TeacherError": "teachers",
     "load_teachers": "teachers",
+    "ViewCache": "view_cache",
+    "ensure_view_cache": "view_cache",
     # structured block pruning
     "BlockPruning": "pruning",
     "BlockStructure": "pruning",

@@ -40,6 +40,7 @@ def cmd_train(args):
             subset=args.subset,
             steps_per_epoch=args.steps_per_epoch,
             verbose=args.verbose,
+            view_cache_dir=args.cache_dir,
         )
     except KeyboardInterrupt:
         again = " ".join(
@@ -192,6 +193,8 @@ def register(subparsers):
     p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default")
     p.add_argument("--subset", type=positive_int, help="use at most this many images per split (smoke runs)")
     p.add_argument("--steps-per-epoch", type=positive_int)
+    p.add_argument("--cache-dir", help="teacher view cache folder, for kd.view_cache (default "
+                                       "$GLT_CACHE_DIR/teacher_views, else ~/.cache/glt_keras/teacher_views)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="TensorFlow intra-op threads (0: all cores)")
     p.add_argument("--verbose", type=int, default=1, help="1: progress bar, 2: one line per epoch")
     p.set_defaults(func=cmd_train)

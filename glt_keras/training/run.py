@@ -114,6 +114,7 @@ def train(
     callbacks=(),
     verbose: int = 1,
     overwrite: bool = False,
+    view_cache_dir=None,
 ) -> dict:
     """Train a recipe; returns the run summary. See the module docstring for the run folder.
 
@@ -122,7 +123,8 @@ def train(
     folder that holds a run's files but no readable checkpoint is refused, as is a fresh
     start into a folder holding a run unless ``overwrite=True`` (which deletes that run's
     checkpoints, history and best weights first). ``subset`` / ``steps_per_epoch`` make
-    quick runs for tests and smoke checks.
+    quick runs for tests and smoke checks. ``view_cache_dir``: the folder of the teacher view
+    cache (``kd.view_cache``; default :func:`~glt_keras.training.view_cache.default_cache_dir`).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -202,8 +204,14 @@ def train(
     elif unlabeled and recipe.data.get("balance"):
         raise ValueError(f"recipe {recipe.name}: data.balance: true samples by hard label, and {unlabeled} "
                          "training images are labelled by the teachers only; use balance: teacher.")
-    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch, balance_by=balance_by)
-    if teachers is not None:
+    view_cache = None
+    if teachers is not None and recipe.kd.get("view_cache"):  # fixed views, labelled once (filled if missing)
+        from .view_cache import ensure_view_cache
+
+        view_cache = ensure_view_cache(recipe, splits.train[0], teachers, cache_dir=view_cache_dir, verbose=verbose)
+    train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch, balance_by=balance_by,
+                                  view_targets=view_cache.probs if view_cache is not None else None)
+    if teachers is not None and view_cache is None:
         from .teachers import with_teacher_targets
 
         train_ds = with_teacher_targets(train_ds, teachers)

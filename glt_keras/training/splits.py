@@ -166,16 +166,19 @@ def extra_eval_sets(recipe: Recipe, *, data_dir=None) -> dict:
     return sets
 
 
-def make_train_dataset(recipe: Recipe, x, y, *, batch_size, balance_by=None):
+def make_train_dataset(recipe: Recipe, x, y, *, batch_size, balance_by=None, view_targets=None):
     """The augmented training stream; ``balance_by``: the classes to balance on where ``y``
-    has none (``data.balance: teacher``)."""
+    has none (``data.balance: teacher``); ``view_targets``: the cached teachers' probabilities
+    ``(N, K, classes)`` of ``K`` fixed views per image (``kd.view_cache``), yielded with each
+    view as ``(images, (labels, probabilities))``."""
     from ..data import make_dataset
 
     aug = dict(recipe.data.get("augment") or {})
     return make_dataset(
         x, y, batch_size=batch_size, training=True, image_size=recipe.input_shape[:2],
         seed=recipe.training["seed"], balance=bool(recipe.data.get("balance", False)),
-        balance_by=balance_by, num_classes=len(recipe.classes), drop_remainder=True, **aug,
+        balance_by=balance_by, num_classes=len(recipe.classes), drop_remainder=True,
+        **({"view_targets": view_targets} if view_targets is not None else {}), **aug,
     )
 
 

@@ -18,7 +18,9 @@ the recipe's classes); ``weight`` weighs it in the average (default 1).
 
 Consistent teaching: :func:`with_teacher_targets` runs every teacher on the batch of augmented
 views the student trains on (crop, flip, exposure, paste all happen first), resized to the
-teacher's input size, so the target always describes the image the student sees. The teachers'
+teacher's input size, so the target always describes the image the student sees. With
+``kd.view_cache: K`` the teachers label ``K`` fixed views of every image once, ahead of training,
+and the student trains on exactly those views (:mod:`glt_keras.training.view_cache`). The teachers'
 probabilities are averaged (weighted). Every file is checked before training starts: a missing
 or unreadable file, or an input / output shape that does not fit the recipe, is a
 :class:`TeacherError` naming the file.
@@ -160,6 +162,13 @@ class TeacherEnsemble:
         total = sum(t.weight for t in self.teachers)
         self.weights = [t.weight / total for t in self.teachers]
         self.num_classes = self.teachers[0].num_classes
+
+    def copy(self) -> "TeacherEnsemble":
+        """The same teachers with interpreters of their own (one per thread: an interpreter
+        is not thread-safe)."""
+        from dataclasses import replace
+
+        return TeacherEnsemble([replace(t) for t in self.teachers])
 
     def __repr__(self):
         return "TeacherEnsemble(" + ", ".join(f"{t.name} x{w:.2f}" for t, w in zip(self.teachers, self.weights)) + ")"

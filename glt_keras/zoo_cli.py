@@ -69,7 +69,8 @@ def _check_finetune_recipe(run_recipe, name) -> None:
 
 def _step(command: str, summary: dict) -> dict:
     return {"command": command, **{k: summary.get(k) for k in
-                                    ("epochs", "train_seconds", "images_per_second", "sessions", "schedule")}}
+                                    ("epochs", "train_seconds", "images_per_second", "sessions", "schedule")},
+            **({"teacher_view_cache": summary["teacher_view_cache"]} if summary.get("teacher_view_cache") else {})}
 
 
 def training_record(recipe, name: str, run_summary: dict) -> dict:
@@ -352,14 +353,20 @@ def training_lines(training: dict) -> list:
                 f"images/s on a 2-core CPU, {step['sessions']} session(s))")
 
     log = "Per-epoch log: [`train_history.csv`](train_history.csv)."
+    cache = next((s["teacher_view_cache"] for s in [training, *training.get("steps", [])]
+                  if s.get("teacher_view_cache")), None)
+    cache_line = [] if not cache else [
+        f"The teachers' outputs came from a view cache (`kd.view_cache`): {cache['views']:,} fixed augmented views "
+        f"labelled once" + (f" in {cache['fill_seconds']} s ({cache['workers']} workers)" if cache.get("fill_seconds") else "")
+        + ", not counted in the training time above (shared by the runs that use the same photos, views and teachers).", ""]
     if "steps" not in training:
-        return [f"{training_commands(training)} — {cost(training)}. {log}", ""]
+        return [f"{training_commands(training)} — {cost(training)}. {log}", ""] + cache_line
     first, second = training["steps"]
     return [f"Two steps, {training['epochs']} epochs and {training['train_seconds']} s of training in all:", "",
             f"1. {training_commands(first)} — {cost(first)};",
             f"2. fine-tuning its best weights with [`{FINETUNE_RECIPE}`]({FINETUNE_RECIPE}): "
             f"{training_commands(second)} — {cost(second)}. Per-epoch log of this step: "
-            "[`train_history.csv`](train_history.csv).", ""]
+            "[`train_history.csv`](train_history.csv).", ""] + cache_line
 
 
 def training_commands(training: dict) -> str:

@@ -131,6 +131,8 @@ def test_an_interrupted_fill_resumes_to_the_same_cache(teacher_file, images, tmp
     monkeypatch.setattr(FileTeacher, "predict", lambda self, x: calls.append(len(x)) or predict(self, x))
     resumed = vc.ensure_view_cache(recipe, images, ensemble, cache_dir=tmp_path / "resumed", workers=2, verbose=0)
     assert len(calls) == 4  # only the chunks that were missing
+    # The fill's cost adds up over its calls (the killed one included).
+    assert json.loads(resumed.path.with_suffix(".json").read_text())["fill_seconds"] > 0
     assert resumed.path.name == whole.path.name and not list((tmp_path / "resumed").glob("*.parts"))
     np.testing.assert_array_equal(resumed.probs, whole.probs)
     calls.clear()
@@ -243,7 +245,17 @@ def test_a_run_with_view_cache_trains_without_running_a_teacher(image_folder, te
     header, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
     assert np.isfinite(float(dict(zip(header.split(","), row.split(",")))["loss"]))
     (cache,) = cache_dir.glob("*.npz")
-    assert json.loads(cache.with_suffix(".json").read_text())["made_for"] == "tiny_view_cache"
+    info = json.loads(cache.with_suffix(".json").read_text())
+    assert info["made_for"] == "tiny_view_cache" and info["fill_seconds"] > 0
+    # The run records the cache's cost (the card shows it beside the training time).
+    recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_view_cache"]
+    assert recorded == {"file": cache.name, "views": 2 * info["meta"]["images"]["shape"][0],
+                        "fill_seconds": info["fill_seconds"], "workers": info["workers"]}
+    from glt_keras.zoo_cli import training_lines, training_record
+
+    text = "\n".join(training_lines(training_record(recipe, "tiny_view_cache",
+                                                     json.loads((tmp_path / "run" / "summary.json").read_text()))))
+    assert f"view cache (`kd.view_cache`): {recorded['views']:,} fixed augmented views labelled once in" in text
     # glt-keras teachers cache finds the same cache: nothing to label.
     calls.clear()
     path = tmp_path / "recipe.yaml"

@@ -206,7 +206,7 @@ def train(
                          "training images are labelled by the teachers only; use balance: teacher.")
     view_cache = None
     if teachers is not None and recipe.kd.get("view_cache"):  # fixed views, labelled once (filled if missing)
-        from .view_cache import ensure_view_cache
+        from .view_cache import cost as view_cache_cost, ensure_view_cache
 
         view_cache = ensure_view_cache(recipe, splits.train[0], teachers, cache_dir=view_cache_dir, verbose=verbose)
     train_ds = make_train_dataset(recipe, *splits.train, batch_size=global_batch, balance_by=balance_by,
@@ -308,6 +308,7 @@ def train(
         wall_seconds_this_session=round(time.time() - t0, 1),
         train_images=int(len(splits.train[1])),
         val_images=int(len(splits.val[1])) if splits.val is not None else 0,
+        **({"teacher_view_cache": view_cache_cost(view_cache)} if view_cache is not None else {}),
     )
     if prune:
         _export_pruned(recipe, model, run_dir, splits, verbose)

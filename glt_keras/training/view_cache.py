@@ -210,6 +210,7 @@ def fill_view_cache(x, ensemble, meta: dict, path, *, workers: int | None = None
     atomic_write(parts / "meta.json", meta_text)
     todo = [c for c in plan if _read_part(parts, c, views, classes) is None]
     settings = dict(seed=meta["seed"], image_size=meta["image_size"], **meta["augment"])
+    started = time.perf_counter()
     if todo:
         idx = np.concatenate([np.repeat(np.arange(s, e), views) for s, e in todo])
         batches = make_views(x, idx, np.tile(np.arange(views), len(idx) // views), batch_size=per_chunk * views,
@@ -248,6 +249,8 @@ def fill_view_cache(x, ensemble, meta: dict, path, *, workers: int | None = None
                 for future in pending:
                     future.cancel()
                 raise
+            finally:  # a resumed fill's cost is the sum of its calls
+                _add_fill_seconds(parts, time.perf_counter() - started)
     chunks = [_read_part(parts, c, views, classes) for c in plan]
     if any(c is None for c in chunks) and path.is_file():  # another fill of this cache finished first
         shutil.rmtree(parts, ignore_errors=True)
@@ -258,12 +261,30 @@ def fill_view_cache(x, ensemble, meta: dict, path, *, workers: int | None = None
     probs = np.concatenate(chunks)
     _write(path, np.savez, probs=probs, meta=np.array(json.dumps(meta)))
     atomic_write(path.with_suffix(".json"), json.dumps(
-        {"key": path.stem, "made_for": made_for, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "meta": meta},
+        {"key": path.stem, "made_for": made_for, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+         "fill_seconds": round(_fill_seconds(parts), 1), "workers": workers, "meta": meta},
         indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     if verbose:
         print(f"teacher view cache: wrote {path} ({n:,} images x {views} views).")
     return ViewCache(path, meta, probs)
+
+
+def _fill_seconds(parts: Path) -> float:
+    seconds = parts / "fill_seconds.txt"
+    return float(seconds.read_text()) if seconds.is_file() else 0.0
+
+
+def _add_fill_seconds(parts: Path, seconds: float) -> None:
+    atomic_write(parts / "fill_seconds.txt", f"{_fill_seconds(parts) + seconds:.1f}")
+
+
+def cost(cache: ViewCache) -> dict:
+    """What a run records of its cache (summary.json, then the card): file, views, fill time."""
+    info_file = Path(cache.path).with_suffix(".json")
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return {"file": Path(cache.path).name, "views": int(np.prod(cache.probs.shape[:2])),
+            "fill_seconds": info.get("fill_seconds"), "workers": info.get("workers")}
 
 
 def _announce(x, ensemble, meta, path, done, total, workers, settings):

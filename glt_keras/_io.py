@@ -1,6 +1,7 @@
 """File helpers shared across the package."""
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -64,3 +65,12 @@ def check_replaceable(path: PathLike) -> None:
         raise FileExistsError(
             f"{path} is not a regular file (a device, pipe or socket); refusing to replace it."
         )
+
+
+def sha256_of(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (weight files, teacher files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,10 +8,10 @@ Loading a model needs neither the network nor the training code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from ._io import sha256_of  # noqa: F401  (zoo.sha256_of: the registry's checksums)
 from .recipe import ZOO_DIR, Recipe, load_recipe
 
 REGISTRY_PATH = ZOO_DIR / "registry.json"
@@ -46,12 +46,6 @@ def get_recipe(name: str) -> Recipe:
     return load_recipe(name)
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish_commands(name: str) -> str:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, sha256_of
 
 __all__ = ["ViewCache", "ViewCacheError", "cache_key", "cache_meta", "default_cache_dir", "differences",
            "ensure_view_cache", "fill_view_cache", "load_view_cache", "view_count", "view_settings"]
@@ -94,14 +94,6 @@ def view_settings(recipe) -> dict:
                         "contrast": float(aug["contrast"])}}
 
 
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_images(x: np.ndarray) -> str:
     h = hashlib.sha256(f"{x.dtype.str} {list(x.shape)}".encode())
     step = max(1, (64 << 20) // max(1, x[0].nbytes))
@@ -119,7 +111,7 @@ def cache_meta(x, ensemble, views: int, settings: dict) -> dict:
         "format": FORMAT, "views": int(views),
         "images": {"shape": list(x.shape), "dtype": x.dtype.str, "sha256": _sha256_images(x)},
         **settings,
-        "teachers": [{"file": t.name, "sha256": _sha256_file(t.path), "input_range": [float(v) for v in t.input_range],
+        "teachers": [{"file": t.name, "sha256": sha256_of(t.path), "input_range": [float(v) for v in t.input_range],
                       "output": t.output, "class_index": [int(c) for c in t.class_index], "weight": float(w)}
                      for t, w in zip(ensemble.teachers, ensemble.weights)],
         "num_classes": int(ensemble.num_classes),

@@ -247,7 +247,7 @@ def mcu_lines(name: str, sha256: str) -> list:
         lines.append(f"| _external:_ {ref['name']} | Cortex-M4 | {ref['instructions_m4']:,} | "
                      f"{ref['flash_bytes']:,} | ~{ref['ram_bytes_approx']:,} |")
     host = "identical" if row["argmax_host_equal_keras"] else "DIFFERENT"
-    lines += ["", f"- Measured by `{report.get('command', 'benchmarks/bench_mcu.py')}` ({source}) for these "
+    lines += ["", f"- Measured by `{row.get('command') or report.get('command', 'benchmarks/bench_mcu.py')}` ({source}) for these "
               f"weights (SHA-256 `{sha256}`) on {row['data']}: median instructions per `glt_infer()` call "
               "under `qemu-system-arm -icount shift=0` (instructions, not cycles: no pipeline, caches or flash "
               "wait states are modelled), `-O2`. Flash = .text + .rodata + .data of the library; RAM = its static "

@@ -46,8 +46,6 @@ def get_recipe(name: str) -> Recipe:
     return load_recipe(name)
 
 
-
-
 def publish_commands(name: str) -> str:
     """The commands that train ``name`` and publish it: a pruning recipe publishes the shrunk
     network its run writes, and the zoo recipe becomes the shrunk one."""

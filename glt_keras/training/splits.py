@@ -178,7 +178,7 @@ def make_train_dataset(recipe: Recipe, x, y, *, batch_size, balance_by=None, vie
         x, y, batch_size=batch_size, training=True, image_size=recipe.input_shape[:2],
         seed=recipe.training["seed"], balance=bool(recipe.data.get("balance", False)),
         balance_by=balance_by, num_classes=len(recipe.classes), drop_remainder=True,
-        **({"view_targets": view_targets} if view_targets is not None else {}), **aug,
+        view_targets=view_targets, **aug,
     )
 
 

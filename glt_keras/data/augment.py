@@ -337,12 +337,10 @@ def _draws(params, crop: str) -> dict:
 
 def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize = None,
                crop: str = "none", pad: int = 4, flip: bool = True,
-               scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0,
-               **_ignored):
+               scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0):
     """A ``tf.data.Dataset`` of float32 batches: the fixed views ``(i[j], k[j])`` of the uint8
     images ``x``, in order, ``batch_size`` at a time; pixel for pixel the views that
     :func:`make_dataset` with ``view_targets`` (same ``x``, ``seed`` and settings) yields.
-    Other :func:`make_dataset` keywords (``shuffle_buffer``, ...) are accepted and ignored.
 
         >>> x = np.zeros((2, 8, 8, 3), np.uint8)
         >>> next(iter(make_views(x, [0, 1], [0, 0], batch_size=2, image_size=4))).shape.as_list()

@@ -169,10 +169,9 @@ def train(
     if recipe.kd.get("teachers"):  # checked before any output: a bad file fails at once
         if recipe.kd.get("teacher") or teacher_model is not None:
             raise ValueError(f"recipe {recipe.name}: kd.teacher and kd.teachers both set; choose one.")
-        from .teachers import load_teachers
+        from .teachers import recipe_teachers
 
-        teachers = load_teachers(recipe.kd["teachers"], classes=recipe.classes,
-                                 base_dir=Path(recipe.path).parent if recipe.path else None)
+        teachers = recipe_teachers(recipe)
         if verbose:
             print(f"{recipe.name}: teachers {teachers}.")
     if recipe.kd.get("teacher") not in (None, "twin") and teacher_model is None:

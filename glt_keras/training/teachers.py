@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import recipe as recipe_schema
 
-__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "sampling_classes",
+__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "recipe_teachers", "sampling_classes",
            "with_teacher_targets"]
 
 OUTPUTS = ("probabilities", "logits")
@@ -252,6 +252,12 @@ def load_teachers(specs, *, classes: Sequence[str], base_dir=None) -> TeacherEns
         teachers.append(FileTeacher(path, input_range, output, np.array([list(classes).index(n) for n in names]),
                                     len(classes), weight))
     return TeacherEnsemble(teachers)
+
+
+def recipe_teachers(recipe) -> TeacherEnsemble:
+    """The ensemble a recipe's ``kd.teachers`` names, relative paths resolved from the recipe's folder."""
+    return load_teachers(recipe.kd["teachers"], classes=recipe.classes,
+                         base_dir=Path(recipe.path).parent if recipe.path else None)
 
 
 def with_teacher_targets(dataset, ensemble: TeacherEnsemble):

@@ -5,11 +5,9 @@ from ..cli import positive_int
 
 
 def cmd_cache(args):
-    from pathlib import Path
-
     from ..recipe import load_recipe
     from .splits import load_splits
-    from .teachers import load_teachers
+    from .teachers import recipe_teachers
     from .view_cache import ensure_view_cache, view_count
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails before TensorFlow starts
@@ -20,8 +18,7 @@ def cmd_cache(args):
         raise ValueError(f"recipe {recipe.name}: kd.view_cache is not set; add `view_cache: K` (views per "
                          "image) under kd, or pass --views K.")
     recipe = recipe.with_changes(kd={"view_cache": views})
-    ensemble = load_teachers(recipe.kd["teachers"], classes=recipe.classes,
-                             base_dir=Path(recipe.path).parent if recipe.path else None)
+    ensemble = recipe_teachers(recipe)
     x = load_splits(recipe, data_dir=args.data_dir, subset=args.subset).train[0]
     cache = ensure_view_cache(recipe, x, ensemble, cache_dir=args.cache_dir, workers=args.workers)
     print(f"{recipe.name}: {cache.path} ({len(x):,} images x {views} views, {ensemble}).")

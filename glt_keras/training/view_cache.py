@@ -24,7 +24,7 @@ gets its own, and the fill says how it differs from the nearest existing cache. 
 chunks, one teacher ensemble per worker thread, each chunk written atomically to
 ``<key>.parts/``: a killed fill continues where it stopped.
 
-    >>> ensemble = load_teachers(recipe.kd["teachers"], classes=recipe.classes)    # doctest: +SKIP
+    >>> ensemble = recipe_teachers(recipe)                                        # doctest: +SKIP
     >>> cache = ensure_view_cache(recipe, x_train, ensemble)                       # doctest: +SKIP
     >>> train_ds = make_train_dataset(recipe, x_train, y_train, batch_size=64,
     ...                               view_targets=cache.probs)                    # doctest: +SKIP

@@ -108,6 +108,63 @@ def test_views_differ_across_k_and_stay_the_same_across_epochs_and_runs(teacher_
     assert not np.array_equal(view_params(1, [5], [2], **AUGMENT), alone)
 
 
+def test_mixup_views_are_blends_of_two_views_that_only_the_teachers_label(teacher_file, images, tmp_path):
+    recipe = _recipe(teacher_file, augment={**AUGMENT, "mixup": 0.5})
+    plain, views = _all_views(images, _recipe(teacher_file)), _all_views(images, recipe)
+    params = view_params(0, np.repeat(np.arange(N), K), np.tile(np.arange(K), N), mixup=0.5, n_images=N, **AUGMENT)
+    blended = params[:, 7].reshape(N, K) > 0.5
+    assert 0 < blended.mean() < 1
+    for i in range(N):
+        for k in range(K):
+            if not blended[i, k]:  # the other views are the views without mixup
+                np.testing.assert_array_equal(views[i, k], plain[i, k])
+                continue
+            lam, j = params[i * K + k, 8], int(params[i * K + k, 9])
+            assert j != i and not np.array_equal(views[i, k], plain[i, k])
+            np.testing.assert_allclose(views[i, k], lam * plain[i, k] + (1 - lam) * plain[j, k], atol=1e-3)
+    ensemble = load_teachers(recipe.kd["teachers"], classes=CLASSES)
+    cache = vc.ensure_view_cache(recipe, images, ensemble, cache_dir=tmp_path, workers=1, verbose=0)
+    np.testing.assert_allclose(cache.probs.reshape(N * K, 2), ensemble.predict(views.reshape((N * K,) + views.shape[2:])),
+                               atol=1e-6)
+    index = {views[i, k].tobytes(): (i, k) for i in range(N) for k in range(K)}
+    seen = set()
+    for batch, (labels, targets) in _pipeline(images, recipe, cache.probs).repeat().take(12):
+        for image, label, target in zip(batch.numpy(), labels.numpy(), targets.numpy()):
+            i, k = index[image.tobytes()]  # every yielded image is one of the fixed views
+            seen.add(bool(blended[i, k]))
+            # A blend has no hard label (-1); an unblended view keeps its own (here: its index).
+            assert label == (-1 if blended[i, k] else i)
+            np.testing.assert_array_equal(target, cache.probs[i, k])
+    assert seen == {True, False}
+
+
+def test_live_mixup_blends_a_fraction_of_each_batch_and_drops_their_labels():
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype(np.uint8)
+    y = np.arange(32, dtype=np.int32)
+    sources = {im.tobytes() for im in x.astype(np.float32)}
+    for p, lo, hi in ((0.0, 0, 0), (0.5, 0.25, 0.75), (1.0, 1, 1)):
+        ds = make_dataset(x, y, batch_size=8, training=True, seed=3, drop_remainder=True, flip=False, mixup=p)
+        labels, unchanged = [], []
+        for images, batch_labels in ds.repeat().take(8):
+            labels += batch_labels.numpy().tolist()
+            unchanged += [im.tobytes() in sources for im in images.numpy()]
+        blended = np.array(labels) == -1
+        assert lo <= blended.mean() <= hi, p
+        # Exactly the blended images are new pixels; the others are their source images.
+        np.testing.assert_array_equal(~blended, np.array(unchanged))
+    with pytest.raises(ValueError, match="mixup must be a fraction"):
+        make_dataset(x, y, batch_size=8, training=True, mixup=1.5)
+
+
+def test_mixup_needs_teacher_files():
+    base = dict(name="r", input_shape=(8, 8, 3), classes=CLASSES, model={"topology": "tiny"})
+    with pytest.raises(RecipeError, match="data.augment.mixup blends two images"):
+        Recipe(**base, data={"train": {"folder": "x"}, "augment": {"mixup": 0.5}})
+    with pytest.raises(RecipeError, match=r"mixup must be a number >= 0 and <= 1"):
+        Recipe(**base, data={"train": {"folder": "x"}, "augment": {"mixup": 2}}, kd={"teachers": ["t.tflite"]})
+    Recipe(**base, data={"train": {"folder": "x"}, "augment": {"mixup": 0.5}}, kd={"teachers": ["t.tflite"]})
+
+
 def test_an_interrupted_fill_resumes_to_the_same_cache(teacher_file, images, tmp_path, monkeypatch):
     recipe = _recipe(teacher_file)
     ensemble = load_teachers(recipe.kd["teachers"], classes=CLASSES)
@@ -159,11 +216,12 @@ def test_the_key_changes_with_everything_that_decides_views_and_targets(teacher_
         "image_size": meta(_recipe(teacher, size=12)),
         "views": meta(views=K + 1),
         "images.sha256": meta(x=changed_pixel),
+        "augment.mixup": meta(_recipe(teacher, augment={**AUGMENT, "mixup": 0.5})),
     }
     for name, other in variants.items():
         assert vc.differences(base, other) == [name] and vc.cache_key(other) != vc.cache_key(base)
     # The same settings spelled differently (defaults written out, an int for a float) are the same views.
-    spelled = {**AUGMENT, "brightness": 30, "pad": 4, "scale": [0.35, 1.0], "shuffle_buffer": 5}
+    spelled = {**AUGMENT, "brightness": 30, "pad": 4, "scale": [0.35, 1.0], "shuffle_buffer": 5, "mixup": 0}
     assert vc.cache_key(meta(_recipe(teacher, augment=spelled))) == vc.cache_key(base)
 
     ensemble = load_teachers(recipe.kd["teachers"], classes=CLASSES)

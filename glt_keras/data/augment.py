@@ -14,6 +14,14 @@ Fixed views (for cached teacher targets, :mod:`glt_keras.training.view_cache`): 
 hash of ``(seed, i, k)``; the pipeline samples images as always, draws ``k``, and builds view
 ``(i, k)`` with the same ops as live augmentation. :func:`make_views` builds any list of views
 in order: the same pixels, to label them ahead of training.
+
+Mixup for distillation (``mixup=p``): a fraction ``p`` of the views are blends
+``lam * a + (1 - lam) * b`` of two images' augmented views, ``lam`` uniform in [0, 1), labelled
+``-1`` (no hard label: the teachers, who see the blend, decide what it shows). Beyer et al.
+(2022, "Knowledge distillation: a good teacher is patient and consistent") found such blends
+the most useful augmentation for matching a teacher on a small image set. Live views blend
+with another image of the batch; fixed view ``(i, k)`` with view ``k`` of an image drawn from
+its hash.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
                  seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False,
-                 balance_by=None, view_targets=None):
+                 balance_by=None, view_targets=None, mixup: float = 0.0):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
     Args:
@@ -76,6 +84,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             above); each sampled image (shuffled or balanced as without) gets a uniformly drawn
             ``k``, and the pipeline yields ``(images, (labels, view_targets[i, k]))``
             (:mod:`glt_keras.training.view_cache`). None: live random views, as always.
+        mixup: (training) the fraction of views that are blends of two images (see the module
+            docstring), labelled ``-1``: for distillation from teachers that label each view.
     """
     import tensorflow as tf
 
@@ -93,7 +103,11 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 <= float(mixup) <= 1.0:
+        raise ValueError(f"mixup must be a fraction in [0, 1], got {mixup}")
     n = len(x)
+    if training and mixup and n < 2:
+        raise ValueError("mixup needs at least 2 images to blend")
     in_hw = (int(x.shape[1]), int(x.shape[2]))
     out_hw = _as_hw(image_size) or in_hw
     if training and crop == "pad" and not 0 <= pad < min(in_hw):
@@ -148,7 +162,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             raise ValueError(f"view_targets must have shape ({n}, views, classes), got {targets.shape}")
         views = int(targets.shape[1])
         table = view_params(seed, np.repeat(np.arange(n), views), np.tile(np.arange(views), n), crop=crop,
-                            pad=pad, flip=flip, scale=(lo, hi), brightness=brightness, contrast=contrast)
+                            pad=pad, flip=flip, scale=(lo, hi), brightness=brightness, contrast=contrast,
+                            mixup=mixup, n_images=n)
         params_t = tf.constant(table)
         targets_t = tf.constant(targets.reshape(n * views, -1))
 
@@ -157,8 +172,15 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             s = tf.random.experimental.stateless_split(seed_pair, num=8)
             k = tf.random.stateless_uniform(tf.shape(idx), s[7], 0, views, dtype=tf.int64)
             row = tf.cast(idx, tf.int64) * views + k
-            images = apply(tf.cast(tf.gather(images_t, idx), tf.float32), _draws(tf.gather(params_t, row), crop))
-            return images, (tf.gather(labels_t, idx), tf.gather(targets_t, row))
+            params = tf.gather(params_t, row)
+            images = apply(tf.cast(tf.gather(images_t, idx), tf.float32), _draws(params, crop))
+            labels = tf.gather(labels_t, idx)
+            if mixup:  # blended with view k of the partner image the row names
+                partner = tf.cast(params[:, MIX_PARTNER], tf.int64)
+                other = apply(tf.cast(tf.gather(images_t, partner), tf.float32),
+                              _draws(tf.gather(params_t, partner * views + k), crop))
+                images, labels = _blend(images, other, params[:, MIX_LAMBDA], params[:, MIX_FLAG] > 0.5, labels)
+            return images, (labels, tf.gather(targets_t, row))
 
         ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment_view, num_parallel_calls=autotune)
         return ds.prefetch(autotune)
@@ -182,10 +204,26 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             draws["delta"] = tf.random.stateless_uniform([b], s[5], -float(brightness), float(brightness))
         if contrast:
             draws["factor"] = tf.random.stateless_uniform([b], s[6], 1.0 - float(contrast), 1.0 + float(contrast))
-        return apply(images, draws), labels
+        images = apply(images, draws)
+        if mixup:  # blended with the next image of the batch (s[7]: unused by the draws above)
+            m = tf.random.experimental.stateless_split(s[7], num=2)
+            mixed = tf.random.stateless_uniform([b], m[0]) < float(mixup)
+            lam = tf.random.stateless_uniform([b], m[1])
+            images, labels = _blend(images, tf.roll(images, 1, axis=0), lam, mixed, labels)
+        return images, labels
 
     ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment, num_parallel_calls=autotune)
     return ds.prefetch(autotune)
+
+
+def _blend(images, others, lam, mixed, labels):
+    """``lam * images + (1 - lam) * others`` where ``mixed``, with label -1 there (no hard label)."""
+    import tensorflow as tf
+
+    lam = tf.cast(lam, images.dtype)[:, None, None, None]
+    blended = lam * images + (1.0 - lam) * others
+    images = tf.where(mixed[:, None, None, None], blended, images)
+    return images, tf.where(mixed, tf.constant(-1, labels.dtype), labels)
 
 
 def _resizer(out_hw):
@@ -261,8 +299,12 @@ def _pixel_ops(in_hw, out_hw, *, crop, pad, brightness, contrast):
 
 
 # ----------------------------------------------------------------------------- fixed views
-#: Random draws of one view, in this order: flip, four for the crop, brightness, contrast.
-VIEW_DRAWS = 7
+#: Random draws of one view, in this order: flip, four for the crop, brightness, contrast, and
+#: for mixup: blended or not, the blend weight, the partner image. Each draw is hashed on its own
+#: index, so adding draws left the first seven (and every view cache made before) unchanged.
+VIEW_DRAWS = 10
+#: view_params columns of mixup: 1 if the view is a blend, its weight lam, the partner's index.
+MIX_FLAG, MIX_LAMBDA, MIX_PARTNER = 7, 8, 9
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -281,7 +323,7 @@ def view_uniforms(seed: int, i, k) -> np.ndarray:
 
         >>> u = view_uniforms(0, [3, 3, 5], [0, 1, 0])
         >>> u.shape, bool(((0 <= u) & (u < 1)).all()), bool((u[0] != u[1]).all())
-        ((3, 7), True, True)
+        ((3, 10), True, True)
         >>> bool((view_uniforms(0, [5], [0]) == u[2]).all())
         True
     """
@@ -299,14 +341,20 @@ def view_uniforms(seed: int, i, k) -> np.ndarray:
 
 def view_params(seed: int, i, k, *, crop: str = "none", pad: int = 4, flip: bool = True,
                 scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
-                contrast: float = 0.0) -> np.ndarray:
+                contrast: float = 0.0, mixup: float = 0.0, n_images: Optional[int] = None) -> np.ndarray:
     """The augmentation parameters of the fixed views ``(i[j], k[j])``: float32
     ``(len(i), VIEW_DRAWS)`` columns flip (0 / 1), crop (``pad``: row and column offsets;
     ``random_resized``: the box's top, left, height and width as fractions of the image),
-    brightness offset, contrast factor; drawn as :func:`make_dataset`'s live views are. :func:`make_dataset` (``view_targets``) and :func:`make_views` build view ``(i, k)``
-    from its row with the live pipeline's own ops."""
+    brightness offset, contrast factor; drawn as :func:`make_dataset`'s live views are; then
+    (``mixup`` > 0, columns ``MIX_FLAG``, ``MIX_LAMBDA``, ``MIX_PARTNER``) whether the view is a
+    blend (probability ``mixup``), its weight, and the partner image (another of the
+    ``n_images``), whose view ``k`` it is blended with; zeros without mixup.
+    :func:`make_dataset` (``view_targets``) and :func:`make_views` build view ``(i, k)`` from
+    its row with the live pipeline's own ops."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if mixup and (n_images is None or n_images < 2):
+        raise ValueError(f"mixup needs n_images >= 2 to pick a partner image, got {n_images}")
     u = view_uniforms(seed, i, k)
     out = np.zeros_like(u)
     out[:, 0] = (u[:, 0] < 0.5) if flip else 0.0
@@ -320,6 +368,12 @@ def view_params(seed: int, i, k, *, crop: str = "none", pad: int = 4, flip: bool
         out[:, 1:5] = np.stack([u[:, 3] * (1.0 - hf), u[:, 4] * (1.0 - wf), hf, wf], axis=1)
     out[:, 5] = float(brightness) * (2.0 * u[:, 5] - 1.0)
     out[:, 6] = 1.0 + float(contrast) * (2.0 * u[:, 6] - 1.0)
+    if mixup:
+        out[:, MIX_FLAG] = u[:, MIX_FLAG] < float(mixup)
+        out[:, MIX_LAMBDA] = u[:, MIX_LAMBDA]
+        # Any image but the view's own (float32 holds image indices exactly up to 2 ** 24).
+        partner = np.minimum(np.floor(u[:, MIX_PARTNER] * (n_images - 1)), n_images - 2).astype(np.int64)
+        out[:, MIX_PARTNER] = partner + (partner >= np.asarray(i, np.int64).reshape(-1))
     return out.astype(np.float32)
 
 
@@ -337,7 +391,8 @@ def _draws(params, crop: str) -> dict:
 
 def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize = None,
                crop: str = "none", pad: int = 4, flip: bool = True,
-               scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0):
+               scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0,
+               mixup: float = 0.0):
     """A ``tf.data.Dataset`` of float32 batches: the fixed views ``(i[j], k[j])`` of the uint8
     images ``x``, in order, ``batch_size`` at a time; pixel for pixel the views that
     :func:`make_dataset` with ``view_targets`` (same ``x``, ``seed`` and settings) yields.
@@ -356,13 +411,24 @@ def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize
     out_hw = _as_hw(image_size) or in_hw
     images_t = tf.constant(x)
     idx_t = tf.constant(i)
-    params_t = tf.constant(view_params(seed, i, k, crop=crop, pad=pad, flip=flip, scale=scale,
-                                       brightness=brightness, contrast=contrast))
+    settings = dict(crop=crop, pad=pad, flip=flip, scale=scale, brightness=brightness, contrast=contrast)
+    params = view_params(seed, i, k, mixup=mixup, n_images=len(x), **settings)
+    params_t = tf.constant(params)
+    # The partner's own view k (its un-blended parameters), for the blended views.
+    partner = params[:, MIX_PARTNER].astype(np.int64)
+    partner_t = tf.constant(partner)
+    partner_params_t = tf.constant(view_params(seed, partner, k, **settings))
     apply = _pixel_ops(in_hw, out_hw, crop=crop, pad=pad, brightness=brightness, contrast=contrast)
 
     def build(rows):
-        images = tf.cast(tf.gather(images_t, tf.gather(idx_t, rows)), tf.float32)
-        return apply(images, _draws(tf.gather(params_t, rows), crop))
+        params = tf.gather(params_t, rows)
+        images = apply(tf.cast(tf.gather(images_t, tf.gather(idx_t, rows)), tf.float32), _draws(params, crop))
+        if mixup:
+            other = apply(tf.cast(tf.gather(images_t, tf.gather(partner_t, rows)), tf.float32),
+                          _draws(tf.gather(partner_params_t, rows), crop))
+            images, _ = _blend(images, other, params[:, MIX_LAMBDA], params[:, MIX_FLAG] > 0.5,
+                               tf.zeros(tf.shape(rows), tf.int32))
+        return images
 
     ds = tf.data.Dataset.range(len(i)).batch(int(batch_size))
     return ds.map(build, num_parallel_calls=tf.data.AUTOTUNE).prefetch(1)

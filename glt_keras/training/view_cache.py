@@ -56,7 +56,7 @@ __all__ = ["ViewCache", "ViewCacheError", "cache_key", "cache_meta", "default_ca
 FORMAT = 1  # the meaning of a view and of the file; a new definition makes new keys
 CHUNK_VIEWS = 512  # views labelled (and written) per chunk
 #: make_dataset keywords that change the pixels of a view (shuffle_buffer does not)
-PIXEL_KEYS = ("crop", "pad", "flip", "scale", "brightness", "contrast")
+PIXEL_KEYS = ("crop", "pad", "flip", "scale", "brightness", "contrast", "mixup")
 
 
 class ViewCacheError(ValueError):
@@ -91,7 +91,9 @@ def view_settings(recipe) -> dict:
     return {"seed": int(recipe.training["seed"]), "image_size": [int(v) for v in recipe.input_shape[:2]],
             "augment": {"crop": str(aug["crop"]), "pad": int(aug["pad"]), "flip": bool(aug["flip"]),
                         "scale": [float(v) for v in aug["scale"]], "brightness": float(aug["brightness"]),
-                        "contrast": float(aug["contrast"])}}
+                        "contrast": float(aug["contrast"]),
+                        # only when set: caches made before mixup existed keep their keys
+                        **({"mixup": float(aug["mixup"])} if aug["mixup"] else {})}}
 
 
 def _sha256_images(x: np.ndarray) -> str:

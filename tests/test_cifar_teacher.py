@@ -180,3 +180,24 @@ def test_a_teacher_run_without_weights_is_a_clear_error(tmp_path, image_folder):
     (tmp_path / "teacher").mkdir()
     with pytest.raises(FileNotFoundError, match=r"teacher weights .*best_weights\.h5 not found"):
         train(student_recipe(image_folder, tmp_path / "teacher"), out_dir=tmp_path / "student", verbose=0)
+
+
+def test_a_teacher_run_folder_serves_as_a_teacher_file(tmp_path):
+    """kd.teachers accepts a run folder (for the view cache and mixup): the teacher computes
+    what the run's own Keras network computes, and its identity follows its weights."""
+    from glt_keras.training.teachers import load_teachers
+
+    recipe = teacher_recipe()
+    run = fake_run(tmp_path / "teacher", recipe)
+    ensemble = load_teachers([{"path": str(run), "input_range": [0, 255]}], classes=recipe.classes)
+    x = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3)).astype(np.float32)
+    keras_model = recipe.build_model()
+    models.load_weights(keras_model, run / "best_weights.h5")
+    np.testing.assert_allclose(ensemble.predict(x), keras_model.predict(x, verbose=0), atol=1e-5)
+    before = ensemble.teachers[0].sha256
+    tf.keras.utils.set_random_seed(1)
+    models.save_weights(recipe.build_model(), run / "best_weights.h5")  # the run went on: other weights
+    assert load_teachers([str(run)], classes=recipe.classes).teachers[0].sha256 != before
+    (run / "best_weights.h5").unlink()
+    with pytest.raises(TeacherError, match=r"run folder used as a teacher needs best_weights\.h5"):
+        load_teachers([str(run)], classes=recipe.classes)

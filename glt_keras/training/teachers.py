@@ -1,7 +1,9 @@
 """Teachers from files: public classifiers whose probabilities a student learns from.
 
 A recipe names its teachers in ``kd.teachers``; each is a model file that already knows the
-task (a ``.tflite`` float, uint8 or int8 model, or a Keras ``.h5``)::
+task (a ``.tflite`` float, uint8 or int8 model, a Keras ``.h5``, or a training run folder of this
+project: the network its ``recipe.yaml`` describes with its ``best_weights.h5``, e.g. the
+real-valued ``runs/cifar10_teacher``)::
 
     kd:
       teachers:
@@ -39,11 +41,14 @@ from typing import List, Sequence
 import numpy as np
 
 from .. import recipe as recipe_schema
+from .._io import sha256_of
 
 __all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "recipe_teachers", "sampling_classes",
            "with_teacher_targets"]
 
 OUTPUTS = ("probabilities", "logits")
+#: What a training run folder must hold to be a teacher.
+RUN_FILES = ("recipe.yaml", "best_weights.h5")
 TEACHER_KEYS = tuple(recipe_schema.TEACHER_KEYS)
 
 
@@ -92,6 +97,16 @@ class FileTeacher:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def sha256(self) -> str:
+        """What identifies the teacher's function: the file's SHA-256; for a run folder, that of
+        its recipe and best weights together (a resumed teacher run is another teacher)."""
+        if not self.path.is_dir():
+            return sha256_of(self.path)
+        import hashlib
+
+        return hashlib.sha256("".join(sha256_of(self.path / f) for f in RUN_FILES).encode()).hexdigest()
+
     def _quantize(self, images: np.ndarray) -> np.ndarray:
         lo, hi = self.input_range
         real = images.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
@@ -128,10 +143,34 @@ class FileTeacher:
         return out
 
 
+def _run_model(path: Path):
+    """The float32 Keras network of a run folder (its recipe, its best weights)."""
+    import tensorflow as tf
+
+    from ..models import load_weights
+
+    recipe = recipe_schema.load_recipe(path / "recipe.yaml")
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")  # convert the float32 network, whatever trains
+    try:
+        model = recipe.build_model()
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    load_weights(model, path / "best_weights.h5")
+    return model
+
+
 def _interpreter(path: Path):
     import tensorflow as tf
 
-    if path.suffix in (".h5", ".keras"):
+    if path.is_dir():
+        try:
+            content = tf.lite.TFLiteConverter.from_keras_model(_run_model(path)).convert()
+        except Exception as err:
+            raise TeacherError(f"teacher {path}: its run's network does not load or convert ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from err
+        kwargs = {"model_content": content}
+    elif path.suffix in (".h5", ".keras"):
         from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
 
         try:
@@ -234,7 +273,12 @@ def load_teachers(specs, *, classes: Sequence[str], base_dir=None) -> TeacherEns
             raise TeacherError(f"teacher {spec}: " + (f"unknown keys {unknown}; " if unknown else "no path; ")
                                + f"a teacher takes {list(TEACHER_KEYS)}.")
         path = _resolve(spec["path"], base_dir)
-        if not path.is_file():
+        if path.is_dir():
+            missing = [f for f in RUN_FILES if not (path / f).is_file()]
+            if missing:
+                raise TeacherError(f"teacher {spec['path']}: a run folder used as a teacher needs "
+                                   f"{' and '.join(missing)} (has the run finished an epoch?).")
+        elif not path.is_file():
             raise TeacherError(f"teacher {spec['path']}: file not found (looked at {path}).")
         input_range = tuple(float(v) for v in spec.get("input_range", (0.0, 1.0)))
         if len(input_range) != 2 or not input_range[0] < input_range[1]:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write, sha256_of
+from .._io import atomic_write
 
 __all__ = ["ViewCache", "ViewCacheError", "cache_key", "cache_meta", "default_cache_dir", "differences",
            "ensure_view_cache", "fill_view_cache", "load_view_cache", "view_count", "view_settings"]
@@ -113,7 +113,7 @@ def cache_meta(x, ensemble, views: int, settings: dict) -> dict:
         "format": FORMAT, "views": int(views),
         "images": {"shape": list(x.shape), "dtype": x.dtype.str, "sha256": _sha256_images(x)},
         **settings,
-        "teachers": [{"file": t.name, "sha256": sha256_of(t.path), "input_range": [float(v) for v in t.input_range],
+        "teachers": [{"file": t.name, "sha256": t.sha256, "input_range": [float(v) for v in t.input_range],
                       "output": t.output, "class_index": [int(c) for c in t.class_index], "weight": float(w)}
                      for t, w in zip(ensemble.teachers, ensemble.weights)],
         "num_classes": int(ensemble.num_classes),

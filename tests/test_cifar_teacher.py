@@ -123,6 +123,9 @@ def test_the_cifar10_teacher_recipe_and_its_student_snippet():
     snippet = yaml.safe_load(re.search(r"^#\s+(kd: \{teacher: runs/cifar10_teacher.*\})$", header, re.M).group(1))
     student = load_recipe("cifar10_binary").with_changes(**snippet)  # the schema takes it
     assert student.kd["teacher"] == "runs/cifar10_teacher"
+    cached = yaml.safe_load(re.search(r"^#\s+(kd: \{teachers: \[\{path: runs/cifar10_teacher.*\})$", header, re.M).group(1))
+    student = load_recipe("cifar10_binary").with_changes(kd={"teacher": None, **cached["kd"]})
+    assert student.kd["teachers"][0]["path"] == "runs/cifar10_teacher" and student.kd["view_cache"] == 8
     assert student.classes == recipe.classes and student.input_shape == recipe.input_shape
     summary = models.model_summary(recipe.build_model())
     assert summary["binary_params"] == 0 and 1.0e6 < summary["params"] < 1.2e6

@@ -32,6 +32,7 @@ or unreadable file, or an input / output shape that does not fit the recipe, is 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -99,13 +100,7 @@ class FileTeacher:
 
     @property
     def sha256(self) -> str:
-        """What identifies the teacher's function: the file's SHA-256; for a run folder, that of
-        its recipe and best weights together (a resumed teacher run is another teacher)."""
-        if not self.path.is_dir():
-            return sha256_of(self.path)
-        import hashlib
-
-        return hashlib.sha256("".join(sha256_of(self.path / f) for f in RUN_FILES).encode()).hexdigest()
+        return teacher_sha256(self.path)
 
     def _quantize(self, images: np.ndarray) -> np.ndarray:
         lo, hi = self.input_range
@@ -160,16 +155,31 @@ def _run_model(path: Path):
     return model
 
 
+def teacher_sha256(path: Path) -> str:
+    """What identifies a teacher's function: the file's SHA-256; for a run folder, that of its
+    recipe and best weights together (a resumed teacher run is another teacher)."""
+    if not path.is_dir():
+        return sha256_of(path)
+    return hashlib.sha256("".join(sha256_of(path / f) for f in RUN_FILES).encode()).hexdigest()
+
+
+#: Flatbuffers converted from Keras teachers, by path and content: an ensemble's copies (one per
+#: worker thread) convert once.
+_CONVERTED = {}
+
+
 def _interpreter(path: Path):
     import tensorflow as tf
 
     if path.is_dir():
-        try:
-            content = tf.lite.TFLiteConverter.from_keras_model(_run_model(path)).convert()
-        except Exception as err:
-            raise TeacherError(f"teacher {path}: its run's network does not load or convert ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from err
-        kwargs = {"model_content": content}
+        key = (str(path), teacher_sha256(path))
+        if key not in _CONVERTED:
+            try:
+                _CONVERTED[key] = tf.lite.TFLiteConverter.from_keras_model(_run_model(path)).convert()
+            except Exception as err:
+                raise TeacherError(f"teacher {path}: its run's network does not load or convert "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).") from err
+        kwargs = {"model_content": _CONVERTED[key]}
     elif path.suffix in (".h5", ".keras"):
         from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
 

@@ -168,28 +168,31 @@ def teacher_sha256(path: Path) -> str:
 _CONVERTED = {}
 
 
+def _keras_flatbuffer(path: Path) -> bytes:
+    """A Keras teacher (a run folder, or an ``.h5`` / ``.keras`` model file) as TFLite."""
+    import tensorflow as tf
+
+    key = (str(path), teacher_sha256(path))
+    if key not in _CONVERTED:
+        if path.is_dir():
+            load, what = (lambda: _run_model(path)), "its run's network does not load or convert"
+        else:
+            from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
+
+            load, what = (lambda: tf.keras.models.load_model(str(path), compile=False)), "not a loadable Keras model"
+        try:
+            _CONVERTED[key] = tf.lite.TFLiteConverter.from_keras_model(load()).convert()
+        except Exception as err:  # many error types for an unreadable or unconvertible model
+            raise TeacherError(f"teacher {path}: {what} ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from err
+    return _CONVERTED[key]
+
+
 def _interpreter(path: Path):
     import tensorflow as tf
 
-    if path.is_dir():
-        key = (str(path), teacher_sha256(path))
-        if key not in _CONVERTED:
-            try:
-                _CONVERTED[key] = tf.lite.TFLiteConverter.from_keras_model(_run_model(path)).convert()
-            except Exception as err:
-                raise TeacherError(f"teacher {path}: its run's network does not load or convert "
-                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).") from err
-        kwargs = {"model_content": _CONVERTED[key]}
-    elif path.suffix in (".h5", ".keras"):
-        from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
-
-        try:
-            model = tf.keras.models.load_model(str(path), compile=False)
-            content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-        except Exception as err:  # many error types for an unreadable or unconvertible file
-            raise TeacherError(f"teacher {path}: not a loadable Keras model ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:200]}).") from err
-        kwargs = {"model_content": content}
+    if path.is_dir() or path.suffix in (".h5", ".keras"):
+        kwargs = {"model_content": _keras_flatbuffer(path)}
     else:
         kwargs = {"model_path": str(path)}
     try:

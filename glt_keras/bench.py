@@ -145,7 +145,7 @@ def resize_like_anchors(images: np.ndarray, size) -> np.ndarray:
     """uint8-valued pixels (N, H, W, 3) -> float32 (N, *size, 3) by PIL's bilinear filter, as the
     anchors' scores in ../shared/anchors/README.md were measured. PIL widens the filter when it
     shrinks (antialiasing); TensorFlow's plain bilinear resize does not, and moved the 50x50
-    anchors' scores by up to 3 points (69.2 / 82.4% vs the README's 71.6 / 78.4%)."""
+    anchors' scores by up to 3 points (69.4 / 81.6% vs the README's 71.6 / 78.4%)."""
     from PIL import Image
 
     pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)

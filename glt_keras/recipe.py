@@ -433,7 +433,7 @@ def _validate(d: dict) -> None:
     kd = d.get("kd") or {}
     if kd.get("view_cache") and not kd.get("teachers"):
         raise RecipeError("kd.view_cache caches the outputs of kd.teachers, which names no teacher file.")
-    if (d.get("data", {}).get("augment") or {}).get("mixup") and not kd.get("teachers"):
+    if ((d.get("data") or {}).get("augment") or {}).get("mixup") and not kd.get("teachers"):
         raise RecipeError("data.augment.mixup blends two images into one that has no hard label: it needs "
                           "kd.teachers (teacher files) to label each blend.")
     _validate_model_keys(d["model"], "model")

@@ -414,10 +414,10 @@ def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize
     settings = dict(crop=crop, pad=pad, flip=flip, scale=scale, brightness=brightness, contrast=contrast)
     params = view_params(seed, i, k, mixup=mixup, n_images=len(x), **settings)
     params_t = tf.constant(params)
-    # The partner's own view k (its un-blended parameters), for the blended views.
-    partner = params[:, MIX_PARTNER].astype(np.int64)
-    partner_t = tf.constant(partner)
-    partner_params_t = tf.constant(view_params(seed, partner, k, **settings))
+    if mixup:  # the partner's own view k (its un-blended parameters), for the blended views
+        partner = params[:, MIX_PARTNER].astype(np.int64)
+        partner_t = tf.constant(partner)
+        partner_params_t = tf.constant(view_params(seed, partner, k, **settings))
     apply = _pixel_ops(in_hw, out_hw, crop=crop, pad=pad, brightness=brightness, contrast=contrast)
 
     def build(rows):

@@ -172,17 +172,15 @@ def _keras_flatbuffer(path: Path) -> bytes:
     """A Keras teacher (a run folder, or an ``.h5`` / ``.keras`` model file) as TFLite."""
     import tensorflow as tf
 
+    from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
+
     key = (str(path), teacher_sha256(path))
     if key not in _CONVERTED:
-        if path.is_dir():
-            load, what = (lambda: _run_model(path)), "its run's network does not load or convert"
-        else:
-            from .. import layers  # noqa: F401  (registers the custom layers a zoo file may hold)
-
-            load, what = (lambda: tf.keras.models.load_model(str(path), compile=False)), "not a loadable Keras model"
         try:
-            _CONVERTED[key] = tf.lite.TFLiteConverter.from_keras_model(load()).convert()
+            model = _run_model(path) if path.is_dir() else tf.keras.models.load_model(str(path), compile=False)
+            _CONVERTED[key] = tf.lite.TFLiteConverter.from_keras_model(model).convert()
         except Exception as err:  # many error types for an unreadable or unconvertible model
+            what = "its run's network does not load or convert" if path.is_dir() else "not a loadable Keras model"
             raise TeacherError(f"teacher {path}: {what} ({type(err).__name__}: "
                                f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from err
     return _CONVERTED[key]

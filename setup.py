@@ -16,7 +16,9 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tqdm",
     "pyyaml",
-    "pillow",
+    # Image.Resampling (9.1+); the bench resizes anchors with its antialiased bilinear, as
+    # ../shared/anchors measured them.
+    "pillow>=9.1,<14",
 ]
 
 setup(

@@ -19,7 +19,8 @@ speed-up those times allow (Amdahl: an ungrouped layer costs the same in both fo
 
 ``--recipe`` times the recipe's own training step (its network, larq CaseOptimizer, loss without
 distillation, and batch size) under each of ``--variants``: ``float32``, ``mixed_bfloat16`` or ``auto``
-(``training.precision``), optionally with ``+split`` (per-group convs under bfloat16, not the
+(``training.precision``), each optionally prefixed ``RECIPE@`` to time another recipe's network
+(a file: the recipe as it was before a change, at the same batch size), and with ``+split`` (per-group convs under bfloat16, not the
 fused grouped conv) or ``+larq_ste`` (larq's own ``tf.where`` straight-through gradient, as
 before ``glt_keras/layers/ste.py``). The variants' steps are interleaved (A, B, A, B, ...)
 so that a change in machine load hits all of them alike; the ratios are the result, the
@@ -177,15 +178,23 @@ def build_recipe_step(recipe, variant: str, batch: int, seed: int = 0):
     return step, resolved
 
 
+def split_variant(variant: str, default_recipe: str) -> tuple[str, str]:
+    """``(recipe, precision[+options])`` of a variant written ``[RECIPE@]precision[+options]``."""
+    recipe, _, rest = variant.rpartition("@")
+    return recipe or default_recipe, rest
+
+
 def measure_recipe(recipe_name: str, variants, *, batch, warmup: int, steps: int, profile=None) -> dict:
-    """Interleaved timed steps of each variant; ratios against the first variant."""
+    """Interleaved timed steps of each variant; ratios against the first variant. A variant may
+    name its own recipe (``RECIPE@precision``): another network timed at the same batch size."""
     import numpy as np
 
     from glt_keras.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
-    batch = batch or recipe.training["batch_size"]
-    built = {v: build_recipe_step(recipe, v, batch) for v in variants}
+    recipes = {v: load_recipe(split_variant(v, recipe_name)[0]) for v in variants}
+    batches = {v: batch or recipes[v].training["batch_size"] for v in variants}
+    built = {v: build_recipe_step(recipes[v], split_variant(v, recipe_name)[1], batches[v]) for v in variants}
     for step, _ in built.values():
         for _ in range(warmup):
             step()
@@ -195,29 +204,31 @@ def measure_recipe(recipe_name: str, variants, *, batch, warmup: int, steps: int
             t = time.perf_counter()
             step()
             times[v].append(time.perf_counter() - t)
-    base = float(np.median(times[variants[0]]))
-    rows = [{"variant": v, "precision": built[v][1], "images_per_second": batch / float(np.median(ts)),
-             "seconds_per_step_median": float(np.median(ts)), "step_seconds": ts,
-             "speedup_vs_first": base / float(np.median(ts))} for v, ts in times.items()]
+    speed = {v: batches[v] / float(np.median(ts)) for v, ts in times.items()}  # images / s
+    rows = [{"variant": v, "recipe": recipes[v].name, "batch": batches[v], "precision": built[v][1],
+             "images_per_second": speed[v], "seconds_per_step_median": float(np.median(ts)),
+             "step_seconds": ts, "speedup_vs_first": speed[v] / speed[variants[0]]}
+            for v, ts in times.items()]
     profiles = {}
     if profile:
         from training_profile import profile_steps, summarise
 
         for i, (v, (step, _)) in enumerate(built.items()):
-            logdir = profile_steps(step, n=3, logdir=os.path.join(profile, f"{i}_{v.replace('+', '_')}"))
-            profiles[v] = summarise(logdir, steps=3, model_name=recipe.name)
-    return {"recipe": recipe.name, "batch": batch, "rows": rows, "profiles": profiles}
+            slug = "".join(c if c.isalnum() else "_" for c in v)
+            logdir = profile_steps(step, n=3, logdir=os.path.join(profile, f"{i}_{slug}"))
+            profiles[v] = summarise(logdir, steps=3, model_name=recipes[v].name)
+    return {"recipe": recipe.name, "rows": rows, "profiles": profiles}
 
 
 def print_recipe(result, args) -> None:
-    print("| variant | compute | images/s (median step) | s/step | speed-up vs first |")
-    print("|---|---|---:|---:|---:|")
+    print("| variant | compute | batch | images/s (median step) | s/step | speed-up per image vs first |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in result["rows"]:
-        print(f"| {r['variant']} | {r['precision']} | {r['images_per_second']:.1f} | "
+        print(f"| {r['variant']} | {r['precision']} | {r['batch']} | {r['images_per_second']:.1f} | "
               f"{r['seconds_per_step_median']:.3f} | {r['speedup_vs_first']:.2f}x |")
     for v, summary in result["profiles"].items():
         print(f"\n### {v}\n\n{summary['markdown']}")
-    print(f"\n{result['recipe']}, batch {result['batch']}, {args.warmup} warm-up + {args.steps} interleaved "
+    print(f"\n{result['recipe']}, {args.warmup} warm-up + {args.steps} interleaved "
           f"timed steps per variant, {os.cpu_count()} CPUs, load average {load_average()}")
 
 
@@ -228,14 +239,15 @@ def load_average():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, help="images per step (default 32; --recipe: its batch size)")
+    parser.add_argument("--batch", type=int, help="images per step (default 32; --recipe: each variant's recipe's batch size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--only", choices=("split", "native"), help="run one variant only")
     parser.add_argument("--per-layer", action="store_true", help="time each binary conv alone")
     parser.add_argument("--recipe", help="time this recipe's training step by precision (e.g. cifar10_binary)")
     parser.add_argument("--variants", default="float32,mixed_bfloat16",
-                        help="with --recipe: comma-separated precisions [+split] [+larq_ste]")
+                        help="with --recipe: comma-separated [RECIPE@]precision[+split][+larq_ste] "
+                             "(RECIPE: another recipe's network, e.g. an older version of it)")
     parser.add_argument("--profile", metavar="DIR", help="with --recipe: profiler traces here, per-op tables")
     parser.add_argument("--json", metavar="OUT.json")
     args = parser.parse_args(argv)

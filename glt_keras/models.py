@@ -39,6 +39,10 @@ TOPOLOGIES = {
     "tiny": dict(widths=(64, 64), groups=(1, 2), pools=(True, True), shuffle=True),
 }
 
+#: Activation signs a binary layer may train with (larq names; the same sign forward, each its
+#: own gradient), see :func:`glt_net`.
+INPUT_QUANTIZERS = ("ste_sign", "approx_sign", "swish_sign")
+
 #: Real-valued residual networks for small (32x32) inputs: teachers to distil from, never
 #: binarized. CIFAR ResNet-(6n+2) of He et al. (2016): a 3x3 stem, three stages of
 #: ``blocks_per_stage`` basic blocks at ``widths`` (times the recipe's ``width_multiplier``),
@@ -195,6 +199,7 @@ def glt_net(
     real_layers=(),
     teacher: bool = False,
     split_groups: bool = True,
+    input_quantizer: str = "ste_sign",
     include_top: bool = True,
     classifier_activation="softmax",
     name: str | None = None,
@@ -215,6 +220,12 @@ def glt_net(
         teacher: the real-valued twin: real input and every layer real.
         split_groups: grouped convs as per-group convs (fast training); ``False`` gives
             the native grouped form that LCE converts (see :func:`for_export`).
+        input_quantizer: the activation sign of every binary layer after the first, by its
+            larq name: ``ste_sign`` (straight-through, the default), ``approx_sign`` (Bi-Real
+            Net's piecewise-quadratic gradient) or ``swish_sign``. The forward pass, and so
+            the converted model, is the same sign. The first block keeps ``ste_sign``: its
+            input is the thermometer's exact +-1, where ``approx_sign``'s gradient is zero
+            and the thresholds would learn nothing.
         classifier_activation: ``"softmax"`` (Keras convention) or ``None`` for logits.
 
     Example:
@@ -247,6 +258,8 @@ def glt_net(
     if teacher:
         encoding = "real"
     precisions = _resolve_precisions(len(widths), real_layers, "real" if teacher else "binary")
+    if input_quantizer not in INPUT_QUANTIZERS:
+        raise ValueError(f"input_quantizer must be one of {INPUT_QUANTIZERS}, got {input_quantizer!r}.")
 
     inputs = tf.keras.Input(input_shape, name="pixels")
     if encoding == "binary_planes" and levels < 8:  # the top `levels` bits: a coarser ADC
@@ -275,10 +288,12 @@ def glt_net(
             shuffle=bool(spec.get("shuffle")) and i + 1 < len(widths),
             precision=precisions[i],
             split_groups=split_groups,
+            **({} if i == 0 or block is not conv_block else {"input_quantizer": input_quantizer}),
         )
     if include_top:
         x = binary_head(
-            x, num_classes, precision=precisions[-1], classifier_activation=classifier_activation
+            x, num_classes, precision=precisions[-1], classifier_activation=classifier_activation,
+            input_quantizer=input_quantizer,
         )
     default_name = ("teacher_" if teacher else "") + (topology or "glt_net")
     return tf.keras.Model(inputs, x, name=name or default_name)

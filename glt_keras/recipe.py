@@ -233,6 +233,12 @@ def _topologies():
     return sorted(TOPOLOGIES) + sorted(RESIDUAL_TOPOLOGIES)
 
 
+def _input_quantizers():
+    from .models import INPUT_QUANTIZERS
+
+    return list(INPUT_QUANTIZERS)
+
+
 def _encodings():
     from .layers.encoding import ENCODINGS
 
@@ -267,6 +273,7 @@ MODEL_KEYS = {
     "real_layers": Seq(AnyOf(Str(), Int(0)), optional=True),
     "teacher": Bool(),
     "split_groups": Bool(),
+    "input_quantizer": Str(_input_quantizers),
     "include_top": Bool(),
     "classifier_activation": Str(optional=True),
     # residual topologies only (resnet20, ...: glt_keras.models.RESIDUAL_TOPOLOGIES)

@@ -286,10 +286,11 @@ def _census(flatbuffer):
     return names
 
 
-@pytest.mark.parametrize("encoding", ["glt", "fixed"])
-def test_small_network_converts_fully_binary_and_matches_keras(encoding):
+@pytest.mark.parametrize("encoding, input_quantizer",
+                         [("glt", "ste_sign"), ("fixed", "ste_sign"), ("glt", "approx_sign")])
+def test_small_network_converts_fully_binary_and_matches_keras(encoding, input_quantizer):
     model = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny",
-                           encoding=encoding, classifier_activation=None)
+                           encoding=encoding, input_quantizer=input_quantizer, classifier_activation=None)
     # Non-trivial BN statistics so the comparison is not of near-zero logits.
     rng = np.random.default_rng(0)
     for layer in model.layers:
@@ -309,6 +310,23 @@ def test_small_network_converts_fully_binary_and_matches_keras(encoding):
     want = model.predict(x, verbose=0)
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+
+
+def test_approx_sign_trains_every_binary_layer_but_the_first_and_thresholds_still_learn():
+    model = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny",
+                           input_quantizer="approx_sign", classifier_activation=None)
+    quantizers = {layer.name: type(layer.input_quantizer).__name__ for layer in model.layers
+                  if isinstance(layer, BinaryConv2D)}
+    # block1 reads the thermometer's exact +-1, where approx_sign's gradient is 0.
+    assert quantizers == {"block1_conv": "SteSign", "block2_conv": "ApproxSign", "head_conv": "ApproxSign"}
+    x = tf.constant(pixels((4, 32, 32, 3), seed=1))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(model(x, training=True)))
+    encoding = model.get_layer("encoding")
+    grads = tape.gradient(loss, encoding.trainable_weights)
+    assert grads and all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+    with pytest.raises(ValueError, match="input_quantizer must be one of"):
+        models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny", input_quantizer="sign")
 
 
 def test_model_summary_counts_by_hand():

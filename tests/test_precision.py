@@ -136,6 +136,25 @@ def test_straight_through_gradient_as_multiply_keeps_float32_training_identical(
         np.testing.assert_array_equal(a, b)
 
 
+def test_fast_approx_sign_gives_larqs_values_and_gradients():
+    from glt_keras.layers.ste import approx_sign
+
+    assert quantizers.approx_sign is approx_sign  # installed: ApproxSign layers train with it
+    x = tf.constant([-2.0, -1.0, -0.75, -0.3, 0.0, 0.3, 0.999, 1.0, 1.5])
+    dy = tf.constant([1.0, -2.0, 3.0, -4.0, 5.0, 6.0, -7.0, 8.0, 9.0])
+    for dtype in (tf.float32, tf.bfloat16):
+        xs, dys = tf.cast(x, dtype), tf.cast(dy, dtype)
+        grads = []
+        for fn in (quantizers._larq_approx_sign, approx_sign):
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                y = fn(xs)
+            grads.append(tape.gradient(y, xs, output_gradients=dys).numpy().astype(np.float32))
+            np.testing.assert_array_equal(y.numpy().astype(np.float32), [-1, -1, -1, -1, 1, 1, 1, 1, 1])
+        np.testing.assert_array_equal(grads[0], grads[1])
+        assert grads[1][[0, 1, 7, 8]].tolist() == [0, 0, 0, 0] and grads[1][4] == 10.0
+
+
 def test_clipped_gradient_values():
     from glt_keras.layers.ste import clipped_gradient
 

@@ -21,6 +21,7 @@ def conv_block(
     shuffle: bool = False,
     precision: str = "binary",
     split_groups: bool = True,
+    input_quantizer: str = "ste_sign",
 ):
     """Conv -> BatchNorm [-> MaxPool 2x2] [-> channel shuffle].
 
@@ -28,13 +29,14 @@ def conv_block(
     next layer's input quantizer, so BN fuses into ``LceBconv2d`` and a MaxPool followed
     by the next sign becomes ``LceBMaxPool2d``. ``precision="real"``: the same conv
     unquantized (zero padding), with a ReLU after BN: the teacher twin and MixBin's
-    real-valued layers.
+    real-valued layers. ``input_quantizer``: the binary conv's activation sign (its forward
+    is always the sign; the quantizers differ in their backward pass).
     """
     if precision not in ("binary", "real"):
         raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
     common = dict(groups=groups, strides=strides, padding=padding, split_groups=split_groups, name=f"{name}_conv")
     if precision == "binary":
-        conv = BinaryConv2D(filters, kernel_size, **common)
+        conv = BinaryConv2D(filters, kernel_size, input_quantizer=input_quantizer, **common)
     else:
         conv = BinaryConv2D(
             filters,
@@ -57,7 +59,8 @@ def conv_block(
     return x
 
 
-def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_activation="softmax"):
+def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_activation="softmax",
+                input_quantizer: str = "ste_sign"):
     """Classifier: 1x1 binary conv to one map per class -> BN -> global average pooling.
 
     A 1x1 ``QuantConv2D`` instead of ``QuantDense``, which LCE does not accelerate.
@@ -69,7 +72,8 @@ def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_ac
     to bfloat16, and the head is a few thousand MACs.
     """
     if precision == "binary":
-        conv = BinaryConv2D(num_classes, 1, lce_check=False, dtype="float32", name="head_conv")
+        conv = BinaryConv2D(num_classes, 1, input_quantizer=input_quantizer, lce_check=False, dtype="float32",
+                            name="head_conv")
     else:
         conv = BinaryConv2D(
             num_classes, 1, input_quantizer=None, kernel_quantizer=None,

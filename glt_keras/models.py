@@ -200,6 +200,7 @@ def glt_net(
     teacher: bool = False,
     split_groups: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
     include_top: bool = True,
     classifier_activation="softmax",
     name: str | None = None,
@@ -226,6 +227,10 @@ def glt_net(
             the converted model, is the same sign. The first block keeps ``ste_sign``: its
             input is the thermometer's exact +-1, where ``approx_sign``'s gradient is zero
             and the thresholds would learn nothing.
+        binary_weights: ``False`` keeps every kernel real-valued while the activations stay
+            binary: the first step of two-step training (Liu et al., ReActNet, 2020), whose
+            weights a fully binary recipe then starts from (``training.init_weights``). Such a
+            network does not convert to ``LceBconv2d``.
         classifier_activation: ``"softmax"`` (Keras convention) or ``None`` for logits.
 
     Example:
@@ -272,9 +277,11 @@ def glt_net(
         # A real block whose output feeds a binary layer gets no ReLU: that layer's sign is
         # its non-linearity, and sign(ReLU(.)) would be +1 everywhere (no signal at all).
         has_next = i + 1 < len(widths) or include_top
-        block = conv_block
+        block, options = conv_block, {"binary_weights": binary_weights}
+        if i > 0:  # block1 reads the thermometer's exact +-1 (see input_quantizer)
+            options["input_quantizer"] = input_quantizer
         if precisions[i] == "real" and has_next and precisions[i + 1] == "binary":
-            block = _real_block_before_binary
+            block, options = _real_block_before_binary, {}
         x = block(
             x,
             width,
@@ -288,12 +295,12 @@ def glt_net(
             shuffle=bool(spec.get("shuffle")) and i + 1 < len(widths),
             precision=precisions[i],
             split_groups=split_groups,
-            **({} if i == 0 or block is not conv_block else {"input_quantizer": input_quantizer}),
+            **options,
         )
     if include_top:
         x = binary_head(
             x, num_classes, precision=precisions[-1], classifier_activation=classifier_activation,
-            input_quantizer=input_quantizer,
+            input_quantizer=input_quantizer, binary_weights=binary_weights,
         )
     default_name = ("teacher_" if teacher else "") + (topology or "glt_net")
     return tf.keras.Model(inputs, x, name=name or default_name)

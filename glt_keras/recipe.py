@@ -274,6 +274,7 @@ MODEL_KEYS = {
     "teacher": Bool(),
     "split_groups": Bool(),
     "input_quantizer": Str(_input_quantizers),
+    "binary_weights": Bool(),
     "include_top": Bool(),
     "classifier_activation": Str(optional=True),
     # residual topologies only (resnet20, ...: glt_keras.models.RESIDUAL_TOPOLOGIES)

@@ -329,6 +329,27 @@ def test_approx_sign_trains_every_binary_layer_but_the_first_and_thresholds_stil
         models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny", input_quantizer="sign")
 
 
+def test_two_step_training_real_kernels_first_then_the_binary_network_starts_from_them():
+    step1 = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny", binary_weights=False)
+    convs = [layer for layer in step1.layers if isinstance(layer, BinaryConv2D)]
+    assert [c.name for c in convs] == ["block1_conv", "block2_conv", "head_conv"]
+    assert all(c.kernel_quantizer is None and c.kernel_constraint is None for c in convs)
+    assert all(c.input_quantizer is not None for c in convs)  # activations stay binary
+    assert models.model_summary(step1)["binary_params"] == 0
+    kernel = convs[1].kernel
+    kernel.assign(tf.fill(kernel.shape, 1.5))  # outside [-1, 1]: a clip would show
+    x = tf.constant(pixels((4, 32, 32, 3), seed=2))
+    step1.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    step1.train_on_batch(x, tf.constant([0, 1, 2, 3]))
+    assert float(tf.reduce_max(tf.abs(kernel))) > 1.0  # real kernels: no weight clip
+    # Step 2: the fully binary network of the same recipe loads every weight of step 1.
+    step2 = models.glt_net(input_shape=(32, 32, 3), num_classes=10, topology="tiny")
+    step2.set_weights(step1.get_weights())
+    assert models.model_summary(step2)["binary_params"] == models.model_summary(step1)["real_conv_weight_bytes_int8"]
+    binary_out = step2.predict(x, verbose=0)
+    assert binary_out.shape == (4, 10) and not np.allclose(binary_out, step1.predict(x, verbose=0))
+
+
 def test_model_summary_counts_by_hand():
     model = models.glt_net(input_shape=(8, 8, 3), num_classes=2, widths=(32,), groups=(1,),
                            pools=(False,), topology=None, levels=2)

@@ -6,6 +6,8 @@ import tensorflow as tf
 from .binary import BinaryConv2D, ChannelShuffle
 
 BN_MOMENTUM = 0.9
+#: A binary conv's keywords for a real-valued kernel (no sign, no clip to [-1, 1]).
+_REAL_KERNEL = {"kernel_quantizer": None, "kernel_constraint": None}
 
 
 def conv_block(
@@ -22,6 +24,7 @@ def conv_block(
     precision: str = "binary",
     split_groups: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
 ):
     """Conv -> BatchNorm [-> MaxPool 2x2] [-> channel shuffle].
 
@@ -30,13 +33,16 @@ def conv_block(
     by the next sign becomes ``LceBMaxPool2d``. ``precision="real"``: the same conv
     unquantized (zero padding), with a ReLU after BN: the teacher twin and MixBin's
     real-valued layers. ``input_quantizer``: the binary conv's activation sign (its forward
-    is always the sign; the quantizers differ in their backward pass).
+    is always the sign; the quantizers differ in their backward pass). ``binary_weights=False``:
+    a binary block whose kernel stays real-valued (binary activations only), the first step of
+    a two-step training.
     """
     if precision not in ("binary", "real"):
         raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
     common = dict(groups=groups, strides=strides, padding=padding, split_groups=split_groups, name=f"{name}_conv")
     if precision == "binary":
-        conv = BinaryConv2D(filters, kernel_size, input_quantizer=input_quantizer, **common)
+        conv = BinaryConv2D(filters, kernel_size, input_quantizer=input_quantizer,
+                            **({} if binary_weights else _REAL_KERNEL), **common)
     else:
         conv = BinaryConv2D(
             filters,
@@ -60,7 +66,7 @@ def conv_block(
 
 
 def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_activation="softmax",
-                input_quantizer: str = "ste_sign"):
+                input_quantizer: str = "ste_sign", binary_weights: bool = True):
     """Classifier: 1x1 binary conv to one map per class -> BN -> global average pooling.
 
     A 1x1 ``QuantConv2D`` instead of ``QuantDense``, which LCE does not accelerate.
@@ -73,7 +79,7 @@ def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_ac
     """
     if precision == "binary":
         conv = BinaryConv2D(num_classes, 1, input_quantizer=input_quantizer, lce_check=False, dtype="float32",
-                            name="head_conv")
+                            name="head_conv", **({} if binary_weights else _REAL_KERNEL))
     else:
         conv = BinaryConv2D(
             num_classes, 1, input_quantizer=None, kernel_quantizer=None,

@@ -20,7 +20,8 @@ speed-up those times allow (Amdahl: an ungrouped layer costs the same in both fo
 ``--recipe`` times the recipe's own training step (its network, larq CaseOptimizer, loss without
 distillation, and batch size) under each of ``--variants``: ``float32``, ``mixed_bfloat16`` or ``auto``
 (``training.precision``), each optionally prefixed ``RECIPE@`` to time another recipe's network
-(a file: the recipe as it was before a change, at the same batch size), and with ``+split`` (per-group convs under bfloat16, not the
+(a file: the recipe as it was before a change; every variant at its own recipe's batch size unless
+``--batch``, compared per image), and with ``+split`` (per-group convs under bfloat16, not the
 fused grouped conv) or ``+larq_ste`` (larq's own ``tf.where`` straight-through gradient, as
 before ``glt_keras/layers/ste.py``). The variants' steps are interleaved (A, B, A, B, ...)
 so that a change in machine load hits all of them alike; the ratios are the result, the
@@ -186,15 +187,16 @@ def split_variant(variant: str, default_recipe: str) -> tuple[str, str]:
 
 def measure_recipe(recipe_name: str, variants, *, batch, warmup: int, steps: int, profile=None) -> dict:
     """Interleaved timed steps of each variant; ratios against the first variant. A variant may
-    name its own recipe (``RECIPE@precision``): another network timed at the same batch size."""
+    name its own recipe (``RECIPE@precision``): another network, timed at its own batch size."""
     import numpy as np
 
     from glt_keras.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
-    recipes = {v: load_recipe(split_variant(v, recipe_name)[0]) for v in variants}
+    parsed = {v: split_variant(v, recipe_name) for v in variants}
+    recipes = {v: recipe if path == recipe_name else load_recipe(path) for v, (path, _) in parsed.items()}
     batches = {v: batch or recipes[v].training["batch_size"] for v in variants}
-    built = {v: build_recipe_step(recipes[v], split_variant(v, recipe_name)[1], batches[v]) for v in variants}
+    built = {v: build_recipe_step(recipes[v], parsed[v][1], batches[v]) for v in variants}
     for step, _ in built.values():
         for _ in range(warmup):
             step()

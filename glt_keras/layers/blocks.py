@@ -48,10 +48,9 @@ def conv_block(
             filters,
             kernel_size,
             input_quantizer=None,
-            kernel_quantizer=None,
-            kernel_constraint=None,
             pad_values=0.0,
             lce_check=False,
+            **_REAL_KERNEL,
             **common,
         )
     x = conv(x)
@@ -82,8 +81,8 @@ def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_ac
                             name="head_conv", **({} if binary_weights else _REAL_KERNEL))
     else:
         conv = BinaryConv2D(
-            num_classes, 1, input_quantizer=None, kernel_quantizer=None,
-            kernel_constraint=None, pad_values=0.0, lce_check=False, dtype="float32", name="head_conv",
+            num_classes, 1, input_quantizer=None, pad_values=0.0, lce_check=False, dtype="float32",
+            name="head_conv", **_REAL_KERNEL,
         )
     x = conv(x)
     x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, dtype="float32", name="head_bn")(x)

@@ -319,6 +319,7 @@ AUGMENT_KEYS = {
     "brightness": Num(0),
     "contrast": Num(0, 1),
     "mixup": Num(0, 1),  # fraction of views blended from two images, labelled by the teachers only
+    "mosaic": Num(0, 1),  # fraction of views tiled 2x2 from four images, labelled by the teachers only
     "shuffle_buffer": Int(1, optional=True),
 }
 DATA_KEYS = {
@@ -441,9 +442,13 @@ def _validate(d: dict) -> None:
     kd = d.get("kd") or {}
     if kd.get("view_cache") and not kd.get("teachers"):
         raise RecipeError("kd.view_cache caches the outputs of kd.teachers, which names no teacher file.")
-    if ((d.get("data") or {}).get("augment") or {}).get("mixup") and not kd.get("teachers"):
+    augment = (d.get("data") or {}).get("augment") or {}
+    if augment.get("mixup") and not kd.get("teachers"):
         raise RecipeError("data.augment.mixup blends two images into one that has no hard label: it needs "
                           "kd.teachers (teacher files) to label each blend.")
+    if augment.get("mosaic") and not kd.get("teachers"):
+        raise RecipeError("data.augment.mosaic tiles four images into one that has no hard label: it needs "
+                          "kd.teachers (teacher files) to label each mosaic.")
     _validate_model_keys(d["model"], "model")
     pruning = d.get("pruning") or {}
     if pruning.get("full_model"):

@@ -138,6 +138,83 @@ def test_mixup_views_are_blends_of_two_views_that_only_the_teachers_label(teache
     assert seen == {True, False}
 
 
+def _quadrants(views):
+    """The 2x2 mosaic of four float views (h, w, 3), each area-shrunk to its quadrant."""
+    h, w = views[0].shape[:2]
+    rows, cols = (h // 2, h - h // 2), (w // 2, w - w // 2)
+    small = [tf.image.resize(v[None], (rows[j // 2], cols[j % 2]), method="area")[0].numpy()
+             for j, v in enumerate(views)]
+    return np.concatenate([np.concatenate(small[:2], axis=1), np.concatenate(small[2:], axis=1)], axis=0)
+
+
+def test_mosaic_views_tile_four_views_never_blend_and_only_the_teachers_label(teacher_file, images, tmp_path):
+    recipe = _recipe(teacher_file, augment={**AUGMENT, "mixup": 0.5, "mosaic": 0.4})
+    plain, views = _all_views(images, _recipe(teacher_file)), _all_views(images, recipe)
+    params = view_params(0, np.repeat(np.arange(N), K), np.tile(np.arange(K), N), mixup=0.5, mosaic=0.4,
+                         n_images=N, **AUGMENT)
+    tiled, blended = params[:, 10].reshape(N, K) > 0.5, params[:, 7].reshape(N, K) > 0.5
+    assert 0 < tiled.mean() < 1 and blended.any() and not (tiled & blended).any()
+    # Adding mosaic leaves the blends of a mixup-only recipe as they were (and their cached targets valid).
+    mixup_only = view_params(0, np.repeat(np.arange(N), K), np.tile(np.arange(K), N), mixup=0.5, n_images=N,
+                             **AUGMENT)
+    np.testing.assert_array_equal(mixup_only[:, :10][~tiled.ravel()], params[:, :10][~tiled.ravel()])
+    for i in range(N):
+        for k in range(K):
+            row = params[i * K + k]
+            if tiled[i, k]:  # the view's own plain view top left, then view k of its three partners
+                partners = [int(j) for j in row[11:14]]
+                assert i not in partners
+                np.testing.assert_allclose(views[i, k], _quadrants([plain[i, k]] + [plain[j, k] for j in partners]),
+                                           atol=1e-3)
+            elif not blended[i, k]:
+                np.testing.assert_array_equal(views[i, k], plain[i, k])
+    ensemble = load_teachers(recipe.kd["teachers"], classes=CLASSES)
+    cache = vc.ensure_view_cache(recipe, images, ensemble, cache_dir=tmp_path, workers=1, verbose=0)
+    index = {views[i, k].tobytes(): (i, k) for i in range(N) for k in range(K)}
+    seen = set()
+    for batch, (labels, targets) in _pipeline(images, recipe, cache.probs).repeat().take(16):
+        for image, label, target in zip(batch.numpy(), labels.numpy(), targets.numpy()):
+            i, k = index[image.tobytes()]  # the training stream yields the very pixels the teachers labelled
+            seen.add(bool(tiled[i, k]))
+            assert label == (-1 if tiled[i, k] or blended[i, k] else i)
+            np.testing.assert_array_equal(target, cache.probs[i, k])
+    assert seen == {True, False}
+
+
+def test_live_mosaic_tiles_a_fraction_of_each_batch_from_its_next_three_images():
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype(np.uint8)
+    y = np.arange(32, dtype=np.int32)
+    sources = {im.tobytes(): i for i, im in enumerate(x.astype(np.float32))}
+    for p, lo, hi in ((0.0, 0, 0), (0.5, 0.25, 0.75), (1.0, 1, 1)):
+        ds = make_dataset(x, y, batch_size=8, training=True, seed=3, drop_remainder=True, flip=False, mosaic=p)
+        labels = []
+        for images, batch_labels in ds.repeat().take(8):
+            images, batch_labels = images.numpy(), batch_labels.numpy()
+            labels += batch_labels.tolist()
+            for image, label in zip(images, batch_labels):
+                if label != -1:  # untouched: its source image
+                    assert sources[image.tobytes()] == label
+        tiled = np.array(labels) == -1
+        assert lo <= tiled.mean() <= hi, p
+    # The quadrants of a mosaic are shrunk images of the set: each is some image of x, area-averaged.
+    ds = make_dataset(x, y, batch_size=8, training=True, seed=3, drop_remainder=True, flip=False, mosaic=1.0)
+    images, _ = next(iter(ds))
+    small = {tuple(_quadrants([im] * 4)[:4, :4].ravel().round(3)) for im in x.astype(np.float32)}
+    for image in images.numpy():
+        for qy in (0, 4):
+            for qx in (0, 4):
+                assert tuple(image[qy:qy + 4, qx:qx + 4].ravel().round(3)) in small
+    with pytest.raises(ValueError, match="mosaic must be a fraction"):
+        make_dataset(x, y, batch_size=8, training=True, mosaic=-0.1)
+
+
+def test_mosaic_needs_teacher_files():
+    base = dict(name="r", input_shape=(8, 8, 3), classes=CLASSES, model={"topology": "tiny"})
+    with pytest.raises(RecipeError, match="data.augment.mosaic tiles four images"):
+        Recipe(**base, data={"train": {"folder": "x"}, "augment": {"mosaic": 0.5}})
+    Recipe(**base, data={"train": {"folder": "x"}, "augment": {"mosaic": 0.5}}, kd={"teachers": ["t.tflite"]})
+
+
 def test_live_mixup_blends_a_fraction_of_each_batch_and_drops_their_labels():
     x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype(np.uint8)
     y = np.arange(32, dtype=np.int32)
@@ -217,11 +294,13 @@ def test_the_key_changes_with_everything_that_decides_views_and_targets(teacher_
         "views": meta(views=K + 1),
         "images.sha256": meta(x=changed_pixel),
         "augment.mixup": meta(_recipe(teacher, augment={**AUGMENT, "mixup": 0.5})),
+        "augment.mosaic": meta(_recipe(teacher, augment={**AUGMENT, "mosaic": 0.5})),
     }
     for name, other in variants.items():
         assert vc.differences(base, other) == [name] and vc.cache_key(other) != vc.cache_key(base)
     # The same settings spelled differently (defaults written out, an int for a float) are the same views.
-    spelled = {**AUGMENT, "brightness": 30, "pad": 4, "scale": [0.35, 1.0], "shuffle_buffer": 5, "mixup": 0}
+    spelled = {**AUGMENT, "brightness": 30, "pad": 4, "scale": [0.35, 1.0], "shuffle_buffer": 5, "mixup": 0,
+               "mosaic": 0.0}
     assert vc.cache_key(meta(_recipe(teacher, augment=spelled))) == vc.cache_key(base)
 
     ensemble = load_teachers(recipe.kd["teachers"], classes=CLASSES)

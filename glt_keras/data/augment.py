@@ -22,6 +22,14 @@ Mixup for distillation (``mixup=p``): a fraction ``p`` of the views are blends
 the most useful augmentation for matching a teacher on a small image set. Live views blend
 with another image of the batch; fixed view ``(i, k)`` with view ``k`` of an image drawn from
 its hash.
+
+Mosaic for distillation (``mosaic=p``): a fraction ``p`` of the views are 2x2 mosaics of four
+images' augmented views, each shrunk to a quadrant, labelled ``-1`` like blends. Everything in
+a mosaic is half as tall as in its source view, so people become as small as the smallest ones a
+person detector must see (a Visual Wake Words person may cover 0.5% of the image), in cluttered
+scenes: the zoom-out that a crop, which only zooms in, cannot give (YOLOv4's mosaic). A mosaic is
+never also a blend. Live views take the next three images of the batch; fixed view ``(i, k)``
+takes view ``k`` of three images drawn from its hash.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
                  seed: int = 0, num_classes: Optional[int] = None, drop_remainder: bool = False,
-                 balance_by=None, view_targets=None, mixup: float = 0.0):
+                 balance_by=None, view_targets=None, mixup: float = 0.0, mosaic: float = 0.0):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images float32 [0, 255], labels int32)``.
 
     Args:
@@ -86,6 +94,8 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             (:mod:`glt_keras.training.view_cache`). None: live random views, as always.
         mixup: (training) the fraction of views that are blends of two images (see the module
             docstring), labelled ``-1``: for distillation from teachers that label each view.
+        mosaic: (training) the fraction of views that are 2x2 mosaics of four images (see the
+            module docstring), labelled ``-1`` like blends.
     """
     import tensorflow as tf
 
@@ -105,9 +115,13 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 <= float(mixup) <= 1.0:
         raise ValueError(f"mixup must be a fraction in [0, 1], got {mixup}")
+    if not 0.0 <= float(mosaic) <= 1.0:
+        raise ValueError(f"mosaic must be a fraction in [0, 1], got {mosaic}")
     n = len(x)
     if training and mixup and n < 2:
         raise ValueError("mixup needs at least 2 images to blend")
+    if training and mosaic and n < 2:
+        raise ValueError("mosaic needs at least 2 images to tile")
     in_hw = (int(x.shape[1]), int(x.shape[2]))
     out_hw = _as_hw(image_size) or in_hw
     if training and crop == "pad" and not 0 <= pad < min(in_hw):
@@ -163,7 +177,7 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         views = int(targets.shape[1])
         table = view_params(seed, np.repeat(np.arange(n), views), np.tile(np.arange(views), n), crop=crop,
                             pad=pad, flip=flip, scale=(lo, hi), brightness=brightness, contrast=contrast,
-                            mixup=mixup, n_images=n)
+                            mixup=mixup, mosaic=mosaic, n_images=n)
         params_t = tf.constant(table)
         targets_t = tf.constant(targets.reshape(n * views, -1))
 
@@ -175,11 +189,18 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             params = tf.gather(params_t, row)
             images = apply(tf.cast(tf.gather(images_t, idx), tf.float32), _draws(params, crop))
             labels = tf.gather(labels_t, idx)
-            if mixup:  # blended with view k of the partner image the row names
-                partner = tf.cast(params[:, MIX_PARTNER], tf.int64)
-                other = apply(tf.cast(tf.gather(images_t, partner), tf.float32),
-                              _draws(tf.gather(params_t, partner * views + k), crop))
-                images, labels = _blend(images, other, params[:, MIX_LAMBDA], params[:, MIX_FLAG] > 0.5, labels)
+
+            def partner_view(column):  # view k of the partner image the row names in this column
+                partner = tf.cast(params[:, column], tf.int64)
+                return apply(tf.cast(tf.gather(images_t, partner), tf.float32),
+                             _draws(tf.gather(params_t, partner * views + k), crop))
+
+            if mixup:
+                images, labels = _blend(images, partner_view(MIX_PARTNER), params[:, MIX_LAMBDA],
+                                        params[:, MIX_FLAG] > 0.5, labels)
+            if mosaic:
+                quads = [images] + [partner_view(c) for c in MOSAIC_PARTNERS]
+                images, labels = _tile(quads, params[:, MOSAIC_FLAG] > 0.5, labels)
             return images, (labels, tf.gather(targets_t, row))
 
         ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment_view, num_parallel_calls=autotune)
@@ -204,12 +225,18 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             draws["delta"] = tf.random.stateless_uniform([b], s[5], -float(brightness), float(brightness))
         if contrast:
             draws["factor"] = tf.random.stateless_uniform([b], s[6], 1.0 - float(contrast), 1.0 + float(contrast))
-        images = apply(images, draws)
-        if mixup:  # blended with the next image of the batch (s[7]: unused by the draws above)
-            m = tf.random.experimental.stateless_split(s[7], num=2)
-            mixed = tf.random.stateless_uniform([b], m[0]) < float(mixup)
+        views = apply(images, draws)
+        images = views
+        # s[7] (unused by the draws above) for the blends, and folded with 1 for the mosaics
+        m = tf.random.experimental.stateless_split(s[7], num=2)
+        tiled = tf.random.stateless_uniform([b], tf.random.experimental.stateless_fold_in(s[7], 1)) < float(mosaic)
+        if mixup:  # blended with the next image of the batch
+            mixed = (tf.random.stateless_uniform([b], m[0]) < float(mixup)) & ~tiled
             lam = tf.random.stateless_uniform([b], m[1])
-            images, labels = _blend(images, tf.roll(images, 1, axis=0), lam, mixed, labels)
+            images, labels = _blend(views, tf.roll(views, 1, axis=0), lam, mixed, labels)
+        if mosaic:  # tiled with the next three images of the batch
+            quads = [views] + [tf.roll(views, r, axis=0) for r in (1, 2, 3)]
+            images, labels = _tile([images] + quads[1:], tiled, labels)
         return images, labels
 
     ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment, num_parallel_calls=autotune)
@@ -224,6 +251,19 @@ def _blend(images, others, lam, mixed, labels):
     blended = lam * images + (1.0 - lam) * others
     images = tf.where(mixed[:, None, None, None], blended, images)
     return images, tf.where(mixed, tf.constant(-1, labels.dtype), labels)
+
+
+def _tile(quads, tiled, labels):
+    """The 2x2 mosaic of four batches of views (each shrunk to its quadrant, area-averaged)
+    where ``tiled``, the first batch elsewhere; label -1 (no hard label) on the mosaics."""
+    import tensorflow as tf
+
+    h, w = int(quads[0].shape[1]), int(quads[0].shape[2])
+    rows, cols = (h // 2, h - h // 2), (w // 2, w - w // 2)
+    small = [tf.image.resize(q, (rows[j // 2], cols[j % 2]), method="area") for j, q in enumerate(quads)]
+    mosaic = tf.concat([tf.concat(small[:2], axis=2), tf.concat(small[2:], axis=2)], axis=1)
+    images = tf.where(tiled[:, None, None, None], tf.cast(mosaic, quads[0].dtype), quads[0])
+    return images, tf.where(tiled, tf.constant(-1, labels.dtype), labels)
 
 
 def _resizer(out_hw):
@@ -300,11 +340,14 @@ def _pixel_ops(in_hw, out_hw, *, crop, pad, brightness, contrast):
 
 # ----------------------------------------------------------------------------- fixed views
 #: Random draws of one view, in this order: flip, four for the crop, brightness, contrast, and
-#: for mixup: blended or not, the blend weight, the partner image. Each draw is hashed on its own
-#: index, so adding draws left the first seven (and every view cache made before) unchanged.
-VIEW_DRAWS = 10
+#: for mixup: blended or not, the blend weight, the partner image; for mosaic: tiled or not, the
+#: three partner images. Each draw is hashed on its own index, so adding draws left the first ones
+#: (and every view cache made before) unchanged.
+VIEW_DRAWS = 14
 #: view_params columns of mixup: 1 if the view is a blend, its weight lam, the partner's index.
 MIX_FLAG, MIX_LAMBDA, MIX_PARTNER = 7, 8, 9
+#: view_params columns of mosaic: 1 if the view is a mosaic, the three partners' indices.
+MOSAIC_FLAG, MOSAIC_PARTNERS = 10, (11, 12, 13)
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -323,7 +366,7 @@ def view_uniforms(seed: int, i, k) -> np.ndarray:
 
         >>> u = view_uniforms(0, [3, 3, 5], [0, 1, 0])
         >>> u.shape, bool(((0 <= u) & (u < 1)).all()), bool((u[0] != u[1]).all())
-        ((3, 10), True, True)
+        ((3, 14), True, True)
         >>> bool((view_uniforms(0, [5], [0]) == u[2]).all())
         True
     """
@@ -341,20 +384,24 @@ def view_uniforms(seed: int, i, k) -> np.ndarray:
 
 def view_params(seed: int, i, k, *, crop: str = "none", pad: int = 4, flip: bool = True,
                 scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
-                contrast: float = 0.0, mixup: float = 0.0, n_images: Optional[int] = None) -> np.ndarray:
+                contrast: float = 0.0, mixup: float = 0.0, mosaic: float = 0.0,
+                n_images: Optional[int] = None) -> np.ndarray:
     """The augmentation parameters of the fixed views ``(i[j], k[j])``: float32
     ``(len(i), VIEW_DRAWS)`` columns flip (0 / 1), crop (``pad``: row and column offsets;
     ``random_resized``: the box's top, left, height and width as fractions of the image),
     brightness offset, contrast factor; drawn as :func:`make_dataset`'s live views are; then
     (``mixup`` > 0, columns ``MIX_FLAG``, ``MIX_LAMBDA``, ``MIX_PARTNER``) whether the view is a
     blend (probability ``mixup``), its weight, and the partner image (another of the
-    ``n_images``), whose view ``k`` it is blended with; zeros without mixup.
+    ``n_images``), whose view ``k`` it is blended with; zeros without mixup; then (``mosaic`` > 0,
+    columns ``MOSAIC_FLAG``, ``MOSAIC_PARTNERS``) whether the view is a mosaic (probability
+    ``mosaic``; then it is not a blend) and the three partner images whose views ``k`` fill the
+    other quadrants.
     :func:`make_dataset` (``view_targets``) and :func:`make_views` build view ``(i, k)`` from
     its row with the live pipeline's own ops."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-    if mixup and (n_images is None or n_images < 2):
-        raise ValueError(f"mixup needs n_images >= 2 to pick a partner image, got {n_images}")
+    if (mixup or mosaic) and (n_images is None or n_images < 2):
+        raise ValueError(f"mixup and mosaic need n_images >= 2 to pick partner images, got {n_images}")
     u = view_uniforms(seed, i, k)
     out = np.zeros_like(u)
     out[:, 0] = (u[:, 0] < 0.5) if flip else 0.0
@@ -368,12 +415,21 @@ def view_params(seed: int, i, k, *, crop: str = "none", pad: int = 4, flip: bool
         out[:, 1:5] = np.stack([u[:, 3] * (1.0 - hf), u[:, 4] * (1.0 - wf), hf, wf], axis=1)
     out[:, 5] = float(brightness) * (2.0 * u[:, 5] - 1.0)
     out[:, 6] = 1.0 + float(contrast) * (2.0 * u[:, 6] - 1.0)
+    own = np.asarray(i, np.int64).reshape(-1)
+
+    def partner(column):  # any image but the view's own (float32 holds indices exactly up to 2 ** 24)
+        other = np.minimum(np.floor(u[:, column] * (n_images - 1)), n_images - 2).astype(np.int64)
+        return other + (other >= own)
+
+    tiled = (u[:, MOSAIC_FLAG] < float(mosaic)) if mosaic else np.zeros(len(u), bool)
     if mixup:
-        out[:, MIX_FLAG] = u[:, MIX_FLAG] < float(mixup)
+        out[:, MIX_FLAG] = (u[:, MIX_FLAG] < float(mixup)) & ~tiled
         out[:, MIX_LAMBDA] = u[:, MIX_LAMBDA]
-        # Any image but the view's own (float32 holds image indices exactly up to 2 ** 24).
-        partner = np.minimum(np.floor(u[:, MIX_PARTNER] * (n_images - 1)), n_images - 2).astype(np.int64)
-        out[:, MIX_PARTNER] = partner + (partner >= np.asarray(i, np.int64).reshape(-1))
+        out[:, MIX_PARTNER] = partner(MIX_PARTNER)
+    if mosaic:
+        out[:, MOSAIC_FLAG] = tiled
+        for column in MOSAIC_PARTNERS:
+            out[:, column] = partner(column)
     return out.astype(np.float32)
 
 
@@ -392,7 +448,7 @@ def _draws(params, crop: str) -> dict:
 def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize = None,
                crop: str = "none", pad: int = 4, flip: bool = True,
                scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0,
-               mixup: float = 0.0):
+               mixup: float = 0.0, mosaic: float = 0.0):
     """A ``tf.data.Dataset`` of float32 batches: the fixed views ``(i[j], k[j])`` of the uint8
     images ``x``, in order, ``batch_size`` at a time; pixel for pixel the views that
     :func:`make_dataset` with ``view_targets`` (same ``x``, ``seed`` and settings) yields.
@@ -412,22 +468,30 @@ def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize
     images_t = tf.constant(x)
     idx_t = tf.constant(i)
     settings = dict(crop=crop, pad=pad, flip=flip, scale=scale, brightness=brightness, contrast=contrast)
-    params = view_params(seed, i, k, mixup=mixup, n_images=len(x), **settings)
+    params = view_params(seed, i, k, mixup=mixup, mosaic=mosaic, n_images=len(x), **settings)
     params_t = tf.constant(params)
-    if mixup:  # the partner's own view k (its un-blended parameters), for the blended views
-        partner = params[:, MIX_PARTNER].astype(np.int64)
-        partner_t = tf.constant(partner)
-        partner_params_t = tf.constant(view_params(seed, partner, k, **settings))
+    partners = {}  # column -> (partner indices, their own view k's un-blended parameters)
+    for column in ((MIX_PARTNER,) if mixup else ()) + (MOSAIC_PARTNERS if mosaic else ()):
+        partner = params[:, column].astype(np.int64)
+        partners[column] = (tf.constant(partner), tf.constant(view_params(seed, partner, k, **settings)))
     apply = _pixel_ops(in_hw, out_hw, crop=crop, pad=pad, brightness=brightness, contrast=contrast)
 
     def build(rows):
         params = tf.gather(params_t, rows)
         images = apply(tf.cast(tf.gather(images_t, tf.gather(idx_t, rows)), tf.float32), _draws(params, crop))
+        no_labels = tf.zeros(tf.shape(rows), tf.int32)
+
+        def partner_view(column):
+            partner_t, partner_params_t = partners[column]
+            return apply(tf.cast(tf.gather(images_t, tf.gather(partner_t, rows)), tf.float32),
+                         _draws(tf.gather(partner_params_t, rows), crop))
+
         if mixup:
-            other = apply(tf.cast(tf.gather(images_t, tf.gather(partner_t, rows)), tf.float32),
-                          _draws(tf.gather(partner_params_t, rows), crop))
-            images, _ = _blend(images, other, params[:, MIX_LAMBDA], params[:, MIX_FLAG] > 0.5,
-                               tf.zeros(tf.shape(rows), tf.int32))
+            images, _ = _blend(images, partner_view(MIX_PARTNER), params[:, MIX_LAMBDA],
+                               params[:, MIX_FLAG] > 0.5, no_labels)
+        if mosaic:
+            images, _ = _tile([images] + [partner_view(c) for c in MOSAIC_PARTNERS],
+                              params[:, MOSAIC_FLAG] > 0.5, no_labels)
         return images
 
     ds = tf.data.Dataset.range(len(i)).batch(int(batch_size))

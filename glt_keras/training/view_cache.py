@@ -56,7 +56,7 @@ __all__ = ["ViewCache", "ViewCacheError", "cache_key", "cache_meta", "default_ca
 FORMAT = 1  # the meaning of a view and of the file; a new definition makes new keys
 CHUNK_VIEWS = 512  # views labelled (and written) per chunk
 #: make_dataset keywords that change the pixels of a view (shuffle_buffer does not)
-PIXEL_KEYS = ("crop", "pad", "flip", "scale", "brightness", "contrast", "mixup")
+PIXEL_KEYS = ("crop", "pad", "flip", "scale", "brightness", "contrast", "mixup", "mosaic")
 
 
 class ViewCacheError(ValueError):
@@ -92,8 +92,9 @@ def view_settings(recipe) -> dict:
             "augment": {"crop": str(aug["crop"]), "pad": int(aug["pad"]), "flip": bool(aug["flip"]),
                         "scale": [float(v) for v in aug["scale"]], "brightness": float(aug["brightness"]),
                         "contrast": float(aug["contrast"]),
-                        # only when set: caches made before mixup existed keep their keys
-                        **({"mixup": float(aug["mixup"])} if aug["mixup"] else {})}}
+                        # only when set: caches made before mixup and mosaic existed keep their keys
+                        **({"mixup": float(aug["mixup"])} if aug["mixup"] else {}),
+                        **({"mosaic": float(aug["mosaic"])} if aug["mosaic"] else {})}}
 
 
 def _sha256_images(x: np.ndarray) -> str:

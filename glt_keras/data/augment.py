@@ -228,15 +228,15 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
         views = apply(images, draws)
         images = views
         # s[7] (unused by the draws above) for the blends, and folded with 1 for the mosaics
-        m = tf.random.experimental.stateless_split(s[7], num=2)
-        tiled = tf.random.stateless_uniform([b], tf.random.experimental.stateless_fold_in(s[7], 1)) < float(mosaic)
-        if mixup:  # blended with the next image of the batch
-            mixed = (tf.random.stateless_uniform([b], m[0]) < float(mixup)) & ~tiled
+        if mosaic:
+            tiled = tf.random.stateless_uniform([b], tf.random.experimental.stateless_fold_in(s[7], 1)) < float(mosaic)
+        if mixup:  # blended with the next image of the batch; a mosaic is never also a blend
+            m = tf.random.experimental.stateless_split(s[7], num=2)
+            mixed = tf.random.stateless_uniform([b], m[0]) < float(mixup)
             lam = tf.random.stateless_uniform([b], m[1])
-            images, labels = _blend(views, tf.roll(views, 1, axis=0), lam, mixed, labels)
+            images, labels = _blend(views, tf.roll(views, 1, axis=0), lam, mixed & ~tiled if mosaic else mixed, labels)
         if mosaic:  # tiled with the next three images of the batch
-            quads = [views] + [tf.roll(views, r, axis=0) for r in (1, 2, 3)]
-            images, labels = _tile([images] + quads[1:], tiled, labels)
+            images, labels = _tile([images] + [tf.roll(views, r, axis=0) for r in (1, 2, 3)], tiled, labels)
         return images, labels
 
     ds = tf.data.Dataset.zip((idx_ds, seeds)).map(augment, num_parallel_calls=autotune)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from .layers.binary import BinaryConv2D, ChannelShuffle
-from .layers.blocks import BN_MOMENTUM, binary_head, conv_block
+from .layers.blocks import BN_MOMENTUM, binary_head, conv_block, shortcut_fits
 from .layers.encoding import get_encoding
 
 #: Named topologies. widths/groups/pools: one entry per conv block.
@@ -201,6 +201,7 @@ def glt_net(
     split_groups: bool = True,
     input_quantizer: str = "ste_sign",
     binary_weights: bool = True,
+    shortcuts: bool = False,
     include_top: bool = True,
     classifier_activation="softmax",
     name: str | None = None,
@@ -231,6 +232,10 @@ def glt_net(
             binary: the first step of two-step training (Liu et al., ReActNet, 2020), whose
             weights a fully binary recipe then starts from (``training.init_weights``). Such a
             network does not convert to ``LceBconv2d``.
+        shortcuts: real-valued shortcuts around the binary blocks (Bi-Real Net): each binary
+            block after the first whose width is a multiple of its input width, at stride 1,
+            adds its input to its output (see :func:`~glt_keras.layers.blocks.conv_block`).
+            No weights; every conv stays an ``LceBconv2d``, whose output becomes real-valued.
         classifier_activation: ``"softmax"`` (Keras convention) or ``None`` for logits.
 
     Example:
@@ -280,6 +285,9 @@ def glt_net(
         block, options = conv_block, {"binary_weights": binary_weights}
         if i > 0:  # block1 reads the thermometer's exact +-1 (see input_quantizer)
             options["input_quantizer"] = input_quantizer
+            # Block 1's input is the thermometer's planes, not a feature map worth carrying.
+            options["shortcut"] = (shortcuts and precisions[i] == "binary"
+                                   and shortcut_fits(int(x.shape[-1]), width, stride))
         if precisions[i] == "real" and has_next and precisions[i + 1] == "binary":
             block, options = _real_block_before_binary, {}
         x = block(

@@ -275,6 +275,7 @@ MODEL_KEYS = {
     "split_groups": Bool(),
     "input_quantizer": Str(_input_quantizers),
     "binary_weights": Bool(),
+    "shortcuts": Bool(),
     "include_top": Bool(),
     "classifier_activation": Str(optional=True),
     # residual topologies only (resnet20, ...: glt_keras.models.RESIDUAL_TOPOLOGIES)

@@ -25,8 +25,9 @@ def conv_block(
     split_groups: bool = True,
     input_quantizer: str = "ste_sign",
     binary_weights: bool = True,
+    shortcut: bool = False,
 ):
-    """Conv -> BatchNorm [-> MaxPool 2x2] [-> channel shuffle].
+    """Conv -> BatchNorm [+ shortcut] [-> MaxPool 2x2] [-> channel shuffle].
 
     ``precision="binary"``: a :class:`BinaryConv2D`; its +-1 output activation is the
     next layer's input quantizer, so BN fuses into ``LceBconv2d`` and a MaxPool followed
@@ -35,7 +36,9 @@ def conv_block(
     real-valued layers. ``input_quantizer``: the binary conv's activation sign (its forward
     is always the sign; the quantizers differ in their backward pass). ``binary_weights=False``:
     a binary block whose kernel stays real-valued (binary activations only), the first step of
-    a two-step training.
+    a two-step training. ``shortcut=True``: the block's real-valued input is added to its BN
+    output before pooling (Bi-Real Net's shortcut, Liu et al. 2018), repeated along channels when
+    the block widens; no weights, so the block's bytes do not change.
     """
     if precision not in ("binary", "real"):
         raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
@@ -53,8 +56,11 @@ def conv_block(
             **_REAL_KERNEL,
             **common,
         )
+    block_input = x
     x = conv(x)
     x = tf.keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, name=f"{name}_bn")(x)
+    if shortcut:
+        x = tf.keras.layers.Add(name=f"{name}_add")([x, _widened(block_input, filters, strides, name)])
     if precision == "real":
         x = tf.keras.layers.ReLU(name=f"{name}_relu")(x)
     if pool:
@@ -62,6 +68,24 @@ def conv_block(
     if shuffle and groups > 1:
         x = ChannelShuffle(groups, name=f"{name}_shuffle")(x)
     return x
+
+
+def shortcut_fits(in_channels: int, filters: int, strides: int = 1) -> bool:
+    """Whether a weight-free shortcut can join a block's input to its output: same
+    resolution, and the output width a whole multiple of the input width."""
+    return strides == 1 and filters % in_channels == 0
+
+
+def _widened(x, filters: int, strides: int, name: str):
+    """``x`` repeated along channels to ``filters`` (a block that doubles its width adds its
+    input to both halves)."""
+    channels = int(x.shape[-1])
+    if not shortcut_fits(channels, filters, strides):
+        raise ValueError(f"{name}: no weight-free shortcut from {channels} channels to {filters} "
+                         f"at stride {strides} (the width must be a multiple of {channels}, stride 1).")
+    if filters == channels:
+        return x
+    return tf.keras.layers.Concatenate(name=f"{name}_widen")([x] * (filters // channels))
 
 
 def binary_head(x, num_classes: int, *, precision: str = "binary", classifier_activation="softmax",

@@ -73,9 +73,34 @@ def _step(command: str, summary: dict) -> dict:
             **({"teacher_view_cache": summary["teacher_view_cache"]} if summary.get("teacher_view_cache") else {})}
 
 
+def teacher_runs(recipe) -> list:
+    """What the recipe's run-folder teachers (``kd.teachers`` paths that are training runs of
+    this project, e.g. ``runs/cifar10_teacher``) cost to train, from their ``summary.json``:
+    trained once before the student, so not in its training time, but part of reproducing it."""
+    from .training.teachers import _resolve
+
+    runs = []
+    for spec in recipe.kd.get("teachers") or []:
+        text = spec["path"] if isinstance(spec, dict) else str(spec)
+        folder = _resolve(text, Path(recipe.path).parent if recipe.path else None)
+        summary_file = folder / "summary.json"
+        if folder.is_dir() and summary_file.exists():
+            summary = json.loads(summary_file.read_text())
+            runs.append({"path": text, "best_val_accuracy": summary.get("best_val_accuracy"),
+                         **{k: summary.get(k) for k in ("epochs", "train_seconds", "images_per_second", "sessions")}})
+    return runs
+
+
 def training_record(recipe, name: str, run_summary: dict) -> dict:
-    """The registry's ``training`` entry: the command, epochs and cost of the run. A fine-tuning
-    run lists two steps, the run it started from (``training.init_weights``) and its own."""
+    """The registry's ``training`` entry: the command, epochs and cost of the run (and of its
+    run-folder teachers, :func:`teacher_runs`). A fine-tuning run lists two steps, the run it
+    started from (``training.init_weights``) and its own."""
+    teachers = teacher_runs(recipe)
+    record = _training_steps(recipe, name, run_summary)
+    return {**record, "teacher_runs": teachers} if teachers else record
+
+
+def _training_steps(recipe, name: str, run_summary: dict) -> dict:
     init = recipe.training.get("init_weights")
     if not init:
         return _step(f"glt-keras train {name}", run_summary)
@@ -359,6 +384,11 @@ def training_lines(training: dict) -> list:
         f"The teachers' outputs came from a view cache (`kd.view_cache`): {cache['views']:,} fixed augmented views "
         f"labelled once" + (f" in {cache['fill_seconds']} s ({cache['workers']} workers)" if cache.get("fill_seconds") else "")
         + ", not counted in the training time above (shared by the runs that use the same photos, views and teachers).", ""]
+    teacher_lines = [
+        f"The teacher `{t['path']}` (a training run of this project; its recipe is `{t['path']}/recipe.yaml`) was "
+        f"trained once beforehand: {cost(t)}, {_pct(t['best_val_accuracy'])} on its held-out images; not counted above, "
+        "and reused by every student that names it." for t in training.get("teacher_runs", [])]
+    cache_line += teacher_lines + ([""] if teacher_lines else [])
     if "steps" not in training:
         return [f"{training_commands(training)} — {cost(training)}. {log}", ""] + cache_line
     first, second = training["steps"]

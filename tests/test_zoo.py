@@ -344,3 +344,31 @@ def test_card_of_a_finetuned_model_lists_both_training_steps(tmp_path):
     assert "--resume --epochs 150" in text
     assert "2. fine-tuning its best weights with [`finetune.yaml`](finetune.yaml): `glt-keras train zoo/toy_binary/finetune.yaml" in text
     assert "60 epochs, 500.0 s" in text and "210 epochs and 1500.0 s" in text
+
+
+def test_card_counts_what_a_run_folder_teacher_cost_to_train(tmp_path):
+    """A student distilled from a teacher trained here (runs/cifar10_teacher) lists that run's
+    cost beside its own: reproducing the student means training the teacher first."""
+    from glt_keras.zoo_cli import training_lines, training_record
+
+    teacher = tmp_path / "teacher_run"
+    teacher.mkdir()
+    (teacher / "summary.json").write_text(json.dumps(
+        {"epochs": 80, "train_seconds": 11627.1, "images_per_second": 309.1, "sessions": 6,
+         "best_val_accuracy": 0.9018}))
+    student = tmp_path / "student.yaml"
+    student.write_text("name: toy_binary\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: [a, b, c]\n"
+                       "model: {topology: tiny, levels: 4}\n"
+                       f"kd: {{teachers: [{{path: {teacher}}}, {{path: {tmp_path / 'file_teacher.tflite'}}}]}}\n")
+    run = {"epochs": 200, "train_seconds": 7600.0, "images_per_second": 526.3, "sessions": 2}
+    record = training_record(load_recipe(student), "toy_binary", run)
+    # Only the run folder has a training cost; a teacher file does not.
+    assert record["teacher_runs"] == [{"path": str(teacher), "best_val_accuracy": 0.9018, "epochs": 80,
+                                       "train_seconds": 11627.1, "images_per_second": 309.1, "sessions": 6}]
+    assert record["train_seconds"] == 7600.0  # the student's own time stays its own
+    text = "\n".join(training_lines(record))
+    assert f"The teacher `{teacher}`" in text and "80 epochs, 11627.1 s of training" in text and "90.18%" in text
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: toy_binary\ntask: toy\ninput_shape: [16, 16, 3]\nclasses: [a, b, c]\n"
+                     "model: {topology: tiny, levels: 4}\n")
+    assert "teacher_runs" not in training_record(load_recipe(plain), "toy_binary", run)

@@ -22,8 +22,9 @@ distillation, and batch size) under each of ``--variants``: ``float32``, ``mixed
 (``training.precision``), each optionally prefixed ``RECIPE@`` to time another recipe's network
 (a file: the recipe as it was before a change; every variant at its own recipe's batch size unless
 ``--batch``, compared per image), and with ``+split`` (per-group convs under bfloat16, not the
-fused grouped conv) or ``+larq_ste`` (larq's own ``tf.where`` straight-through gradient, as
-before ``glt_keras/layers/ste.py``). The variants' steps are interleaved (A, B, A, B, ...)
+fused grouped conv), ``+larq_ste`` (larq's own ``tf.where`` straight-through gradient, as
+before ``glt_keras/layers/ste.py``) or ``+sign`` (the first conv signs the thermometer's +-1 planes
+again in training, as before ``BinaryConv2D(binary_input=True)``). The variants' steps are interleaved (A, B, A, B, ...)
 so that a change in machine load hits all of them alike; the ratios are the result, the
 images/s depend on the machine. ``--profile DIR`` then traces 3 steps of each variant with the
 TensorFlow profiler and prints the time per op type and per layer (training_profile.py).
@@ -147,9 +148,9 @@ def build_recipe_step(recipe, variant: str, batch: int, seed: int = 0):
     from glt_keras.training.schedule import make_optimizer
 
     name, *options = variant.split("+")
-    unknown = set(options) - {"split", "larq_ste"}
+    unknown = set(options) - {"split", "larq_ste", "sign"}
     if unknown:
-        raise ValueError(f"variant {variant!r}: unknown option(s) {sorted(unknown)} (known: split, larq_ste)")
+        raise ValueError(f"variant {variant!r}: unknown option(s) {sorted(unknown)} (known: split, larq_ste, sign)")
     fast_ste = quantizers._clipped_gradient
     # The step is traced on its first call: the gradient function in place then is the one it keeps.
     quantizers._clipped_gradient = getattr(quantizers, "_larq_clipped_gradient", fast_ste) \
@@ -161,6 +162,8 @@ def build_recipe_step(recipe, variant: str, batch: int, seed: int = 0):
     for layer in model.layers:
         if isinstance(layer, BinaryConv2D) and "split" in options:
             layer.fuse_bf16_groups = False
+        if isinstance(layer, BinaryConv2D) and "sign" in options:
+            layer.binary_input = False
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (batch, *recipe.input_shape)).astype(np.float32)
     y = rng.integers(0, len(recipe.classes), (batch,)).astype(np.int32)

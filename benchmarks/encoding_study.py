@@ -30,33 +30,36 @@ mean +- sample standard deviation over seeds, and whether the ranking of the enc
 validation accuracy is the same at each of the last 3 epochs) and the figure (accuracy by encoding
 x levels; for each condition the learned tone curves next to the training pixels' histogram).
 
-The full study (4 conditions x 4 encodings x 3 levels x 3 seeds = 144 cells per data set), one
-command per data set, run again after any stop; then the table and figure of both:
+The networks are the study's own recipes, not the zoo's: recipes/encoding_study_cifar10.yaml (the
+zoo's glt32 at half width) and recipes/encoding_study_imagenette.yaml (glt96 at about half width, in
+vww_binary_small's size class); an edited zoo recipe (cifar10_binary becomes a distilled one) never
+changes the study's base. The full grid (4 conditions x 4 encodings x 3 levels x 3 seeds = 144 cells
+per data set) is more than this 2-core machine can give; the plan is the three levels under the
+normal condition and one level (4) under each sensor condition, 3 seeds each (72 cells per data set),
+one pair of commands per data set, run again after any stop; then the table and figure of both:
 
-    nice -n 19 python benchmarks/encoding_study.py cifar10_binary --threads 2
-    nice -n 19 python benchmarks/encoding_study.py imagenette_binary --threads 2
+    nice -n 19 python benchmarks/encoding_study.py recipes/encoding_study_cifar10.yaml --conditions normal
+    nice -n 19 python benchmarks/encoding_study.py recipes/encoding_study_cifar10.yaml \
+        --conditions under_exposed over_exposed low_contrast --levels 4
+    (the same two with recipes/encoding_study_imagenette.yaml)
     python benchmarks/encoding_study.py --report
 
-Default schedules (SCHEDULES below): cifar10_binary 10 epochs of 20,000 images (200,000 images,
-4.4 passes over its 45,000 training images); imagenette_binary 24 epochs of its 8,522 training
-images (204,500 images). If the table's *stable* column says "no", the ranking was still moving:
-run again with a larger --epochs (new cells, beside the recorded ones).
+Default schedules (SCHEDULES below): CIFAR-10 10 epochs of 20,000 images (200,000 images, 4.4
+passes over its 45,000 training images); Imagenette 24 epochs of its 8,522 training images (204,500
+images). If the table's *stable* column says "no", the ranking was still moving: run again with a
+larger --epochs (new cells, beside the recorded ones).
 
-Cost, from a tiny timing (14 training steps per encoding, CPU time of the process, niced on this
-2-core machine under a load of 6): 0.005-0.006 CPU-s per training image for cifar10_binary
-(glt32, batch 128) and 0.008-0.012 for imagenette_binary (glt96, batch 64). Per cell, with
-validation after every epoch and the final test: about 0.35 CPU-hours (cifar10_binary) and
-0.6 CPU-hours (imagenette_binary); 144 cells each: ~50 and ~85 CPU-hours, so at best ~70 hours
-of the 2-core machine for the whole study. That timing is optimistic: the zoo's full runs trained
-at 56-111 images/s of wall time on the 2 cores, which would make a cell 30-60 minutes of the
-whole machine and the study up to ~210 hours. A first pass (one seed, 48 cells per data set) is
-a third of that:
+Cost (benchmarks/bench_training_throughput.py --recipe RECIPE --variants mixed_bfloat16, idle, 2
+cores, bfloat16 on this AMX machine): about 470-490 training images/s for the Imagenette network
+(so ~7 minutes of training a cell, ~9 with validation and test: ~11 hours for its 72 cells) and
+more for the CIFAR network; a training run's input pipeline and per-epoch validation make the
+real rate lower than the benchmark's. A first pass (seed 0 only) is a third of that:
 
-    nice -n 19 python benchmarks/encoding_study.py cifar10_binary --seeds 0 --threads 2
+    nice -n 19 python benchmarks/encoding_study.py recipes/encoding_study_cifar10.yaml --seeds 0 --conditions normal
 
 Smoke run (a minute or two, its own results file):
 
-    python benchmarks/encoding_study.py cifar10_binary --epochs 1 --steps-per-epoch 2 --subset 256 \\
+    python benchmarks/encoding_study.py recipes/encoding_study_cifar10.yaml --epochs 1 --steps-per-epoch 2 --subset 256 \\
         --conditions under_exposed --levels 2 --seeds 0 --results /tmp/study.json
 """
 from __future__ import annotations
@@ -83,10 +86,11 @@ LEVELS = (8, 4, 2)
 SEEDS = (0, 1, 2)
 #: recipe -> default schedule (other recipes: their own epoch_images, --epochs required).
 SCHEDULES = {
-    "cifar10_binary": {"epochs": 10, "epoch_images": 20000},
-    "imagenette_binary": {"epochs": 24, "epoch_images": None},
+    "encoding_study_cifar10": {"epochs": 10, "epoch_images": 20000},
+    "encoding_study_imagenette": {"epochs": 24, "epoch_images": None},
 }
-DEFAULT_RECIPES = tuple(SCHEDULES)
+#: The study's networks (recipe files, see the module docstring).
+DEFAULT_RECIPES = tuple(str(ROOT / "recipes" / f"{name}.yaml") for name in SCHEDULES)
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "encoding_study.json"
 #: The ranking check: the last this many epochs.
 STABLE_EPOCHS = 3

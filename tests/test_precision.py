@@ -393,3 +393,44 @@ def test_zoo_vww_binary_under_bf16_agrees_with_float32():
         logits.append(np.asarray(model.predict(images.x, batch_size=100, verbose=0), np.float32))
     agreement = np.mean(logits[0].argmax(-1) == logits[1].argmax(-1))
     assert agreement >= 0.99, agreement
+
+
+def _step_with_binary_input(binary_input, *, policy="float32", seed=0):
+    """The weights after one training step of tiny's glt network, block1 skipping its input sign
+    in training (binary_input) or not; the same initial weights and batch either way."""
+    with precision.policy(policy):
+        tf.keras.utils.set_random_seed(seed)
+        model = tiny()
+        assert model.get_layer("block1_conv").binary_input  # glt_net marks the conv after the encoding
+        model.get_layer("block1_conv").binary_input = binary_input
+        one_step(model, seed=seed)
+        return model.get_weights()
+
+
+def test_skipping_the_sign_of_exact_planes_keeps_float32_training_identical():
+    # On +-1 planes the sign and its straight-through gradient are identities: one float32
+    # step gives bit-identical weights, thresholds included.
+    for a, b in zip(_step_with_binary_input(False), _step_with_binary_input(True)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_skipping_the_sign_of_exact_planes_under_bfloat16_trains_the_same():
+    # Under mixed_bfloat16 the thermometer's gradient is no longer rounded to bfloat16 on its
+    # way back (block1 may compute in float32): equal up to that rounding.
+    before, after = _step_with_binary_input(False, policy="mixed_bfloat16"), \
+        _step_with_binary_input(True, policy="mixed_bfloat16")
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_binary_input_keeps_the_sign_at_inference_and_in_the_config():
+    conv = BinaryConv2D(32, 3, binary_input=True, lce_check=False)
+    x = tf.constant(np.random.default_rng(0).uniform(-2, 2, (1, 6, 6, 8)).astype(np.float32))
+    reference = BinaryConv2D(32, 3, lce_check=False)
+    reference.build(x.shape)
+    conv.build(x.shape)
+    reference.kernel.assign(conv.kernel)
+    # Not +-1 here on purpose: at inference the sign runs, so both agree.
+    np.testing.assert_array_equal(conv(x, training=False).numpy(), reference(x).numpy())
+    assert not np.array_equal(conv(x, training=True).numpy(), reference(x).numpy())  # training skips it
+    assert BinaryConv2D.from_config(conv.get_config()).binary_input

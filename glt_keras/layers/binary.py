@@ -63,6 +63,7 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         groups: int = 1,
         split_groups: bool = True,
         lce_check: bool = True,
+        binary_input: bool = False,
         padding="same",
         pad_values=1.0,
         input_quantizer="ste_sign",
@@ -90,6 +91,8 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         )
         self.split_groups = bool(split_groups)
         self.lce_check = bool(lce_check)
+        #: The input is exactly +-1 (a thermometer's planes): see :meth:`call`.
+        self.binary_input = bool(binary_input)
         # larq builds its quantizer layers under the global precision policy; a conv given
         # its own dtype (the float32 head of a mixed_bfloat16 model) must quantize in it too.
         for quantizer in (self.input_quantizer, self.kernel_quantizer):
@@ -117,12 +120,36 @@ class BinaryConv2D(lq.layers.QuantConv2D):
         if self.compute_dtype == "bfloat16":
             self.bf16_conv_exact = self._bf16_conv_is_exact(input_shape)
 
+    def _maybe_cast_inputs(self, inputs, input_list=None):
+        if self.binary_input:  # call() picks the dtype itself
+            return inputs
+        return super()._maybe_cast_inputs(inputs, input_list)
+
+    def call(self, inputs, training=None):
+        """The larq conv; with ``binary_input`` (the input is exactly +-1, as the thermometer's
+        planes are), training skips the input sign: on +-1 it is an identity, and so is its
+        straight-through gradient (``|x| <= 1`` everywhere). On glt96 that sign, its gradient and
+        their casts were about a third of a training step (the largest tensor of the network).
+        A float32 input that this conv computes in float32 anyway (``bf16_conv_exact`` False)
+        is then not cast to bfloat16 and back, and its gradient is not rounded to bfloat16 on
+        the way to the thermometer. Inference, and so LCE conversion, keeps the sign (LCE
+        needs it to see a binary conv)."""
+        if not self.binary_input:
+            return super().call(inputs)
+        if not (training and self.input_quantizer is not None):
+            return super().call(tf.cast(inputs, self.compute_dtype))
+        if self.compute_dtype == "bfloat16" and self.bf16_conv_exact:
+            inputs = tf.cast(inputs, tf.bfloat16)
+        with lq_utils.patch_object(self, "input_quantizer", None):
+            return super().call(inputs)
+
     def convolution_op(self, inputs, kernel):
-        if inputs.dtype == tf.bfloat16 and not self.bf16_conv_exact:
+        if self.compute_dtype == "bfloat16" and not self.bf16_conv_exact:
             # The sums of +-1 products in float32 (exact), rounded once to bfloat16 like a
-            # correct bfloat16 conv; gradients flow through the casts.
+            # correct bfloat16 conv; gradients flow through the casts. (A float32 input, see
+            # call(), is used as it is.)
             outputs = self._convolution(tf.cast(inputs, tf.float32), tf.cast(kernel, tf.float32))
-            return tf.cast(outputs, inputs.dtype)
+            return tf.cast(outputs, tf.bfloat16)
         return self._convolution(inputs, kernel)
 
     def _convolution(self, inputs, kernel):
@@ -206,7 +233,7 @@ class BinaryConv2D(lq.layers.QuantConv2D):
 
     def get_config(self):
         config = super().get_config()
-        config.update(split_groups=self.split_groups, lce_check=self.lce_check)
+        config.update(split_groups=self.split_groups, lce_check=self.lce_check, binary_input=self.binary_input)
         return config
 
 

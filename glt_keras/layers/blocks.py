@@ -26,6 +26,7 @@ def conv_block(
     input_quantizer: str = "ste_sign",
     binary_weights: bool = True,
     shortcut: bool = False,
+    binary_input: bool = False,
 ):
     """Conv -> BatchNorm [+ shortcut] [-> MaxPool 2x2] [-> channel shuffle].
 
@@ -38,13 +39,15 @@ def conv_block(
     a binary block whose kernel stays real-valued (binary activations only), the first step of
     a two-step training. ``shortcut=True``: the block's real-valued input is added to its BN
     output before pooling (Bi-Real Net's shortcut, Liu et al. 2018), repeated along channels when
-    the block widens; no weights, so the block's bytes do not change.
+    the block widens; no weights, so the block's bytes do not change. ``binary_input=True``: the
+    block's input is exactly +-1 (the thermometer's planes), so training skips its sign
+    (:meth:`BinaryConv2D.call`).
     """
     if precision not in ("binary", "real"):
         raise ValueError(f"{name}: precision must be 'binary' or 'real', got {precision!r}.")
     common = dict(groups=groups, strides=strides, padding=padding, split_groups=split_groups, name=f"{name}_conv")
     if precision == "binary":
-        conv = BinaryConv2D(filters, kernel_size, input_quantizer=input_quantizer,
+        conv = BinaryConv2D(filters, kernel_size, input_quantizer=input_quantizer, binary_input=binary_input,
                             **({} if binary_weights else _REAL_KERNEL), **common)
     else:
         conv = BinaryConv2D(

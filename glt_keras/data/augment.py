@@ -190,14 +190,21 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
             images = apply(tf.cast(tf.gather(images_t, idx), tf.float32), _draws(params, crop))
             labels = tf.gather(labels_t, idx)
 
-            def partner_view(column):  # view k of the partner image the row names in this column
-                partner = tf.cast(params[:, column], tf.int64)
+            def partner_view(column, rows=None):
+                # View k of the partner image each row names in this column (of the given rows only).
+                p, kk = (params, k) if rows is None else (tf.gather(params, rows), tf.gather(k, rows))
+                partner = tf.cast(p[:, column], tf.int64)
                 return apply(tf.cast(tf.gather(images_t, partner), tf.float32),
-                             _draws(tf.gather(params_t, partner * views + k), crop))
+                             _draws(tf.gather(params_t, partner * views + kk), crop))
 
             if mixup:
-                images, labels = _blend(images, partner_view(MIX_PARTNER), params[:, MIX_LAMBDA],
-                                        params[:, MIX_FLAG] > 0.5, labels)
+                # Only the blends need their partner's view (a view's pixels do not depend on the
+                # batch it is made in, so these are the same pixels as made with the whole batch).
+                mixed = params[:, MIX_FLAG] > 0.5
+                rows = tf.where(mixed)[:, 0]
+                others = tf.scatter_nd(rows[:, None], partner_view(MIX_PARTNER, rows),
+                                       tf.shape(images, out_type=tf.int64))
+                images, labels = _blend(images, others, params[:, MIX_LAMBDA], mixed, labels)
             if mosaic:
                 quads = [images] + [partner_view(c) for c in MOSAIC_PARTNERS]
                 images, labels = _tile(quads, params[:, MOSAIC_FLAG] > 0.5, labels)

@@ -77,12 +77,12 @@ def teacher_runs(recipe) -> list:
     """What the recipe's run-folder teachers (``kd.teachers`` paths that are training runs of
     this project, e.g. ``runs/cifar10_teacher``) cost to train, from their ``summary.json``:
     trained once before the student, so not in its training time, but part of reproducing it."""
-    from .training.teachers import _resolve
+    from .training.teachers import resolve_teacher_path
 
     runs = []
     for spec in recipe.kd.get("teachers") or []:
         text = spec["path"] if isinstance(spec, dict) else str(spec)
-        folder = _resolve(text, Path(recipe.path).parent if recipe.path else None)
+        folder = resolve_teacher_path(text, Path(recipe.path).parent if recipe.path else None)
         summary_file = folder / "summary.json"
         if folder.is_dir() and summary_file.exists():
             summary = json.loads(summary_file.read_text())

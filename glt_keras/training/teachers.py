@@ -44,8 +44,8 @@ import numpy as np
 from .. import recipe as recipe_schema
 from .._io import sha256_of
 
-__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "recipe_teachers", "sampling_classes",
-           "with_teacher_targets"]
+__all__ = ["FileTeacher", "TeacherEnsemble", "TeacherError", "load_teachers", "recipe_teachers", "resolve_teacher_path",
+           "sampling_classes", "with_teacher_targets"]
 
 OUTPUTS = ("probabilities", "logits")
 #: What a training run folder must hold to be a teacher.
@@ -256,7 +256,9 @@ def _resize(images, hw):
     return tf.clip_by_value(tf.image.resize(images, hw, method="bilinear"), 0.0, 255.0)
 
 
-def _resolve(path_text: str, base_dir) -> Path:
+def resolve_teacher_path(path_text: str, base_dir=None) -> Path:
+    """Where a ``kd.teachers`` path points: absolute as given; else the first that exists of
+    the current folder, ``base_dir`` (the recipe's folder) and the project root."""
     path = Path(os.path.expanduser(str(path_text)))
     if path.is_absolute():
         return path
@@ -283,7 +285,7 @@ def load_teachers(specs, *, classes: Sequence[str], base_dir=None) -> TeacherEns
         if unknown or "path" not in spec:
             raise TeacherError(f"teacher {spec}: " + (f"unknown keys {unknown}; " if unknown else "no path; ")
                                + f"a teacher takes {list(TEACHER_KEYS)}.")
-        path = _resolve(spec["path"], base_dir)
+        path = resolve_teacher_path(spec["path"], base_dir)
         if path.is_dir():
             missing = [f for f in RUN_FILES if not (path / f).is_file()]
             if missing:

@@ -283,7 +283,7 @@ def glt_net(
         # its non-linearity, and sign(ReLU(.)) would be +1 everywhere (no signal at all).
         has_next = i + 1 < len(widths) or include_top
         block, options = conv_block, {"binary_weights": binary_weights}
-        if i == 0 and encoding != "real":  # the encodings' planes are exactly +-1
+        if i == 0 and encoding != "real" and precisions[0] == "binary":  # the planes are exactly +-1
             options["binary_input"] = True
         if i > 0:  # block1 reads the thermometer's exact +-1 (see input_quantizer)
             options["input_quantizer"] = input_quantizer

@@ -22,7 +22,7 @@ class Int8FoldedConv2D(BinaryConv2D):
 
     def __init__(self, *args, input_range=(-1.0, 1.0), output_range=(-1.0, 1.0), **kwargs):
         kwargs.update(input_quantizer=None, kernel_quantizer=None, kernel_constraint=None, use_bias=True,
-                      lce_check=False)
+                      lce_check=False, binary_input=False)
         kwargs.setdefault("pad_values", 0.0)
         super().__init__(*args, **kwargs)
         self.input_range = tuple(float(v) for v in input_range)
@@ -41,7 +41,7 @@ class Int8FoldedConv2D(BinaryConv2D):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check"):
+        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check", "binary_input"):
             config.pop(key, None)
         return {**config, "input_range": list(self.input_range), "output_range": list(self.output_range)}
 
@@ -86,7 +86,7 @@ def int8_real_export(model: tf.keras.Model, calibration_images) -> tf.keras.Mode
         conf = by_name[conv]
         conf["class_name"] = "Int8FoldedConv2D"
         conf["registered_name"] = "glt_keras>Int8FoldedConv2D"
-        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check"):
+        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check", "binary_input"):
             conf["config"].pop(key, None)
         conf["config"].update(input_range=list(ranges[conv][0]), output_range=list(ranges[conv][1]))
         conf["config"].pop("build_config", None)

@@ -29,7 +29,7 @@ def _clone(model, config, extra_objects=None):
 
 def _real_conv_config(conf: dict) -> None:
     conf.update(input_quantizer=None, kernel_quantizer=None, kernel_constraint=None,
-                pad_values=0.0, lce_check=False)
+                pad_values=0.0, lce_check=False, binary_input=False)
 
 
 def with_real_layers(model: tf.keras.Model, real_layers) -> tf.keras.Model:

@@ -22,10 +22,11 @@ demo: $(STAMP)
 # verification, C export): run again with oneDNN forced off and forced on. TensorFlow turns
 # oneDNN on by default only on some CPUs (AVX512-VNNI / BF16 / AMX), so both paths are
 # checked on every machine, whatever its default.
-CPU_PATH_TESTS := tests/test_layers.py tests/test_convert.py tests/test_shortcuts.py tests/test_mcu.py tests/test_precision.py
+CPU_PATH_TESTS := tests/test_layers.py tests/test_convert.py tests/test_mcu.py tests/test_precision.py
 # ... but not the QEMU runs: they compare the C library under emulation with its host build,
-# which the host tests tie to Keras on both paths; they would only double the time.
-CPU_PATH_SELECT := "not qemu and not cortex_m4"
+# which the host tests tie to Keras on both paths; they would only double the time. Nor the
+# bfloat16 training step without the planes' sign (a bfloat16 result, checked once).
+CPU_PATH_SELECT := "not qemu and not cortex_m4 and not exact_planes_under_bfloat16"
 
 # pytest exits 5 when it collects no test: that fails here like any other error.
 test: $(STAMP)

@@ -10,6 +10,11 @@ from ...layers.binary import BinaryConv2D
 from .surgery import _clone, _consumers
 
 
+#: BinaryConv2D settings an int8 folded conv fixes itself, so neither its config nor a folded
+#: layer's carries them.
+_BINARY_CONV_KEYS = ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check", "binary_input")
+
+
 @tf.keras.utils.register_keras_serializable(package="glt_keras")
 class Int8FoldedConv2D(BinaryConv2D):
     """Export form of a real layer: BatchNorm folded into the conv, 8-bit fake quantization.
@@ -41,7 +46,7 @@ class Int8FoldedConv2D(BinaryConv2D):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check", "binary_input"):
+        for key in _BINARY_CONV_KEYS:
             config.pop(key, None)
         return {**config, "input_range": list(self.input_range), "output_range": list(self.output_range)}
 
@@ -86,7 +91,7 @@ def int8_real_export(model: tf.keras.Model, calibration_images) -> tf.keras.Mode
         conf = by_name[conv]
         conf["class_name"] = "Int8FoldedConv2D"
         conf["registered_name"] = "glt_keras>Int8FoldedConv2D"
-        for key in ("input_quantizer", "kernel_quantizer", "kernel_constraint", "use_bias", "lce_check", "binary_input"):
+        for key in _BINARY_CONV_KEYS:
             conf["config"].pop(key, None)
         conf["config"].update(input_range=list(ranges[conv][0]), output_range=list(ranges[conv][1]))
         conf["config"].pop("build_config", None)

@@ -30,6 +30,9 @@ DEFAULT_TRAINING = {
     "real_from_binary": False,
     # Best weights by the mean validation accuracy of this many last epochs (1: the epoch's own).
     "select_smoothing": 1,
+    # Keep an exponential moving average of the weights (this momentum per step) and make it the
+    # run's weights: validated every epoch, selected, saved (glt_keras.training.weight_average). None: off.
+    "ema_momentum": None,
     # float32, mixed_bfloat16, or auto: bfloat16 on CPUs with AVX512-BF16 / AMX and oneDNN
     # (glt_keras.training.precision). Weights files are float32 whatever was trained.
     "precision": "float32",
@@ -348,6 +351,7 @@ TRAINING_KEYS = {
     "init_weights": Str(optional=True),
     "real_from_binary": Bool(),
     "select_smoothing": Int(1),
+    "ema_momentum": Num(0, 1, lo_open=True, hi_open=True, optional=True),
     "precision": Str(["float32", "mixed_bfloat16", "auto"]),
     "optimizer": Str(["adam", "sgd"]),
     "momentum": Num(0, 1, hi_open=True),

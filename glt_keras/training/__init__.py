@@ -18,7 +18,7 @@ and the rest of ``__all__``.
 One module per concept; data flows one way (each line imports only from lines above it):
 
 - :mod:`.splits` (recipe sources -> arrays), :mod:`.schedule` (learning rate, optimizer),
-  :mod:`.checkpoints`, :mod:`.history` (history.csv, summary, plots), :mod:`.evaluation`,
+  :mod:`.checkpoints`, :mod:`.weight_average`, :mod:`.history` (history.csv, summary, plots), :mod:`.evaluation`,
   :mod:`.distill`, :mod:`.teachers`, :mod:`.view_cache`;
 - :mod:`.pruning` (structure, scores, schedule, shrinking, recipes) and :mod:`.mixbin`
   (costs, selection, surgery, search, int8, variants);
@@ -44,6 +44,7 @@ _EXPORTS = {
     "resolve_init_weights": "checkpoints",
     "RunLogger": "history",
     "WarmupCosine": "schedule",
+    "WeightAverage": "weight_average",
     "make_optimizer": "schedule",
     # data and evaluation
     "Splits": "splits",

@@ -37,14 +37,17 @@ class RunLogger(tf.keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
                  *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None,
-                 sessions=None, smoothing=1):
+                 sessions=None, smoothing=1, save_best=None):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
         epoch's row may become the best weights (default: every epoch). ``schedule``: the
         run's learning-rate plans (``extend_schedule``), kept in summary.json. ``sessions``:
         how many sessions (this one included) trained the run, written at every epoch so that
         a session killed mid-run still counts. ``smoothing`` > 1 adds ``val_accuracy_smooth``, the
         mean validation accuracy of the last ``smoothing`` epochs, to every row (monitor it to
-        select on a score less noisy than one epoch's on a small validation set)."""
+        select on a score less noisy than one epoch's on a small validation set), and
+        ``val_accuracy_ema_smooth`` where the epoch has ``val_accuracy_ema`` (a weight average,
+        :mod:`.weight_average`). ``save_best(path)`` writes the best weights (default: the
+        model's own; a weight average saves the averaged ones)."""
         super().__init__()
         self.smoothing = int(smoothing)
         self.schedule = schedule
@@ -55,6 +58,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.images_per_epoch = images_per_epoch
         self.run_dir = Path(run_dir)
         self.student = model
+        self.save_best = save_best or (lambda path: save_weights(model, path))
         self.monitor = monitor
         self.extra = extra or (lambda: {})
         self.history_path = self.run_dir / "history.csv"
@@ -103,9 +107,10 @@ class RunLogger(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row.update(self.extra())
-        if self.smoothing > 1 and "val_accuracy" in row:
-            recent = [r["val_accuracy"] for r in self.rows[-(self.smoothing - 1):] if "val_accuracy" in r]
-            row["val_accuracy_smooth"] = float(np.mean(recent + [row["val_accuracy"]]))
+        for key in ("val_accuracy", "val_accuracy_ema"):
+            if self.smoothing > 1 and key in row:
+                recent = [r[key] for r in self.rows[-(self.smoothing - 1):] if key in r]
+                row[key + "_smooth"] = float(np.mean(recent + [row[key]]))
         # larq's CaseOptimizer keeps one optimizer per predicate: log each one's rate.
         optimizer = self.model.optimizer
         for i, inner in enumerate(getattr(optimizer, "optimizers", None) or [optimizer]):
@@ -115,7 +120,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.write_summary()
         if self.best_if(row) and row.get(self.monitor, -np.inf) > self.best:
             self.best = row[self.monitor]
-            save_weights(self.student, self.run_dir / "best_weights.h5")
+            self.save_best(self.run_dir / "best_weights.h5")
         thermometer = _thermometer(self.student)
         if thermometer is not None:
             self.thresholds[str(epoch + 1)] = np.round(thermometer.thresholds(), 3).tolist()
@@ -163,7 +168,7 @@ def plot_run(run_dir: Path, rows, thresholds, thermometer=None):
     for key, style in (("loss", "-"), ("val_loss", "--")):
         if key in rows[-1]:
             axes[0].plot(epochs, [r.get(key, np.nan) for r in rows], style, label=key)
-    for key, style in (("accuracy", "-"), ("val_accuracy", "--")):
+    for key, style in (("accuracy", "-"), ("val_accuracy", "--"), ("val_accuracy_ema", ":")):
         if key in rows[-1]:
             axes[1].plot(epochs, [r.get(key, np.nan) for r in rows], style, label=key)
     for ax, title in zip(axes, ("loss", "accuracy")):

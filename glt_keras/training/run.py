@@ -6,7 +6,8 @@ A run folder holds everything of one training run::
       recipe.yaml            the recipe as run (with CLI overrides)
       checkpoints/last.json  pointer to the last complete epoch checkpoint
       checkpoints/epoch_K/   model + optimizer state after epoch K (written atomically)
-      best_weights.h5        best weights on the validation split
+      best_weights.h5        best weights on the validation split (the weight average's, with
+                             training.ema_momentum)
       history.csv            one row per epoch, no gaps across resumes
       thresholds.json        the thermometer's thresholds after every epoch
       tensorboard/           TensorBoard logs
@@ -45,6 +46,7 @@ from .history import RunLogger, _thermometer, extend_schedule
 from .mixbin.variants import binary_start
 from .schedule import make_optimizer
 from .splits import UNLABELED, Splits, load_splits, make_eval_dataset, make_train_dataset
+from .weight_average import WeightAverage, WeightAverageCallback
 
 # Moved to their own modules; still importable from here as before.
 from .evaluation import confusion_markdown, evaluate
@@ -138,6 +140,9 @@ def train(
     if precision is not None:  # training.precision: float32, mixed_bfloat16 or auto
         recipe = recipe.with_changes(training={"precision": precision})
     cfg = recipe.training
+    if prune and cfg.get("ema_momentum"):  # an average of masked and unmasked weights is neither
+        raise ValueError(f"recipe {recipe.name}: training.ema_momentum cannot be combined with pruning; "
+                         "remove one of them.")
     run_dir = Path(out_dir or Path("runs") / recipe.name)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and not run_dir.is_dir():
@@ -246,7 +251,10 @@ def train(
                                    steps_per_epoch=steps_per_epoch, run_root=run_dir.parent)
         trainer = _compile(model, optimizer, recipe, teacher, targets_from_data=teachers is not None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+        # training.ema_momentum: the weight average is the run's network (validated, selected, saved).
+        average = WeightAverage(model, momentum=cfg["ema_momentum"]) if cfg.get("ema_momentum") else None
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
+                                         **({"weight_average": average.state} if average else {}))
 
     start_epoch = 0
     if resuming:
@@ -275,17 +283,22 @@ def train(
     if start_epoch > 0 and (run_dir / "summary.json").exists():
         previous_summary = json.loads((run_dir / "summary.json").read_text())
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    if average is not None and val_ds is not None:
+        monitor = "val_accuracy_ema"
     if val_ds is not None and int(cfg.get("select_smoothing", 1)) > 1:
-        monitor = "val_accuracy_smooth"
+        monitor += "_smooth"
     logger = RunLogger(run_dir, model, start_epoch, monitor=monitor, smoothing=int(cfg.get("select_smoothing", 1)),
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
                        extra=extra, best_if=best_if,
                        schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]),
                        # A summary without a count comes from a session killed before this fix.
-                       sessions=(previous_summary.get("sessions") or int(start_epoch > 0)) + 1)
+                       sessions=(previous_summary.get("sessions") or int(start_epoch > 0)) + 1,
+                       save_best=average.save_weights if average is not None else None)
     all_callbacks = [
         # Pruning first: its masks are in place before the checkpoint and the logger run.
         *([pruning_cb] if pruning_cb is not None else []),
+        # Before the logger, which selects on the average's validation score.
+        *([WeightAverageCallback(average, val_ds)] if average is not None else []),
         EpochCheckpoint(ckpt_dir, checkpoint, epoch_var),
         logger,
         tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),

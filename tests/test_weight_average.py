@@ -154,3 +154,15 @@ def test_distilled_run_from_cached_views_averages_too(image_folder, tmp_path):
     rows = _rows(tmp_path / "run")
     assert summary["epochs"] == 2 and "best_val_accuracy_ema_smooth" in summary
     assert all(0.0 <= float(r["val_accuracy_ema"]) <= 1.0 for r in rows)
+
+
+def test_adding_the_average_on_resume_is_a_clear_error_and_changes_nothing(tmp_path, image_folder):
+    from glt_keras.training.checkpoints import CheckpointError
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, callbacks=[StopAfter(1)])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="holds no weight average.*remove ema_momentum"):
+        train(tiny_recipe(image_folder, epochs=3, ema_momentum=0.9), out_dir=run, verbose=0, resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -46,7 +46,7 @@ from .history import RunLogger, _thermometer, extend_schedule
 from .mixbin.variants import binary_start
 from .schedule import make_optimizer
 from .splits import UNLABELED, Splits, load_splits, make_eval_dataset, make_train_dataset
-from .weight_average import WeightAverage, WeightAverageCallback
+from .weight_average import WeightAverage, WeightAverageCallback, check_resumable
 
 # Moved to their own modules; still importable from here as before.
 from .evaluation import confusion_markdown, evaluate
@@ -164,6 +164,8 @@ def train(
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     resuming = resume and bool(checkpoint_candidates(ckpt_dir))
+    if resuming and cfg.get("ema_momentum"):  # before any output: the run folder stays as it was
+        check_resumable(checkpoint_candidates(ckpt_dir)[0][1], recipe.name)
     init_weights = None
     if not resuming:  # resolved before any output, so a missing file fails at once
         if prune and prune.get("init_weights"):

@@ -28,6 +28,7 @@ import contextlib
 import tensorflow as tf
 
 from ..models import save_weights
+from .checkpoints import CheckpointError
 
 
 class WeightAverage:
@@ -71,6 +72,16 @@ class WeightAverage:
         """The averaged network's weight file (the same format as ``models.save_weights``)."""
         with self.applied():
             save_weights(self.model, path)
+
+
+def check_resumable(checkpoint_dir, recipe_name: str) -> None:
+    """``CheckpointError`` when a run resumed with ``training.ema_momentum`` has no average in its
+    checkpoint (the key was added after the run started): the average cannot be made up."""
+    names = [name for name, _ in tf.train.list_variables(str(checkpoint_dir) + "/ckpt")]
+    if not any(name.startswith("weight_average/") for name in names):
+        raise CheckpointError(
+            f"cannot resume {recipe_name} with training.ema_momentum: its checkpoint {checkpoint_dir} holds no "
+            "weight average (the run started without one); remove ema_momentum to continue it, or start a new run.")
 
 
 def _short(variable) -> str:

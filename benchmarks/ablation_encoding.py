@@ -30,7 +30,8 @@ from pathlib import Path
 
 def _without_teachers(recipe) -> dict:
     """Hard labels only: sources that only the teachers label are left out, pasted people are
-    labelled person, sampling balances on the hard labels."""
+    labelled person, sampling balances on the hard labels; no teacher view cache, and no mixup or
+    mosaic (their blends have no hard label: only a teacher can label them)."""
     sources = recipe.data["train"] if isinstance(recipe.data["train"], list) else [recipe.data["train"]]
     kept = []
     for spec in sources:
@@ -39,7 +40,8 @@ def _without_teachers(recipe) -> dict:
         if "paste" in spec and spec["paste"].get("label") == "teacher":
             spec = {**spec, "paste": {**spec["paste"], "label": "person"}}
         kept.append(spec)
-    return dict(data={"train": kept, "balance": True}, kd={"teachers": None})
+    augment = {k: v for k, v in (recipe.data.get("augment") or {}).items() if k not in ("mixup", "mosaic")}
+    return dict(data={"train": kept, "balance": True, "augment": augment}, kd={"teachers": None, "view_cache": None})
 
 
 VARIANTS = {  # name -> the recipe's changes (or a function of the recipe giving them)

@@ -58,7 +58,11 @@ def test_teacher_variants_change_only_the_teaching(ablation):
     sources = none.data["train"]
     assert not any(s.get("labels") == "teacher" for s in sources)  # nothing is left unlabelled
     assert all(s["paste"]["label"] == "person" for s in sources if "paste" in s)
-    assert len(sources) == len(base.data["train"]) - 1  # only imagenette (teacher-labelled) is dropped
+    teacher_only = [s for s in base.data["train"] if s.get("labels") == "teacher"]
+    assert teacher_only and len(sources) == len(base.data["train"]) - len(teacher_only)  # only those are dropped
+    # Nothing left that only a teacher can label: no cached teacher views, no blends.
+    assert not none.kd.get("view_cache") and not {"mixup", "mosaic"} & set(none.data["augment"])
+    assert none.data["augment"]["crop"] == base.data["augment"]["crop"]
     one = base.with_changes(**ablation.VARIANTS["first_teacher"](base))
     assert one.kd["teachers"] == base.kd["teachers"][:1] and one.data == base.data
     assert base.with_changes(**ablation.VARIANTS["teachers"](base)).to_dict() == base.to_dict()

@@ -23,7 +23,7 @@ demo: $(STAMP)
 # TensorFlow turns oneDNN on by default only on some CPUs (AVX512-VNNI / BF16 / AMX); the main
 # pass covers the default path, so both paths are checked on every machine (both reruns when
 # the default cannot be read).
-CPU_PATH_TESTS := tests/test_layers.py tests/test_convert.py tests/test_mcu.py tests/test_precision.py
+CPU_PATH_TESTS := tests/test_layers.py tests/test_convert.py tests/test_sign_ties.py tests/test_mcu.py tests/test_precision.py
 # ... but not the QEMU runs: they compare the C library under emulation with its host build,
 # which the host tests tie to Keras on both paths; they would only double the time. Nor the
 # bfloat16 training step without the planes' sign (a bfloat16 result, checked once).

@@ -566,7 +566,12 @@ def collect_entries(args) -> list:
     entries = []
 
     def ours(model, name):  # the LCE row and, unless --no-host-c, the host C row of a Keras model
-        entry = keras_entry(model, name, int8_io=args.int8_io)
+        from .convert import VerificationError
+
+        try:
+            entry = keras_entry(model, name, int8_io=args.int8_io)
+        except VerificationError as err:  # the message alone does not say which of the models failed
+            raise VerificationError(f"{name}: {err}", err.result) from None
         entry.keras_model = model
         entries.append(entry)
         host = None if getattr(args, "no_host_c", False) else host_c_entry(model, name)

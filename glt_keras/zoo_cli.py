@@ -123,6 +123,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     """Copy a run's best weights into ``zoo/<name>/``, measure them, write card + registry."""
     from .bench import anchors_dir, conversion_entry, plot_frontier, reference_entries, run_bench
     from .convert import strip_flatbuffer_strings, verify_tflite
+    from .convert.sign_ties import separate_sign_ties
     from .convert.tflite import default_images
     from .layers.encoding import plot_transfer_curve
     from .models import load_weights, model_summary, save_weights
@@ -147,6 +148,12 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         raise FileNotFoundError(f"{best} not found: has the run finished an epoch?")
     model = recipe.build_model()
     load_weights(model, best)
+    # A sign threshold on an integer accumulator is decided by float rounding, differently in
+    # Keras (per machine) and LCE; moved half a step off, exact arithmetic's decision is kept.
+    ties = separate_sign_ties(model)
+    if ties:
+        print(f"{name}: moved {len(ties)} BatchNorm sign thresholds off integer accumulators "
+              f"(e.g. {ties[0]}); exact arithmetic gives the same signs.")
     out_dir = ZOO_DIR / name
     weights_file = out_dir / f"{name}_weights.h5"
     save_weights(model, weights_file)
@@ -176,7 +183,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     task = entry.task
     entries = [entry] + (reference_entries([task], anchors_dir(None), frontier=True) if task else [])
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)
-    if task:
+    if len(entries) > 1:  # a "frontier" of our model alone (no anchor for this task) says nothing
         plot_frontier(bench, out_dir / "frontier.png", task=task, highlight=name,
                       title=f"{name} among the anchors: accuracy vs .tflite size")
     teachers = teacher_scores(recipe, splits) if recipe.kd.get("teachers") else None
@@ -202,7 +209,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
         "metrics": metrics,
         "size": {**summary, "tflite_bytes": ours["bytes"], "tflite_bytes_stripped": len(stripped)},
         "lce": {"all_binary": ours.get("float_convs", 1) == 0, "lce_bconv2d": ours.get("lce_bconv2d"),
-                "real_layers": real_layers},
+                "real_layers": real_layers, "sign_ties_separated": len(ties)},
         "benchmark": {"machine": bench["machine"], "data": bench["data"], "rows": bench["rows"]},
         **({"teachers": teachers} if teachers else {}),
         "training": training_record(recipe, name, run_summary),

@@ -397,3 +397,20 @@ def test_bench_frontier_anchors_and_plot(tmp_path):
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
     assert bench.plot_frontier({"rows": rows[:1] and [{**rows[0], "accuracy": None}], "data": {}},
                                tmp_path / "none.png", task="vww") is None
+
+
+def test_bench_names_the_model_whose_conversion_fails(monkeypatch):
+    # A bench of several zoo models stops at the first that does not verify: the error says which.
+    import argparse
+
+    from glt_keras import bench
+
+    def failing(model, name, **kwargs):
+        raise VerificationError("The converted model does not match Keras: verification FAILED on 16 images")
+
+    monkeypatch.setattr(bench, "keras_entry", failing)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--topology", "glt32", "--no-references", "--no-host-c"])
+    with pytest.raises(VerificationError, match=r"^glt32 \(untrained\): The converted model does not match Keras"):
+        bench.collect_entries(args)

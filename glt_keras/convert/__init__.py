@@ -6,6 +6,7 @@
 """
 from .c_array import write_c_array
 from .inspect import InspectReport, inspect_flatbuffer
+from .sign_ties import SignTie, separate_sign_ties, sign_ties
 from .tflite import (
     ConversionError,
     ConversionResult,
@@ -20,6 +21,9 @@ __all__ = [
     "strip_flatbuffer_strings",
     "inspect_flatbuffer",
     "verify_tflite",
+    "sign_ties",
+    "separate_sign_ties",
+    "SignTie",
     "write_c_array",
     "VerificationError",
     "StrictConversionError",

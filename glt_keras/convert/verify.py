@@ -217,6 +217,23 @@ def threshold_ties(keras_model, images: np.ndarray):
     return tied, (int(n), int(c), float(x[n, hh, ww, c]), float(t[c, k]), layer.name)
 
 
+def _sign_tie_hint(keras_model) -> str:
+    """The message's hint when the Keras model has BatchNorm sign thresholds on integer
+    accumulators (:mod:`glt_keras.convert.sign_ties`), else ``""``."""
+    from .sign_ties import sign_ties
+
+    try:
+        ties = sorted(sign_ties(keras_model), key=lambda t: t.distance)
+    except Exception:  # a model this check does not understand: no hint rather than a second error
+        return ""
+    if not ties:
+        return ""
+    return (f" Possible cause: {len(ties)} BatchNorm sign thresholds sit within float rounding of an integer "
+            f"accumulator (closest: {ties[0]}), where Keras and LCE may round to different signs; "
+            "glt_keras.convert.separate_sign_ties(model) moves them off (the same signs in exact "
+            "arithmetic).")
+
+
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     outs = []
     for start in range(0, len(images), batch_size):
@@ -308,7 +325,7 @@ def verify_tflite(fb, keras_model, images, *, tolerance: Optional[float] = None,
             )
     if not result.passed and raise_on_failure:
         worst = np.unravel_index(int(diff.argmax()), diff.shape)
-        cause = f" Likely cause: {result.threshold_ties}." if result.threshold_ties else ""
+        cause = f" Likely cause: {result.threshold_ties}." if result.threshold_ties else _sign_tie_hint(keras_model)
         raise VerificationError(
             f"The converted model does not match Keras: {result.message}. Largest difference at "
             f"image {worst[0]}, output {tuple(int(i) for i in worst[1:])}: tflite "

@@ -240,6 +240,34 @@ def test_sampling_classes_use_hard_labels_then_the_teachers_and_are_cached(teach
     assert sampling_classes(x, y, ensemble, cache=cache, verbose=0).tolist() == got.tolist()
     with pytest.raises(pytest.fail.Exception, match="cache not used"):  # other images: labelled again
         sampling_classes(x[:5], y[:5], ensemble, cache=cache, verbose=0)
+    with pytest.raises(pytest.fail.Exception, match="cache not used"):  # other hard labels: again
+        sampling_classes(x, np.array([0, -1, -1, 1, -1, 0]), ensemble, cache=cache, verbose=0)
+
+
+def test_sampling_classes_are_shared_between_runs_with_the_same_images_and_teachers(teacher_files, tmp_path,
+                                                                                     monkeypatch):
+    from glt_keras.training.teachers import sampling_classes
+
+    x = np.concatenate([np.full((3, 12, 12, 3), 240, np.uint8), np.full((3, 12, 12, 3), 10, np.uint8)])
+    y = np.array([0, -1, -1, 1, -1, -1])
+    shared = tmp_path / "teacher_views"
+    ensemble = load_teachers([str(teacher_files["float"])], classes=CLASSES)
+    got = sampling_classes(x, y, ensemble, cache=tmp_path / "run1" / "classes.npz", shared_dir=shared, verbose=0)
+    assert len(list(shared.glob("classes_*.npz"))) == 1
+    predict = type(ensemble).predict
+    monkeypatch.setattr(type(ensemble), "predict", lambda *a, **k: pytest.fail("labelled again"))
+    # A second run folder with the same images, labels and teachers: copied from the shared file.
+    again = sampling_classes(x, y, ensemble, cache=tmp_path / "run2" / "classes.npz", shared_dir=shared, verbose=0)
+    assert again.tolist() == got.tolist() and (tmp_path / "run2" / "classes.npz").exists()
+    # Other teachers (here: the same file weighted with a second one) never take these classes.
+    both = load_teachers([str(teacher_files["float"]), str(teacher_files["float"])], classes=CLASSES)
+    with pytest.raises(pytest.fail.Exception, match="labelled again"):
+        sampling_classes(x, y, both, cache=tmp_path / "run1" / "classes.npz", shared_dir=shared, verbose=0)
+    monkeypatch.setattr(type(ensemble), "predict", predict)
+    # A cache file of the earlier format (no key) is labelled again, not trusted.
+    old = tmp_path / "old.npz"
+    np.savez(old, fingerprint=np.array([6, 0]), classes=np.zeros(6, int))
+    assert sampling_classes(x, y, ensemble, cache=old, verbose=0).tolist() == got.tolist()
 
 
 def test_make_dataset_balances_on_given_classes():

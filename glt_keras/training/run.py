@@ -205,8 +205,10 @@ def train(
             raise ValueError(f"recipe {recipe.name}: data.balance: teacher needs kd.teachers.")
         from .teachers import sampling_classes
 
+        from .view_cache import default_cache_dir
+
         balance_by = sampling_classes(*splits.train, teachers, cache=run_dir / "teacher_classes.npz",
-                                      verbose=verbose)
+                                      shared_dir=view_cache_dir or default_cache_dir(), verbose=verbose)
     elif unlabeled and recipe.data.get("balance"):
         raise ValueError(f"recipe {recipe.name}: data.balance: true samples by hard label, and {unlabeled} "
                          "training images are labelled by the teachers only; use balance: teacher.")

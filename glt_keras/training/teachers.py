@@ -328,19 +328,46 @@ def with_teacher_targets(dataset, ensemble: TeacherEnsemble):
     return dataset.map(add, num_parallel_calls=1).prefetch(2)
 
 
-def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, verbose=1) -> np.ndarray:
+def sampling_classes_key(x, y, ensemble: TeacherEnsemble) -> str:
+    """What decides :func:`sampling_classes`: the images, their hard labels and the teachers."""
+    import hashlib
+    import json
+
+    from .view_cache import _sha256_images
+
+    teachers = [{"sha256": t.sha256, "input_range": [float(v) for v in t.input_range], "output": t.output,
+                 "class_index": [int(c) for c in t.class_index], "weight": float(w)}
+                for t, w in zip(ensemble.teachers, ensemble.weights)]
+    labels = hashlib.sha256(np.ascontiguousarray(np.asarray(y, np.int64))).hexdigest()
+    text = json.dumps({"images": _sha256_images(np.asarray(x)), "labels": labels, "teachers": teachers},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, shared_dir=None, verbose=1) -> np.ndarray:
     """The class to balance each training image on (``data.balance: teacher``): its hard label
     where it has one, else the teachers' top class on the stored image. Labelling a few tens of
-    thousands of images takes minutes, so the result is kept in ``cache`` (an ``.npz``, reused
-    while the images are the same) for a resumed run."""
+    thousands of images takes minutes, so the result is kept in ``cache`` (an ``.npz`` in the run
+    folder, for a resumed run) and in ``shared_dir`` as ``classes_<key>.npz`` (beside the teacher
+    view caches: another run with the same images, labels and teachers reuses it). Either is used
+    only while its key (:func:`sampling_classes_key`) matches."""
+    import io
+    import shutil
+
     from .._io import atomic_write
 
     y = np.asarray(y)
-    fingerprint = np.array([len(x), int(np.asarray(x[:: max(1, len(x) // 64)], np.int64).sum())])
-    if cache is not None and Path(cache).is_file():
-        with np.load(cache) as z:
-            if np.array_equal(z["fingerprint"], fingerprint):
-                return z["classes"]
+    key = sampling_classes_key(x, y, ensemble)
+    shared = Path(shared_dir) / f"classes_{key}.npz" if shared_dir is not None else None
+    for path in (cache, shared):
+        if path is not None and Path(path).is_file():
+            with np.load(path) as z:
+                if "key" in z.files and str(z["key"]) == key:
+                    classes = z["classes"]
+                    if cache is not None and path == shared:
+                        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(shared, cache)
+                    return classes
     classes = y.copy()
     unlabeled = np.flatnonzero(y < 0)
     if len(unlabeled):
@@ -349,10 +376,10 @@ def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, verbose=1) 
         classes[unlabeled] = ensemble.predict(x[unlabeled]).argmax(-1)
     if verbose:
         print(f"Training images per class (hard label, else the teachers'): {np.bincount(classes).tolist()}.")
-    if cache is not None:
-        import io
-
-        buffer = io.BytesIO()
-        np.savez(buffer, fingerprint=fingerprint, classes=classes)
-        atomic_write(cache, buffer.getvalue())
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), classes=classes)
+    for path in (cache, shared):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, buffer.getvalue())
     return classes

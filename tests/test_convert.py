@@ -236,11 +236,16 @@ def on_thresholds(model, n=4, tied=(1, 2)):
 
 def test_mismatch_raises_verification_error(logits_result, logits_model):
     other = tiny(classifier_activation=None)  # same architecture, other random weights
+    rng = np.random.default_rng(3)
+    for bn in (l for l in other.layers if isinstance(l, tf.keras.layers.BatchNormalization)):
+        # trained-like statistics: a fresh BatchNorm puts every sign threshold on the integer 0
+        n = bn.moving_mean.shape[-1]
+        bn.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.3, n), rng.normal(0, 5, n), rng.uniform(5, 50, n)])
     x = on_thresholds(logits_model, tied=(1,))
     with pytest.raises(VerificationError, match="does not match Keras") as info:
         verify_tflite(logits_result.flatbuffer, other, x)
     assert isinstance(info.value, ValueError) and info.value.result.passed is False
-    # Images off the thresholds fail too: not blamed on ties.
+    # Images off the thresholds fail too: not blamed on ties of any kind.
     assert info.value.result.threshold_ties is None and "threshold" not in str(info.value)
     result = verify_tflite(logits_result.flatbuffer, other, pixels(4), raise_on_failure=False)
     assert result.passed is False

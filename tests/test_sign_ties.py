@@ -115,8 +115,9 @@ def test_lce_and_keras_agree_after_separating_even_where_keras_rounds_differentl
     fb = to_tflite(model, verify=False).flatbuffer
     with monkeypatch.context() as patch:
         keras_rounding_down(patch)
-        with pytest.raises(VerificationError, match=r"does not match Keras.*Possible cause: \d+ BatchNorm sign "
-                           r"thresholds .*block1_bn channel \d+: threshold 0 from accumulator.*separate_sign_ties"):
+        with pytest.raises(VerificationError, match=r"does not match Keras.*Possible cause: failing image \d+ "
+                           r"reaches accumulator -?\d+ of block1_bn channel \d+, whose BatchNorm sign threshold "
+                           r"sits 0 from it.*separate_sign_ties"):
             verify_tflite(fb, model, images)
     assert len(separate_sign_ties(model)) >= 64
     fb = to_tflite(model, verify=False).flatbuffer

@@ -217,21 +217,34 @@ def threshold_ties(keras_model, images: np.ndarray):
     return tied, (int(n), int(c), float(x[n, hh, ww, c]), float(t[c, k]), layer.name)
 
 
-def _sign_tie_hint(keras_model) -> str:
-    """The message's hint when the Keras model has BatchNorm sign thresholds on integer
-    accumulators (:mod:`glt_keras.convert.sign_ties`), else ``""``."""
+def _sign_tie_hint(keras_model, images: np.ndarray, failing) -> str:
+    """The message's hint when failing images reach a BatchNorm sign threshold that sits on an
+    integer accumulator (:mod:`glt_keras.convert.sign_ties`), else ``""``."""
+    import tensorflow as tf
+
     from .sign_ties import sign_ties
 
+    failing = sorted(int(i) for i in failing)
     try:
-        ties = sorted(sign_ties(keras_model), key=lambda t: t.distance)
-    except Exception:  # a model this check does not understand: no hint rather than a second error
+        ties = sign_ties(keras_model)
+        layers = sorted({t.layer for t in ties})
+        if not ties or not failing:
+            return ""
+        probe = tf.keras.Model(keras_model.input, [keras_model.get_layer(n).input for n in layers])
+        outs = probe(images[failing].astype(np.float32), training=False)
+    except Exception:  # a model this check cannot probe (e.g. nested): no hint rather than a second error
         return ""
-    if not ties:
-        return ""
-    return (f" Possible cause: {len(ties)} BatchNorm sign thresholds sit within float rounding of an integer "
-            f"accumulator (closest: {ties[0]}), where Keras and LCE may round to different signs; "
-            "glt_keras.convert.separate_sign_ties(model) moves them off (the same signs in exact "
-            "arithmetic).")
+    accumulators = dict(zip(layers, outs if isinstance(outs, (list, tuple)) else [outs]))
+    for t in sorted(ties, key=lambda t: t.distance):
+        reached = np.asarray(accumulators[t.layer])[..., t.channel] == t.accumulator
+        hit = np.flatnonzero(reached.reshape(len(failing), -1).any(1))
+        if len(hit):
+            return (f" Possible cause: failing image {failing[hit[0]]} reaches accumulator {t.accumulator} of "
+                    f"{t.layer} channel {t.channel}, whose BatchNorm sign threshold sits {t.distance:.2g} from it "
+                    f"({len(ties)} such channels), where Keras and LCE may round to different signs; "
+                    "glt_keras.convert.separate_sign_ties(model) moves them off (the same signs in exact "
+                    "arithmetic).")
+    return ""
 
 
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -325,7 +338,8 @@ def verify_tflite(fb, keras_model, images, *, tolerance: Optional[float] = None,
             )
     if not result.passed and raise_on_failure:
         worst = np.unravel_index(int(diff.argmax()), diff.shape)
-        cause = f" Likely cause: {result.threshold_ties}." if result.threshold_ties else _sign_tie_hint(keras_model)
+        cause = (f" Likely cause: {result.threshold_ties}." if result.threshold_ties
+                 else _sign_tie_hint(keras_model, x, np.flatnonzero(failing)))
         raise VerificationError(
             f"The converted model does not match Keras: {result.message}. Largest difference at "
             f"image {worst[0]}, output {tuple(int(i) for i in worst[1:])}: tflite "

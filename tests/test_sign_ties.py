@@ -72,6 +72,12 @@ def test_finds_ties_only_where_an_integer_accumulator_meets_a_sign():
     y = tf.keras.layers.BatchNormalization(name="binary_bn")(y)
     y = tf.keras.layers.GlobalAveragePooling2D()(y)
     assert sign_ties(tf.keras.Model(x, y)) == []  # fresh BNs put every threshold at 0, an integer
+    # Nor one whose output is also a model output (its real value is used), though a sign reads it too.
+    x = tf.keras.Input((8, 8, 32))
+    features = tf.keras.layers.BatchNormalization(name="features_bn")(BinaryConv2D(32, 3, name="c1")(x))
+    y = tf.keras.layers.GlobalAveragePooling2D()(BinaryConv2D(32, 3, name="c2")(features))
+    assert sign_ties(tf.keras.Model(x, [y, features])) == []
+    assert [t.layer for t in sign_ties(tf.keras.Model(x, y))][:1] == ["features_bn"]
     with pytest.raises(ValueError, match="margin"):
         sign_ties(model, margin=0.5)
 

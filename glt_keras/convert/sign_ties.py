@@ -77,26 +77,26 @@ def _integer_accumulator(layer) -> bool:
             and not getattr(layer, "use_bias", True))
 
 
-def _graph(model):
-    """producer layer name -> [consumer layers], and name -> layer, of a functional model."""
-    consumers, by_name = {}, {}
+def _consumers(model) -> dict:
+    """producer layer name -> [consumer layers] of a functional model."""
+    consumers = {}
     for layer in model.layers:
-        by_name[layer.name] = layer
         for node in getattr(layer, "_inbound_nodes", []):
             inbound = node.inbound_layers
             for producer in inbound if isinstance(inbound, (list, tuple)) else [inbound]:
                 consumers.setdefault(producer.name, []).append(layer)
-    return consumers, by_name
+    return consumers
 
 
-def _feeds_only_signs(layer, consumers) -> bool:
-    """Every path from ``layer`` reaches a sign input quantizer through pass-through layers only."""
+def _feeds_only_signs(layer, consumers, outputs) -> bool:
+    """Every path from ``layer`` reaches a sign input quantizer through pass-through layers only
+    (``outputs``: ids of the model's output tensors, whose real values are used)."""
     nexts = consumers.get(layer.name, [])
-    if not nexts:
-        return False  # a model output: its real value is used
+    if not nexts or id(layer.output) in outputs:
+        return False
     for c in nexts:
         if type(c).__name__ in _PASS_THROUGH:
-            if not _feeds_only_signs(c, consumers):
+            if not _feeds_only_signs(c, consumers, outputs):
                 return False
         elif not _is_sign(getattr(c, "input_quantizer", None)):
             return False
@@ -107,7 +107,8 @@ def _candidates(model):
     """The BatchNorms whose input is an integer accumulator and whose output only feeds signs."""
     import tensorflow as tf
 
-    consumers, _ = _graph(model)
+    consumers = _consumers(model)
+    outputs = {id(t) for t in model.outputs}
     found = []
     for layer in model.layers:
         if isinstance(layer, tf.keras.Model):
@@ -117,7 +118,7 @@ def _candidates(model):
             continue
         producers = [n.inbound_layers for n in layer._inbound_nodes]
         producers = [p for ps in producers for p in (ps if isinstance(ps, (list, tuple)) else [ps])]
-        if producers and all(_integer_accumulator(p) for p in producers) and _feeds_only_signs(layer, consumers):
+        if producers and all(_integer_accumulator(p) for p in producers) and _feeds_only_signs(layer, consumers, outputs):
             found.append(layer)
     return found
 

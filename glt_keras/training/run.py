@@ -204,7 +204,6 @@ def train(
         if teachers is None:
             raise ValueError(f"recipe {recipe.name}: data.balance: teacher needs kd.teachers.")
         from .teachers import sampling_classes
-
         from .view_cache import default_cache_dir
 
         balance_by = sampling_classes(*splits.train, teachers, cache=run_dir / "teacher_classes.npz",

@@ -352,7 +352,6 @@ def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, shared_dir=
     view caches: another run with the same images, labels and teachers reuses it). Either is used
     only while its key (:func:`sampling_classes_key`) matches."""
     import io
-    import shutil
 
     from .._io import atomic_write
 
@@ -366,7 +365,7 @@ def sampling_classes(x, y, ensemble: TeacherEnsemble, *, cache=None, shared_dir=
                     classes = z["classes"]
                     if cache is not None and path == shared:
                         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(shared, cache)
+                        atomic_write(cache, Path(shared).read_bytes())
                     return classes
     classes = y.copy()
     unlabeled = np.flatnonzero(y < 0)

@@ -67,6 +67,19 @@ def check_replaceable(path: PathLike) -> None:
         )
 
 
+def sha256_of_array(x) -> str:
+    """SHA-256 of an array's dtype, shape and values (a data set's images as cache keys), hashed in
+    64 MiB slices so a large contiguous array is never copied whole."""
+    import numpy as np
+
+    x = np.asarray(x)
+    digest = hashlib.sha256(f"{x.dtype.str} {list(x.shape)}".encode())
+    step = max(1, (64 << 20) // max(1, x[0].nbytes)) if len(x) else 1
+    for start in range(0, len(x), step):
+        digest.update(np.ascontiguousarray(x[start:start + step]))
+    return digest.hexdigest()
+
+
 def sha256_of(path: PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks (weight files, teacher files)."""
     digest = hashlib.sha256()

@@ -4,7 +4,9 @@ import stat
 
 import pytest
 
-from glt_keras._io import atomic_write
+import numpy as np
+
+from glt_keras._io import atomic_write, sha256_of_array
 
 
 def test_atomic_write_creates_replaces_and_keeps_modes(tmp_path):
@@ -24,3 +26,15 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write(path, 12345)  # not bytes or str
     assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["registry.json"]
+
+
+def test_sha256_of_array_sees_values_shape_and_dtype_not_memory_layout():
+    x = np.arange(2 * 5 * 4 * 3, dtype=np.uint8).reshape(2, 5, 4, 3)
+    key = sha256_of_array(x)
+    assert sha256_of_array(x.copy()) == key
+    assert sha256_of_array(np.asfortranarray(x)) == key  # same values, other layout
+    changed = x.copy()
+    changed[1, 4, 3, 2] += 1
+    assert sha256_of_array(changed) != key
+    assert sha256_of_array(x.reshape(4, 5, 2, 3)) != key  # same bytes, other shape
+    assert sha256_of_array(x.astype(np.int16)) != key

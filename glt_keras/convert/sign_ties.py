@@ -123,18 +123,21 @@ def _candidates(model):
     return found
 
 
-def _bn_params(layer):
-    """float64 (gamma, beta, mean, var) of a BatchNormalization (defaults where absent)."""
+def _bn_affine(layer):
+    """float64 (scale, beta, mean) of a BatchNormalization, y = scale * (x - mean) + beta (defaults where
+    absent); scale is gamma / sqrt(var + epsilon)."""
     n = int(layer.moving_mean.shape[-1])
     gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.gamma is not None else np.ones(n)
     beta = np.asarray(layer.beta.numpy(), np.float64) if layer.beta is not None else np.zeros(n)
-    return gamma, beta, np.asarray(layer.moving_mean.numpy(), np.float64), np.asarray(layer.moving_variance.numpy(), np.float64)
+    var = np.asarray(layer.moving_variance.numpy(), np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = gamma / np.sqrt(var + float(layer.epsilon))
+    return scale, beta, np.asarray(layer.moving_mean.numpy(), np.float64)
 
 
 def _layer_ties(layer, margin: float) -> list:
-    gamma, beta, mean, var = _bn_params(layer)
+    inv, beta, mean = _bn_affine(layer)
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv = gamma / np.sqrt(var + float(layer.epsilon))
         threshold = mean - beta / inv
     k = np.round(threshold)
     distance = np.abs(threshold - k)
@@ -163,8 +166,7 @@ def separate_sign_ties(model, *, margin: float = MARGIN) -> list:
         if layer.beta is None:
             raise ValueError(f"{layer.name}: BatchNormalization without beta (center=False) has sign ties "
                              f"({', '.join(str(t) for t in ties)}) that only beta could move.")
-        gamma, beta, mean, var = _bn_params(layer)
-        inv = gamma / np.sqrt(var + float(layer.epsilon))
+        inv, beta, mean = _bn_affine(layer)
         for t in ties:
             c = t.channel
             # +1 at the integer: the threshold goes below it when BN rises with the accumulator.

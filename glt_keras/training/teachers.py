@@ -333,13 +333,13 @@ def sampling_classes_key(x, y, ensemble: TeacherEnsemble) -> str:
     import hashlib
     import json
 
-    from .view_cache import _sha256_images
+    from .._io import sha256_of_array
 
     teachers = [{"sha256": t.sha256, "input_range": [float(v) for v in t.input_range], "output": t.output,
                  "class_index": [int(c) for c in t.class_index], "weight": float(w)}
                 for t, w in zip(ensemble.teachers, ensemble.weights)]
     labels = hashlib.sha256(np.ascontiguousarray(np.asarray(y, np.int64))).hexdigest()
-    text = json.dumps({"images": _sha256_images(np.asarray(x)), "labels": labels, "teachers": teachers},
+    text = json.dumps({"images": sha256_of_array(x), "labels": labels, "teachers": teachers},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

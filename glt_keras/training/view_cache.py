@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, sha256_of_array
 
 __all__ = ["ViewCache", "ViewCacheError", "cache_key", "cache_meta", "default_cache_dir", "differences",
            "ensure_view_cache", "fill_view_cache", "load_view_cache", "view_count", "view_settings"]
@@ -97,14 +97,6 @@ def view_settings(recipe) -> dict:
                         **({"mosaic": float(aug["mosaic"])} if aug["mosaic"] else {})}}
 
 
-def _sha256_images(x: np.ndarray) -> str:
-    h = hashlib.sha256(f"{x.dtype.str} {list(x.shape)}".encode())
-    step = max(1, (64 << 20) // max(1, x[0].nbytes))
-    for start in range(0, len(x), step):  # no copy of a contiguous array
-        h.update(np.ascontiguousarray(x[start:start + step]))
-    return h.hexdigest()
-
-
 def cache_meta(x, ensemble, views: int, settings: dict) -> dict:
     """Everything that decides the views and the teachers' outputs on them (hashed into the key)."""
     import tensorflow as tf
@@ -112,7 +104,7 @@ def cache_meta(x, ensemble, views: int, settings: dict) -> dict:
     x = np.asarray(x)
     return {
         "format": FORMAT, "views": int(views),
-        "images": {"shape": list(x.shape), "dtype": x.dtype.str, "sha256": _sha256_images(x)},
+        "images": {"shape": list(x.shape), "dtype": x.dtype.str, "sha256": sha256_of_array(x)},
         **settings,
         "teachers": [{"file": t.name, "sha256": t.sha256, "input_range": [float(v) for v in t.input_range],
                       "output": t.output, "class_index": [int(c) for c in t.class_index], "weight": float(w)}

@@ -306,8 +306,8 @@ def test_glt96_within_cortex_m4_budget(toolchain, tmp_path):
 def test_level_and_first_layer_tables_match_planes():
     """The thermometer level LUT and the first-layer mismatch table reproduce the planes
     XOR weights for all 256 pixel values, thresholds 0 (always +1) and 256 (never)."""
-    from glt_keras.mcu.export import (ConvSpec, EncodingSpec, ModelSpec, first_layer_table_words,
-                                      level_table, _table_words_per_level)
+    from glt_keras.mcu.packing import first_layer_table_words, level_table, table_words_per_level
+    from glt_keras.mcu.spec import ConvSpec, EncodingSpec, ModelSpec
 
     rng = np.random.default_rng(7)
     levels, channels = 5, 3
@@ -331,7 +331,7 @@ def test_level_and_first_layer_tables_match_planes():
                         kernel_bits=kernel, perm=rng.permutation(cout))
         spec = ModelSpec("m", (4, 4, channels), 2, False, enc, [conv])
         words = first_layer_table_words(spec, conv.perm)
-        cw = _table_words_per_level(conv)
+        cw = table_words_per_level(conv)
         table = words.view(np.uint8).reshape(kh, kw, channels, levels + 1, 4 * cw)
         bits = kernel[..., conv.perm]
         for j in range(cout):
@@ -447,7 +447,7 @@ def test_bitslice_tables_match_mismatch_counts(row_words, groups, cout, out_cpg)
     """The bit-sliced tables (transposed planes, threshold planes, compute words and
     pieces) give bit = (mismatches <= thr) for every row, including thresholds at and
     beyond the extremes and fields with few / many set bits."""
-    from glt_keras.mcu.export import bitslice_tables, row_positions
+    from glt_keras.mcu.packing import bitslice_tables, row_positions
 
     rng = np.random.default_rng(row_words)
     k = 32 * row_words

@@ -118,13 +118,41 @@ def _last_model(recipe, run):
     return model
 
 
-def test_average_with_pruning_is_refused(tmp_path, image_folder):
-    recipe = tiny_recipe(image_folder, ema_momentum=0.9)
+def test_average_of_a_pruning_run_is_a_masked_network_that_shrinks(tmp_path, image_folder):
+    """Blocks are masked during the run (epoch 1), so the plain average of their BatchNorm gamma
+    and beta mixes trained and masked values; the saved average must carry the masks exactly."""
+    from glt_keras.training.pruning import masks_from_model
+
+    run = tmp_path / "run"
+    recipe = tiny_recipe(image_folder, epochs=3, ema_momentum=0.9)
     recipe = recipe.with_changes(pruning={"target_ratio": 0.5, "score": "bn", "allocation": "global",
-                                          "start_epoch": 0, "frequency_steps": 1, "block_size": 32})
-    with pytest.raises(ValueError, match="ema_momentum cannot be combined with pruning"):
-        train(recipe, out_dir=tmp_path / "run", verbose=0)
-    assert not (tmp_path / "run").exists()
+                                          "start_epoch": 0, "end_epoch": 1, "frequency_steps": 1,
+                                          "block_size": 32})
+    averages = AveragesPerEpoch(run)
+    train(recipe, out_dir=run, verbose=0, callbacks=[averages])
+    raw = _last_model(recipe, run)
+    masks = masks_from_model(raw)
+    assert masks and all(m.any() for m in masks.values())
+    best = recipe.build_model(classifier_activation=None)
+    models.load_weights(best, run / "best_weights.h5")
+    saved = masks_from_model(best)
+    assert saved.keys() == masks.keys()
+    for name in masks:
+        np.testing.assert_array_equal(saved[name], masks[name])
+    # ... and is still the average, not the raw network, everywhere else.
+    eligible = [r for r in _rows(run) if float(r["pruning_ratio"]) >= 0.5]
+    epoch = int(float(max(eligible, key=lambda r: float(r["val_accuracy_ema"]))["epoch"]))  # the first best
+    kernel = best.get_layer("block1_conv").kernel.numpy()
+    np.testing.assert_allclose(kernel, averages.epochs[epoch][_index_of(best, "block1_conv/kernel")], rtol=1e-6)
+    assert not np.allclose(kernel, raw.get_layer("block1_conv").kernel.numpy())
+    shrunk = json.loads((run / "shrunk_model.json").read_text())
+    assert sum(shrunk["widths"]) < sum(models.TOPOLOGIES["tiny"]["widths"])
+    assert (run / "shrunk" / "best_weights.h5").exists()
+
+
+def _index_of(model, name: str) -> int:
+    floating = [w for w in model.weights if w.dtype.is_floating]
+    return next(i for i, w in enumerate(floating) if w.name.startswith(name))
 
 
 def test_distilled_run_from_cached_views_averages_too(image_folder, tmp_path):

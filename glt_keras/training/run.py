@@ -25,6 +25,7 @@ A run folder holds everything of one training run::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,9 +141,6 @@ def train(
     if precision is not None:  # training.precision: float32, mixed_bfloat16 or auto
         recipe = recipe.with_changes(training={"precision": precision})
     cfg = recipe.training
-    if prune and cfg.get("ema_momentum"):  # an average of masked and unmasked weights is neither
-        raise ValueError(f"recipe {recipe.name}: training.ema_momentum cannot be combined with pruning; "
-                         "remove one of them.")
     run_dir = Path(out_dir or Path("runs") / recipe.name)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and not run_dir.is_dir():
@@ -272,12 +270,14 @@ def train(
             print(f"{recipe.name}: already trained for {start_epoch} epochs.")
         _check_best_weights(run_dir)
         if prune and not (run_dir / "shrunk_model.json").exists():
-            _export_pruned(recipe, model, run_dir, splits, verbose)  # killed before the export
+            _export_pruned(recipe, model, run_dir, splits, verbose, average)  # killed before the export
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
     pruning_cb, extra, best_if = None, None, None
     if prune:
         pruning_cb = pruning_lib.pruning_callback(model, prune, n_steps, cfg["epochs"], verbose=verbose)
+        if average is not None:  # the averaged network carries the masks in force
+            average.constraint = pruning_cb.apply_masks
         extra = lambda: {"pruned_fraction": pruning_cb.pruned_fraction, "pruning_ratio": pruning_cb.ratio}  # noqa: E731
         target = float(prune["target_ratio"])
         # Best weights only once pruning has reached its target (an unpruned epoch would win).
@@ -326,13 +326,14 @@ def train(
         **({"teacher_view_cache": view_cache_cost(view_cache)} if view_cache is not None else {}),
     )
     if prune:
-        _export_pruned(recipe, model, run_dir, splits, verbose)
+        _export_pruned(recipe, model, run_dir, splits, verbose, average)
     return summary
 
 
-def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose=1) -> dict:
+def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose=1, average=None) -> dict:
     """Shrink the best (else the final) masked weights of a pruning run: shrunk_weights.h5,
-    shrunk_recipe.yaml, shrunk_model.json and shrunk/ (see the module docstring)."""
+    shrunk_recipe.yaml, shrunk_model.json and shrunk/ (see the module docstring). ``average``: the
+    run's weight average, whose (masked) weights are the run's network."""
     best = run_dir / "best_weights.h5"
     masked = recipe.build_model(classifier_activation=None)
     if best.exists():
@@ -342,7 +343,10 @@ def _export_pruned(recipe: Recipe, model, run_dir: Path, splits: Splits, verbose
         if verbose:
             print(f"{recipe.name}: no epoch reached the pruning target with a best score; "
                   "shrinking the final weights.")
-        masked.set_weights(model.get_weights())
+        masks = pruning_lib.masks_from_model(model)  # the raw weights carry the masks in force
+        with average.applied() if average is not None else contextlib.nullcontext():
+            pruning_lib.apply_masks(model, masks)
+            masked.set_weights(model.get_weights())
         source = "final weights"
     pair = splits.val if splits.val is not None else splits.train
     check = next(iter(make_eval_dataset(recipe, pair[0][:16], pair[1][:16], batch_size=16)))[0]

@@ -33,13 +33,18 @@ from .checkpoints import CheckpointError
 
 class WeightAverage:
     """Averaged copies of ``model``'s float variables; ``state`` goes into the run's checkpoint
-    (a resumed run continues its average), ``applied()`` swaps them into the model."""
+    (a resumed run continues its average), ``applied()`` swaps them into the model.
 
-    def __init__(self, model: tf.keras.Model, *, momentum: float):
+    ``constraint``: called on the model each time the averages are swapped in. A pruning run
+    re-applies its masks there: the average of weights from before and after a block was masked
+    is not a masked network until the mask is applied to it too."""
+
+    def __init__(self, model: tf.keras.Model, *, momentum: float, constraint=None):
         if not 0.0 < float(momentum) < 1.0:
             raise ValueError(f"training.ema_momentum must be in (0, 1), got {momentum}.")
         self.momentum = float(momentum)
         self.model = model
+        self.constraint = constraint
         self._variables = [v for v in model.weights if v.dtype.is_floating]
         # A tf.Module of its own so the checkpoint does not reach the model's variables twice.
         self.state = tf.Module(name="weight_average")
@@ -63,6 +68,8 @@ class WeightAverage:
         try:
             for variable, average in zip(self._variables, self.state.averages):
                 variable.assign(tf.cast(average, variable.dtype))
+            if self.constraint is not None:
+                self.constraint()
             yield self.model
         finally:
             for variable, value in zip(self._variables, kept):

@@ -118,6 +118,23 @@ def test_structure_of_the_test_model():
         P.BlockPruning(_model(), 0.5, layers=["block1"])
 
 
+def test_structure_is_the_same_under_mixed_bfloat16():
+    """The channel order through pools and shuffles is probed with the channel numbers as values;
+    bfloat16 holds integers exactly only up to 256, so a 384-channel block must be probed in float32."""
+    def describe():
+        model = glt_net(input_shape=(16, 16, 3), topology=None, widths=(64, 384, 64), groups=(1, 2, 2),
+                        pools=(True, True, True), shuffle=True, num_classes=2, levels=2)
+        return [s.describe() for s in P.block_structure(model)]
+
+    expected = describe()
+    assert any(d.startswith("block2: 384 channels") for d in expected), expected
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        assert describe() == expected
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
 def test_schedule_reaches_target_at_end_step_and_never_exceeds(trained):
     _, pruning = trained
     steps = [h[0] for h in pruning.history]

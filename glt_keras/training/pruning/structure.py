@@ -123,7 +123,8 @@ def _channel_permutation(layers, channels: int, spatial) -> np.ndarray | None:
     values = tf.range(1, channels + 1, dtype=tf.float32)
     x = tf.broadcast_to(tf.reshape(values, (1, 1, 1, channels)), (1, h, w, channels))
     for layer in layers:
-        x = layer(x, training=False)
+        # A float32 copy: under mixed_bfloat16 the channel numbers above 256 would not stay exact.
+        x = _fresh(layer, dtype="float32")(x, training=False)
     if x.shape[-1] != channels:
         return None
     source = np.rint(x.numpy()[0, 0, 0]).astype(np.int64) - 1
@@ -137,8 +138,11 @@ def _spatial(layer):
     return tuple(int(v) if v else 4 for v in layer.output_shape[1:3])
 
 
-def _fresh(layer):
-    return layer.__class__.from_config(layer.get_config())
+def _fresh(layer, dtype=None):
+    config = layer.get_config()
+    if dtype is not None:
+        config["dtype"] = dtype
+    return layer.__class__.from_config(config)
 
 
 def _consumer_constant_ok(consumer) -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 """Ablations on one network and budget: input encodings (the paper's claim: natural binary coding
 vs fixed thermometer vs GLT, and GLT with vs without knowledge distillation) and teachers from
-files (a recipe with ``kd.teachers``: none, the first teacher alone, all of them).
+files (a recipe with ``kd.teachers``: none, the first teacher alone, the first two, all of them).
 
 Each variant is the zoo recipe with one change, trained with the same (shortened) schedule,
 seed and data; accuracy is measured by the project's evaluation code on the recipe's
@@ -51,6 +51,7 @@ VARIANTS = {  # name -> the recipe's changes (or a function of the recipe giving
     "glt_kd": dict(model={"encoding": "glt"}, kd={"teacher": "twin"}),  # teacher: same schedule
     "no_teacher": _without_teachers,
     "first_teacher": lambda recipe: dict(kd={"teachers": recipe.kd["teachers"][:1]}),
+    "first_two_teachers": lambda recipe: dict(kd={"teachers": recipe.kd["teachers"][:2]}),
     "teachers": lambda recipe: {},  # the recipe's own teachers
 }
 
@@ -99,8 +100,11 @@ def main(argv=None) -> int:
     for seed, variant in [(seed, v) for seed in (args.seeds or [base_seed]) for v in args.variants]:
         change = VARIANTS[variant]
         change = dict(change(base) if callable(change) else change)
-        if variant in ("first_teacher", "teachers") and not base.kd.get("teachers"):
+        if variant in ("first_teacher", "first_two_teachers", "teachers") and not base.kd.get("teachers"):
             parser.error(f"variant {variant} needs a recipe with kd.teachers")
+        if variant == "first_two_teachers" and len(base.kd["teachers"]) < 3:
+            parser.error(f"variant {variant} needs a recipe with three or more kd.teachers (it has "
+                         f"{len(base.kd['teachers'])}: the variant would equal 'teachers')")
         if "kd" in change:
             change["kd"] = {**change["kd"], "teacher_epochs": args.epochs}
         name = f"{base.name}_{variant}" + ("" if seed == base_seed else f"_seed{seed}")

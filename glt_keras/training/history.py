@@ -37,7 +37,7 @@ class RunLogger(tf.keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, model, start_epoch: int, monitor="val_accuracy", extra=None,
                  *, recipe_name="", planned_epochs=0, images_per_epoch=0, best_if=None, schedule=None,
-                 sessions=None, smoothing=1, save_best=None):
+                 sessions=None, smoothing=1, save_best=None, pause_clock=None):
         """``extra()``: more values for every history row. ``best_if(row)``: whether an
         epoch's row may become the best weights (default: every epoch). ``schedule``: the
         run's learning-rate plans (``extend_schedule``), kept in summary.json. ``sessions``:
@@ -47,7 +47,9 @@ class RunLogger(tf.keras.callbacks.Callback):
         select on a score less noisy than one epoch's on a small validation set), and
         ``val_accuracy_ema_smooth`` where the epoch has ``val_accuracy_ema`` (a weight average,
         :mod:`.weight_average`). ``save_best(path)`` writes the best weights (default: the
-        model's own; a weight average saves the averaged ones)."""
+        model's own; a weight average saves the averaged ones). ``pause_clock``: a
+        :class:`~.pauses.PauseClock`, whose stops are left out of the epochs' ``seconds`` (and
+        logged as ``paused_seconds``)."""
         super().__init__()
         self.smoothing = int(smoothing)
         self.schedule = schedule
@@ -77,6 +79,8 @@ class RunLogger(tf.keras.callbacks.Callback):
         self.thresholds = json.loads(self.threshold_path.read_text()) if self.threshold_path.exists() else {}
         self.thresholds = {k: v for k, v in self.thresholds.items() if int(k) <= start_epoch}
         self._t0 = None
+        self.pause_clock = pause_clock
+        self._paused0 = 0.0
 
     def write_summary(self, **extra):
         """summary.json after every epoch, so a run in progress can be published honestly."""
@@ -100,11 +104,17 @@ class RunLogger(tf.keras.callbacks.Callback):
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
+    def _paused(self) -> float:
+        return self.pause_clock.paused_seconds if self.pause_clock is not None else 0.0
+
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.time()
+        self._paused0 = self._paused()
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0, 1)}
+        paused = self._paused() - self._paused0
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - self._t0 - paused, 1),
+               **({"paused_seconds": round(paused, 1)} if paused > 0 else {})}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row.update(self.extra())
         for key in ("val_accuracy", "val_accuracy_ema"):

@@ -47,6 +47,7 @@ from .history import RunLogger, _thermometer, extend_schedule
 from .mixbin.variants import binary_start
 from .schedule import make_optimizer
 from .splits import UNLABELED, Splits, load_splits, make_eval_dataset, make_train_dataset
+from .pauses import PauseClock
 from .weight_average import WeightAverage, WeightAverageCallback, check_resumable
 
 # Moved to their own modules; still importable from here as before.
@@ -290,13 +291,15 @@ def train(
         monitor = "val_accuracy_ema"
     if val_ds is not None and int(cfg.get("select_smoothing", 1)) > 1:
         monitor += "_smooth"
+    pauses = PauseClock()
     logger = RunLogger(run_dir, model, start_epoch, monitor=monitor, smoothing=int(cfg.get("select_smoothing", 1)),
                        recipe_name=recipe.name, planned_epochs=cfg["epochs"], images_per_epoch=n_steps * global_batch,
                        extra=extra, best_if=best_if,
                        schedule=extend_schedule(previous_summary, start_epoch, cfg["epochs"]),
                        # A summary without a count comes from a session killed before this fix.
                        sessions=(previous_summary.get("sessions") or int(start_epoch > 0)) + 1,
-                       save_best=average.save_weights if average is not None else None)
+                       save_best=average.save_weights if average is not None else None,
+                       pause_clock=pauses)
     all_callbacks = [
         # Pruning first: its masks are in place before the checkpoint and the logger run.
         *([pruning_cb] if pruning_cb is not None else []),
@@ -309,18 +312,20 @@ def train(
     ]
     # The logger must see the checkpoint written first: checkpoint, then log.
     t0 = time.time()
-    trainer.fit(
-        train_ds.repeat(),
-        epochs=cfg["epochs"],
-        initial_epoch=start_epoch,
-        steps_per_epoch=n_steps,
-        validation_data=val_ds,
-        callbacks=all_callbacks,
-        verbose=verbose,
-    )
+    with pauses:  # kill -TSTP pauses the run without charging the pause to its epochs
+        trainer.fit(
+            train_ds.repeat(),
+            epochs=cfg["epochs"],
+            initial_epoch=start_epoch,
+            steps_per_epoch=n_steps,
+            validation_data=val_ds,
+            callbacks=all_callbacks,
+            verbose=verbose,
+        )
     _check_best_weights(run_dir)
     summary = logger.write_summary(
         wall_seconds_this_session=round(time.time() - t0, 1),
+        **({"paused_seconds_this_session": round(pauses.paused_seconds, 1)} if pauses.paused_seconds else {}),
         train_images=int(len(splits.train[1])),
         val_images=int(len(splits.val[1])) if splits.val is not None else 0,
         **({"teacher_view_cache": view_cache_cost(view_cache)} if view_cache is not None else {}),

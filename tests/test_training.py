@@ -234,3 +234,13 @@ def test_quantile_init_also_on_a_fresh_run_started_with_resume(tmp_path, image_f
     train(uniform, out_dir=tmp_path / "uniform", verbose=0, callbacks=[fixed])
     np.testing.assert_allclose(resumed.thresholds, plain.thresholds)
     assert not np.allclose(plain.thresholds, fixed.thresholds)
+
+
+def test_plots_are_drawn_after_the_first_epoch_then_at_most_once_a_minute_and_at_the_end(
+        monkeypatch, tmp_path, image_folder):
+    import glt_keras.training.history as history
+
+    drawn = []
+    monkeypatch.setattr(history, "plot_run", lambda run_dir, rows, *args: drawn.append(len(rows)))
+    train(tiny_recipe(image_folder, epochs=3), out_dir=tmp_path / "run", verbose=0)
+    assert drawn == [1, 3]

@@ -32,6 +32,11 @@ def extend_schedule(previous_summary: dict, start_epoch: int, planned_epochs: in
     return schedule
 
 
+#: The PNG plots are redrawn after the first epoch, then at most this often, and when training
+#: ends: drawing them takes a few tenths of a second, a few percent of a short epoch.
+PLOT_INTERVAL_SECONDS = 60.0
+
+
 class RunLogger(tf.keras.callbacks.Callback):
     """history.csv (gap-free across resumes), thresholds.json, best weights and PNG plots."""
 
@@ -81,6 +86,7 @@ class RunLogger(tf.keras.callbacks.Callback):
         self._t0 = None
         self.pause_clock = pause_clock
         self._paused0 = 0.0
+        self._plotted_at = None  # time.monotonic() of the last plot
 
     def write_summary(self, **extra):
         """summary.json after every epoch, so a run in progress can be published honestly."""
@@ -135,7 +141,15 @@ class RunLogger(tf.keras.callbacks.Callback):
         if thermometer is not None:
             self.thresholds[str(epoch + 1)] = np.round(thermometer.thresholds(), 3).tolist()
             atomic_write(self.threshold_path, json.dumps(self.thresholds))
-        plot_run(self.run_dir, self.rows, self.thresholds, thermometer)
+        if self._plotted_at is None or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_SECONDS:
+            self._plot()
+
+    def on_train_end(self, logs=None):
+        self._plot()  # the last epochs
+
+    def _plot(self):
+        plot_run(self.run_dir, self.rows, self.thresholds, _thermometer(self.student))
+        self._plotted_at = time.monotonic()
 
 
 def _thermometer(model):

@@ -461,7 +461,7 @@ def test_shipped_pruned_recipes():
     for name, base in (("vww_binary_pruned", "vww_binary"), ("cifar10_binary_pruned", "cifar10_binary")):
         recipe, base_recipe = load_recipe(name), load_recipe(base)
         settings = P.pruning_settings(recipe)
-        assert settings["target_ratio"] == 0.5 and settings["allocation"] == "global"
+        assert settings["target_ratio"] == 0.5 and settings["allocation"] in ("global", "layer")
         assert recipe.classes == base_recipe.classes
         # Once published, `model` is the shrunk network and `pruning.full_model` the one trained.
         full_model = (recipe.pruning or {}).get("full_model", recipe.model)
@@ -469,6 +469,9 @@ def test_shipped_pruned_recipes():
         if init.exists():  # the weights it fine-tunes from fit the network it trains
             full = glt_net(**{**full_model, "input_shape": recipe.input_shape})
             load_weights(full, init)
+            if settings["layers"]:  # the layers it names can be pruned in that network
+                P.BlockPruning(full, settings["target_ratio"], layers=settings["layers"],
+                               block_size=settings["block_size"])
         else:  # not trained yet: it starts from its base model once that is published
             assert settings["init_weights"] == f"zoo/{base}/{base}_weights.h5"
             assert full_model == base_recipe.model

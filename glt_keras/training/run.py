@@ -325,7 +325,8 @@ def train(
     _check_best_weights(run_dir)
     summary = logger.write_summary(
         wall_seconds_this_session=round(time.time() - t0, 1),
-        **({"paused_seconds_this_session": round(pauses.paused_seconds, 1)} if pauses.paused_seconds else {}),
+        # always written: summary.json keeps an earlier session's keys, which would otherwise outlive it
+        paused_seconds_this_session=round(pauses.paused_seconds, 1),
         train_images=int(len(splits.train[1])),
         val_images=int(len(splits.val[1])) if splits.val is not None else 0,
         **({"teacher_view_cache": view_cache_cost(view_cache)} if view_cache is not None else {}),

@@ -249,7 +249,7 @@ def fill_view_cache(x, ensemble, meta: dict, path, *, workers: int | None = None
     _write(path, np.savez, probs=probs, meta=np.array(json.dumps(meta)))
     atomic_write(path.with_suffix(".json"), json.dumps(
         {"key": path.stem, "made_for": made_for, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "fill_seconds": round(_fill_seconds(parts), 1), "workers": workers, "meta": meta},
+         "fill_seconds": round(_fill_seconds(parts), 3), "workers": workers, "meta": meta},
         indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     if verbose:
@@ -263,7 +263,8 @@ def _fill_seconds(parts: Path) -> float:
 
 
 def _add_fill_seconds(parts: Path, seconds: float) -> None:
-    atomic_write(parts / "fill_seconds.txt", f"{_fill_seconds(parts) + seconds:.1f}")
+    # Kept unrounded: a small fill resumed over several calls must not round each call to 0.
+    atomic_write(parts / "fill_seconds.txt", repr(_fill_seconds(parts) + seconds))
 
 
 def cost(cache: ViewCache) -> dict:

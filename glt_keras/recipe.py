@@ -249,7 +249,7 @@ def _encodings():
 
 
 def _datasets():
-    from .data.sources import DATASETS
+    from .data.catalog import DATASETS
 
     return sorted(DATASETS)
 

@@ -5,15 +5,12 @@ TensorFlow is imported only by the functions that need it (``make_dataset``,
 ``load_tfds_stl10``), so the array loaders stay quick to import.
 """
 from .augment import make_dataset, make_views, paste_augment, random_subset, resize_uint8, view_params
+from .catalog import DATASETS, Dataset, DatasetInfo, inria_group_key
 from .cutouts import person_cutouts
+from .image_files import CorruptImageError
 from .sources import (
-    DATASETS,
-    CorruptImageError,
-    Dataset,
-    DatasetInfo,
     cache_dir,
     find_data_dir,
-    inria_group_key,
     load_arrays,
     load_coco_vww,
     load_image_folder,

@@ -41,7 +41,7 @@ import numpy as np
 __all__ = ["make_dataset", "make_views", "paste_augment", "random_subset", "resize_uint8", "view_params",
            "view_uniforms"]
 
-from .sources import _as_hw  # noqa: E402  (one definition of image sizes)
+from .image_files import as_hw  # noqa: E402  (one definition of image sizes)
 
 CROPS = ("none", "pad", "random_resized")
 ImageSize = Union[int, Tuple[int, int], None]
@@ -123,7 +123,7 @@ def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize
     if training and mosaic and n < 2:
         raise ValueError("mosaic needs at least 2 images to tile")
     in_hw = (int(x.shape[1]), int(x.shape[2]))
-    out_hw = _as_hw(image_size) or in_hw
+    out_hw = as_hw(image_size) or in_hw
     if training and crop == "pad" and not 0 <= pad < min(in_hw):
         raise ValueError(f"pad must be in [0, {min(in_hw)}) for {in_hw} images, got {pad}")
     lo, hi = float(scale[0]), float(scale[1])
@@ -471,7 +471,7 @@ def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
         raise ValueError(f"x must be uint8 images (N, H, W, 3), got {x.dtype} {x.shape}")
     in_hw = (int(x.shape[1]), int(x.shape[2]))
-    out_hw = _as_hw(image_size) or in_hw
+    out_hw = as_hw(image_size) or in_hw
     images_t = tf.constant(x)
     idx_t = tf.constant(i)
     settings = dict(crop=crop, pad=pad, flip=flip, scale=scale, brightness=brightness, contrast=contrast)
@@ -633,7 +633,7 @@ def resize_uint8(x, size_hw) -> np.ndarray:
     import tensorflow as tf
 
     x = np.asarray(x)
-    size_hw = _as_hw(size_hw)
+    size_hw = as_hw(size_hw)
     if x.ndim != 4 or x.dtype != np.uint8:
         raise ValueError(f"resize_uint8 takes uint8 images (N, H, W, C), got {x.dtype} {x.shape}.")
     if x.shape[1:3] == tuple(size_hw):

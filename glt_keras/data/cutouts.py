@@ -19,7 +19,9 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from .sources import DATASETS, _norm_member, find_data_dir
+from .catalog import DATASETS
+from .image_files import norm_member
+from .sources import find_data_dir
 
 __all__ = ["CUTOUT_SOURCES", "person_cutouts"]
 
@@ -39,7 +41,7 @@ def _files(name: str, data_dir) -> Dict[str, bytes]:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 if member.isfile():
-                    out[_norm_member(member.name)] = tar.extractfile(member).read()
+                    out[norm_member(member.name)] = tar.extractfile(member).read()
         return out
     for folder in info.folders:
         if (root / folder).is_dir():

@@ -11,7 +11,7 @@ validation split (VWW: the 500 VWW validation images) and test split when it has
     python benchmarks/ablation_encoding.py cifar10_binary --epochs 2 --out runs/ablation --readme README.md
     python benchmarks/ablation_encoding.py vww_binary --epochs 12 --precision auto \
         --variants no_teacher first_teacher teachers --out runs/ablation_teachers \
-        --table vww_binary_teachers --readme README.md
+        --table vww_binary_teachers --readme README.md --cache-dir runs/teacher_views
 
 Prints a markdown table and writes ``OUT/<recipe>_ablation.json`` (with ``--seeds 0 1``:
 ``OUT/<recipe>_ablation_seeds_0_1.json``; with ``--readme``, also the table into the README
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--data-dir")
+    parser.add_argument("--cache-dir", help="teacher view cache folder for recipes with kd.view_cache (as "
+                        "glt-keras train --cache-dir): variants whose teachers match a cached run reuse its views")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: all cores)")
     parser.add_argument("--precision", choices=["float32", "mixed_bfloat16", "auto"],
                         help="training precision of every variant (default: the recipe's)")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
         run_dir = out / recipe.name
         t0 = time.time()
         train(recipe, out_dir=run_dir, resume=True, data_dir=args.data_dir, subset=args.subset,
-              steps_per_epoch=args.steps_per_epoch, verbose=2)
+              steps_per_epoch=args.steps_per_epoch, verbose=2, view_cache_dir=args.cache_dir)
         model = recipe.build_model()
         load_weights(model, run_dir / "best_weights.h5")
         splits = load_splits(recipe, data_dir=args.data_dir, subset=args.subset)

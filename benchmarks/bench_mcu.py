@@ -59,13 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cards", action="store_true", help="do not rewrite the measured models' zoo cards")
 
 
-def task_images(model, n: int):
-    """The first n images of the model's task evaluation set (uint8) and its name."""
+def task_images(model, n: int, classes=None):
+    """The first n images of the model's task evaluation set (uint8) and its name (``classes``:
+    the model's class names, which decide the task where its shape does not)."""
     from glt_keras.bench import TASKS, task_of_shape
     from glt_keras.data.sources import load_arrays
 
     shape = tuple(int(d) for d in model.input_shape[1:])
-    task = task_of_shape(shape, int(model.output_shape[-1]))
+    task = task_of_shape(shape, int(model.output_shape[-1]), classes)
     if task is None:
         raise ValueError(f"{model.name}: no task with input {shape} and {model.output_shape[-1]} classes.")
     name, split = TASKS[task]["dataset"]
@@ -87,7 +88,7 @@ def bench_model(name: str, args) -> dict:
 
     weights_sha256 = zoo.sha256_of(zoo.pretrained_weights(name))  # checked against the registry
     model = zoo.load(name)
-    images, data = task_images(model, args.images)
+    images, data = task_images(model, args.images, zoo.get_recipe(name).classes)
     out = Path(args.work) / name
     result = export_c(model, out)
     keras = np.asarray(model(images.astype("float32"), training=False), dtype=np.float32)

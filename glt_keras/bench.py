@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .data.catalog import IMAGENETTE_CLASSES
+
 #: Tasks by input shape and number of classes: the reference models, the labelled
 #: evaluation data and the headline metric (``accuracy`` unless ``metric`` says otherwise).
 TASKS = {
@@ -62,6 +64,12 @@ TASKS["caltech101"] = dict(
     input_shape=(96, 96, 3), num_classes=102, dataset=("caltech101", "test"), references=(),
     metric="mean_per_class_accuracy",  # Caltech-101's classes are unbalanced (31 to 800 images)
 )
+# Shape and class count do not identify Imagenette (STL-10 is also ten classes at 96x96): a task
+# with ``classes`` matches only a model whose class names are given and equal.
+TASKS["imagenette"] = dict(
+    input_shape=(96, 96, 3), num_classes=10, dataset=("imagenette", "val"), references=(),
+    classes=tuple(IMAGENETTE_CLASSES),
+)
 TOPOLOGY_TASK = {"glt96": "vww", "glt32": "cifar10", "tiny": "cifar10"}
 
 
@@ -79,13 +87,15 @@ def anchors_dir(explicit=None) -> Optional[Path]:
     return None
 
 
-def task_of_shape(shape, num_classes: Optional[int] = None) -> Optional[str]:
+def task_of_shape(shape, num_classes: Optional[int] = None, classes=None) -> Optional[str]:
     """The task of a model with this input shape and number of outputs, or ``None``: a
     96x96 model with 102 outputs is Caltech-101, not VWW, and must not be scored on VWW
-    labels. Without ``num_classes`` the first task of that shape."""
+    labels. Without ``num_classes`` the first task of that shape. A task that names its
+    ``classes`` (Imagenette) is found only from the model's class names (``classes``)."""
     shape = tuple(int(d) for d in shape)
     return next((name for name, t in TASKS.items() if t["input_shape"] == shape
-                 and (num_classes is None or t["num_classes"] == int(num_classes))), None)
+                 and (num_classes is None or t["num_classes"] == int(num_classes))
+                 and ("classes" not in t or (classes is not None and tuple(classes) == t["classes"]))), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,16 +331,17 @@ def load_labelled(task: str, limit: Optional[int], seed: int = 0):
     return x, y, f"{name}/{split} ({len(x)} images)"
 
 
-def keras_entry(model, name: str, *, int8_io: bool = False, verify: bool = True) -> BenchEntry:
-    """Convert a Keras model with :func:`glt_keras.convert.to_tflite` into a bench entry."""
+def keras_entry(model, name: str, *, int8_io: bool = False, verify: bool = True, classes=None) -> BenchEntry:
+    """Convert a Keras model with :func:`glt_keras.convert.to_tflite` into a bench entry
+    (``classes``: its class names, where they decide the task; see :func:`task_of_shape`)."""
     from .convert import to_tflite
 
-    return conversion_entry(to_tflite(model, int8_io=int8_io, verify=verify), name, model)
+    return conversion_entry(to_tflite(model, int8_io=int8_io, verify=verify), name, model, classes=classes)
 
 
-def conversion_entry(result, name: str, model) -> BenchEntry:
+def conversion_entry(result, name: str, model, *, classes=None) -> BenchEntry:
     """A bench entry from an existing :class:`~glt_keras.convert.ConversionResult`."""
-    task = task_of_shape(model.input_shape[1:], model.output_shape[-1])
+    task = task_of_shape(model.input_shape[1:], model.output_shape[-1], classes)
     extra = {"lce_bconv2d": result.report.binary_convs, "float_convs": len(result.report.float_convs)}
     if result.report.keras_summary:
         extra.update(binary_macs=result.report.keras_summary["binary_macs"],
@@ -341,7 +352,7 @@ def conversion_entry(result, name: str, model) -> BenchEntry:
 REFERENCE, FRONTIER, HOST_C = "reference (TFLite)", "anchor (TFLite)", "ours (host C)"
 
 
-def host_c_entry(model, name: str, **kwargs) -> Optional[BenchEntry]:
+def host_c_entry(model, name: str, *, classes=None, **kwargs) -> Optional[BenchEntry]:
     """The host C build of a Keras model as a bench entry named ``"<name> (host C)"``, or
     ``None`` (the reason on stderr) when the model cannot be exported or built."""
     from .mcu import UnsupportedLayerError
@@ -351,7 +362,7 @@ def host_c_entry(model, name: str, **kwargs) -> Optional[BenchEntry]:
     except (UnsupportedLayerError, FileNotFoundError, RuntimeError) as err:
         print(f"bench: no host C row for {name}: {err}".splitlines()[0], file=sys.stderr)
         return None
-    task = task_of_shape(model.input_shape[1:], model.output_shape[-1])
+    task = task_of_shape(model.input_shape[1:], model.output_shape[-1], classes)
     return BenchEntry(f"{name} (host C)", task, HOST_C, runner, keras_model=model)
 
 
@@ -565,16 +576,16 @@ def collect_entries(args) -> list:
 
     entries = []
 
-    def ours(model, name):  # the LCE row and, unless --no-host-c, the host C row of a Keras model
+    def ours(model, name, classes=None):  # the LCE row and, unless --no-host-c, the host C row of a Keras model
         from .convert import VerificationError
 
         try:
-            entry = keras_entry(model, name, int8_io=args.int8_io)
+            entry = keras_entry(model, name, int8_io=args.int8_io, classes=classes)
         except VerificationError as err:  # the message alone does not say which of the models failed
             raise VerificationError(f"{name}: {err}", err.result) from None
         entry.keras_model = model
         entries.append(entry)
-        host = None if getattr(args, "no_host_c", False) else host_c_entry(model, name)
+        host = None if getattr(args, "no_host_c", False) else host_c_entry(model, name, classes=classes)
         if host is not None:
             entries.append(host)
 
@@ -587,7 +598,7 @@ def collect_entries(args) -> list:
                                  "use --model FILE, --tflite FILE or --topology NAME.") from None
             raise
         model = zoo.load(name)
-        ours(getattr(model, "model", model), name)
+        ours(getattr(model, "model", model), name, classes=zoo.get_recipe(name).classes)
     for file in args.model:
         ours(load_keras_model(file), Path(file).stem)
     for file in args.tflite:

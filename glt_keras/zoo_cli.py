@@ -179,7 +179,7 @@ def publish(run_dir, *, name=None, data_dir=None, bench_limit=None, repeats=50) 
     conversion = convert_for_zoo(model, real_layers, name=name)
     stripped = strip_flatbuffer_strings(conversion.flatbuffer)
     verify_tflite(stripped, model, default_images(model.input_shape[1:]))
-    entry = conversion_entry(conversion, name, model)
+    entry = conversion_entry(conversion, name, model, classes=recipe.classes)
     task = entry.task
     entries = [entry] + (reference_entries([task], anchors_dir(None), frontier=True) if task else [])
     bench = run_bench(entries, limit=bench_limit, repeats=repeats)

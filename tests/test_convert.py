@@ -302,6 +302,20 @@ def test_bench_tells_tasks_apart_by_their_number_of_classes():
     assert task_of_shape((32, 32, 3), 10) == "cifar10"
 
 
+def test_bench_finds_imagenette_only_by_its_class_names():
+    # STL-10 is also ten classes at 96x96: shape and class count must not score it on Imagenette labels.
+    from glt_keras.bench import task_of_shape
+    from glt_keras.data.catalog import IMAGENETTE_CLASSES, STL10_CLASSES
+    from glt_keras.recipe import load_recipe
+    from glt_keras.recipe import ZOO_DIR
+
+    assert task_of_shape((96, 96, 3), 10) is None
+    assert task_of_shape((96, 96, 3), 10, STL10_CLASSES) is None
+    assert task_of_shape((96, 96, 3), 10, IMAGENETTE_CLASSES) == "imagenette"
+    assert task_of_shape((96, 96, 3), 10, load_recipe(ZOO_DIR / "imagenette_binary" / "recipe.yaml").classes) == "imagenette"
+    assert task_of_shape((96, 96, 3), 2, ["non_person", "person"]) == "vww"  # tasks without names ignore them
+
+
 def test_bench_resizes_stored_images_and_reports_the_tasks_metric(logits_result, monkeypatch):
     from types import SimpleNamespace
 

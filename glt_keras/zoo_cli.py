@@ -389,7 +389,7 @@ def training_lines(training: dict) -> list:
                   if s.get("teacher_view_cache")), None)
     cache_line = [] if not cache else [
         f"The teachers' outputs came from a view cache (`kd.view_cache`): {cache['views']:,} fixed augmented views "
-        f"labelled once" + (f" in {cache['fill_seconds']:.0f} s ({cache['workers']} workers)" if cache.get("fill_seconds") else "")
+        f"labelled once" + (f" in {cache['fill_seconds']:.1f} s ({cache['workers']} workers)" if cache.get("fill_seconds") else "")
         + ", not counted in the training time above (shared by the runs that use the same photos, views and teachers).", ""]
     teacher_lines = [
         f"The teacher `{t['path']}` (a training run of this project; its recipe is `{t['path']}/recipe.yaml`) was "

@@ -34,20 +34,19 @@ takes view ``k`` of three images drawn from its hash.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
 __all__ = ["make_dataset", "make_views", "paste_augment", "random_subset", "resize_uint8", "view_params",
            "view_uniforms"]
 
-from .image_files import as_hw  # noqa: E402  (one definition of image sizes)
+from .image_files import ImageSize, as_hw  # noqa: E402  (one definition of image sizes)
 
 CROPS = ("none", "pad", "random_resized")
-ImageSize = Union[int, Tuple[int, int], None]
 
 
-def make_dataset(x, y, *, batch_size: int, training: bool, image_size: ImageSize = None,
+def make_dataset(x, y, *, batch_size: int, training: bool, image_size: Optional[ImageSize] = None,
                  crop: str = "none", pad: int = 4, flip: bool = True,
                  scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0,
                  contrast: float = 0.0, balance: bool = False, shuffle_buffer: Optional[int] = None,
@@ -452,7 +451,7 @@ def _draws(params, crop: str) -> dict:
     return draws
 
 
-def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: ImageSize = None,
+def make_views(x, i, k, *, batch_size: int, seed: int = 0, image_size: Optional[ImageSize] = None,
                crop: str = "none", pad: int = 4, flip: bool = True,
                scale: Tuple[float, float] = (0.35, 1.0), brightness: float = 0.0, contrast: float = 0.0,
                mixup: float = 0.0, mosaic: float = 0.0):

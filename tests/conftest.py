@@ -28,6 +28,22 @@ def load_benchmark(name: str):
     return module
 
 
+def randomize_batchnorms(model, seed: int = 0):
+    """Random affine BatchNorm parameters, in place. An untrained BatchNorm is the identity, so a
+    fresh binary network's logits are often the same integer sum: an exact tie whose argmax flips
+    with the last bit of Keras's (oneDNN's) or TFLite's rounding, and trained weights look like
+    fresh ones. Random affines make ties practically impossible and loaded weights observable."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            gamma, beta, *stats = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                               rng.normal(0.0, 0.5, beta.shape).astype(np.float32), *stats])
+    return model
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """Two easy classes (dark / bright 16x16 scenes) as an ordinary image-folder tree."""

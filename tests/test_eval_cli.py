@@ -9,6 +9,8 @@ from glt_keras import cli
 from glt_keras.convert import to_tflite
 from glt_keras.models import glt_net
 
+from conftest import randomize_batchnorms
+
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory, image_folder):
@@ -16,16 +18,7 @@ def model_files(tmp_path_factory, image_folder):
 
     out = tmp_path_factory.mktemp("eval_models")
     tf.keras.utils.set_random_seed(0)
-    model = glt_net(input_shape=(16, 16, 3), num_classes=2, topology="tiny", levels=4)
-    # Untrained BatchNorms are the identity, so the two logits are often the same integer sum:
-    # an exact tie whose argmax flips with the last bit of Keras's (oneDNN's) or TFLite's
-    # rounding. Random affine BatchNorm parameters make ties practically impossible.
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            gamma, beta, *stats = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
-                               rng.normal(0.0, 0.5, beta.shape).astype(np.float32), *stats])
+    model = randomize_batchnorms(glt_net(input_shape=(16, 16, 3), num_classes=2, topology="tiny", levels=4))
     model.save(out / "tiny.h5")
     to_tflite(model, out / "tiny.tflite")
     return out / "tiny.h5", out / "tiny.tflite"

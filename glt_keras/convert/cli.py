@@ -31,26 +31,12 @@ def _parse_range(text: str):
     return lo, hi
 
 
-def resolve_model(name_or_file: str):
-    """A Keras model from a model file, or from the zoo by name (when ``glt_keras.zoo`` exists)."""
-    from .tflite import load_keras_model
+def resolve_model(source: str, weights=None):
+    """A Keras model from a model file, a run folder, a recipe with ``weights``, or a zoo name
+    (:func:`glt_keras.model_sources.load_model`)."""
+    from ..model_sources import load_model
 
-    path = Path(name_or_file)
-    if path.exists():
-        return load_keras_model(path)
-    if path.suffix.lower() in (".h5", ".hdf5", ".keras") or "/" in name_or_file:
-        raise FileNotFoundError(f"No such model file: {path}")
-    try:
-        import glt_keras.zoo as zoo
-    except ModuleNotFoundError as err:
-        if err.name in ("glt_keras.zoo",):
-            raise ValueError(
-                f"{name_or_file!r} is not a file, and zoo model names are not supported in this "
-                "install (glt_keras.zoo is missing): give a saved Keras model file "
-                "(.h5, .keras or a SavedModel folder)."
-            ) from None
-        raise
-    model = zoo.load(name_or_file)
+    model, _ = load_model(source, weights=weights)
     return getattr(model, "model", model)
 
 
@@ -70,7 +56,11 @@ def register(subparsers) -> None:
 
 def add_arguments(p) -> None:
     """The ``convert`` options (shared with ``converters/to_tflite.py``)."""
-    p.add_argument("model", metavar="NAME_OR_MODEL_FILE", help="zoo model name, or .h5/.keras/SavedModel path")
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo name, run folder (its recipe.yaml + best_weights.h5), recipe file with --weights, "
+                        "or .h5/.keras/SavedModel path")
+    p.add_argument("--weights", help="weight file, for a zoo name, recipe or run folder (default: the published "
+                                     "weights / the run's best_weights.h5)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="flatbuffer to write")
     p.add_argument("--int8-io", action="store_true",
                    help="int8 input (raw pixel - 128: scale 1, zero point -128) and int8 output")
@@ -112,7 +102,7 @@ def run(args) -> int:
         if not Path(args.images).is_file():
             raise FileNotFoundError(f"No such images file: {args.images}")
         images = np.load(args.images)
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, args.weights)
     try:
         result = to_tflite(
             model, args.output, int8_io=args.int8_io, target=args.target, verify=not args.no_verify,

@@ -12,24 +12,30 @@ DEVICE_TOLERANCE = 1e-5
 
 
 def load_model(name_or_path: str, weights="pretrained"):
-    """A zoo model by name (``glt_keras.zoo.load``, with ``weights``) or a saved Keras
-    model file / directory."""
+    """A zoo model by name (``glt_keras.zoo.load``, with ``weights``), a run folder of ``glt-keras
+    train`` (its best weights, or ``weights`` a file), a recipe file with ``weights`` a file, or a
+    saved Keras model file / directory."""
+    from ..model_sources import is_model_file, is_run_folder
+
     path = Path(name_or_path)
-    if path.exists():
+    if is_run_folder(path) or path.suffix.lower() in (".yaml", ".yml"):
+        from ..model_sources import load_model as load_source
+        from ..models import for_export
+
+        if weights in ("none", "None", None):
+            raise ValueError(f"--weights none (random initialisation) applies to a zoo name, not to {path}.")
+        model, _ = load_source(path, weights=None if weights == "pretrained" else weights)
+        return for_export(model)  # native grouped convolutions, float32: what the C export reads
+    if path.exists() or is_model_file(path):
+        if not path.exists():
+            raise FileNotFoundError(f"model file {name_or_path!r} not found.")
         import tensorflow as tf
 
         from ..models import custom_objects
 
         return tf.keras.models.load_model(str(path), custom_objects=custom_objects(), compile=False)
-    try:
-        from .. import zoo
-    except ImportError as err:
-        if path.suffix in (".h5", ".keras", ".hdf5"):
-            raise FileNotFoundError(f"model file {name_or_path!r} not found.") from err
-        raise ValueError(
-            f"{name_or_path!r} is not a model file, and the zoo (glt_keras.zoo) is not available "
-            f"to load it by name ({err})."
-        ) from err
+    from .. import zoo
+
     if weights in ("none", "None", None):
         weights = None
     return zoo.load(name_or_path, weights=weights)
@@ -139,11 +145,13 @@ def register(subparsers) -> None:
         "memory plan, int glt_infer(const uint8_t *rgb, float *scores)) for one trained model, "
         "check it against Keras with the host compiler and optionally run it on Cortex-M4/M7 under QEMU.",
     )
-    p.add_argument("model", metavar="NAME_OR_MODEL",
-                   help="a zoo model name (glt_keras.zoo) or a saved Keras model (.h5 / .keras / SavedModel)")
+    p.add_argument("model", metavar="MODEL",
+                   help="a zoo model name (glt_keras.zoo), a run folder (its recipe.yaml + best_weights.h5), a recipe "
+                        "file with --weights FILE, or a saved Keras model (.h5 / .keras / SavedModel)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory for the C sources")
     p.add_argument("--weights", default="pretrained", metavar="W",
-                   help="for a zoo NAME: 'pretrained' (default), 'none' (random initialisation) or a weight file")
+                   help="'pretrained' (default: a zoo NAME's published weights, a run folder's best_weights.h5), "
+                        "'none' (random initialisation, zoo NAME only) or a weight file")
     p.add_argument("--name", default="glt_model", help="header / data file stem (default: glt_model)")
     p.add_argument("--check", type=int, default=8, metavar="N",
                    help="compare the host C build with Keras on N images (0: export only; default 8)")

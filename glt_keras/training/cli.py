@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..cli import non_negative_int, positive_int
+from ..model_sources import load_model
 
 
 def _threads(n):
@@ -59,7 +60,7 @@ def cmd_eval(args):
     from .splits import load_splits
 
     _threads(args.threads)
-    model, recipe = _load_model(args.model, args.weights)
+    model, recipe = load_model(args.model, weights=args.weights, tflite=True)
     classes = list(recipe.classes) if recipe is not None else None
     image_hw = tuple(model.input_shape[1:3])
     if None in image_hw:
@@ -129,53 +130,6 @@ def _load_folder(folder, classes, image_hw):
                          + ".")
     ds = load_image_folder(root, image_size=image_hw, class_names=classes)
     return ds.x, ds.y, list(ds.class_names)
-
-
-def _load_model(name_or_recipe, weights=None):
-    """A zoo name, recipe file, run folder, or model file (saved Keras model or ``.tflite``)
-    -> (model, recipe or ``None`` for a model file)."""
-    from pathlib import Path
-
-    from ..convert.tflite import KERAS_MODEL_SUFFIXES
-    from ..recipe import load_recipe
-
-    path = Path(name_or_recipe)
-    model_file = path.suffix.lower() in (".tflite",) + KERAS_MODEL_SUFFIXES or (path / "saved_model.pb").exists()
-    if model_file:
-        if weights:
-            raise ValueError(f"--weights applies to a zoo name, recipe or run folder, not to the model file {path}.")
-        if not path.exists():
-            raise FileNotFoundError(f"No such model file: {path}")
-        if path.suffix.lower() == ".tflite":
-            from ..convert.verify import TFLiteModel
-
-            return TFLiteModel(path), None
-        from ..convert.tflite import load_keras_model
-
-        try:
-            return load_keras_model(path), None
-        except ValueError as err:
-            raise ValueError(f"{err} (a weights file? give the recipe or run folder as MODEL and the file "
-                             "with --weights)") from err
-    if path.is_dir() and (path / "recipe.yaml").exists():
-        recipe = load_recipe(path / "recipe.yaml")
-        weights = weights or path / "best_weights.h5"
-    else:
-        try:
-            from .. import zoo
-
-            if weights is None and name_or_recipe in zoo.list_models():
-                return zoo.load(name_or_recipe), zoo.get_recipe(name_or_recipe)
-        except ImportError:
-            pass
-        recipe = load_recipe(name_or_recipe)
-    model = recipe.build_model()
-    if weights is None:
-        raise FileNotFoundError(f"No weights for {name_or_recipe}: pass --weights FILE.")
-    from ..models import load_weights
-
-    load_weights(model, weights)
-    return model, recipe
 
 
 def register(subparsers):

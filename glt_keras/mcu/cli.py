@@ -14,31 +14,20 @@ DEVICE_TOLERANCE = 1e-5
 def load_model(name_or_path: str, weights="pretrained"):
     """A zoo model by name (``glt_keras.zoo.load``, with ``weights``), a run folder of ``glt-keras
     train`` (its best weights, or ``weights`` a file), a recipe file with ``weights`` a file, or a
-    saved Keras model file / directory."""
-    from ..model_sources import is_model_file, is_run_folder
-
-    path = Path(name_or_path)
-    if is_run_folder(path) or path.suffix.lower() in (".yaml", ".yml"):
-        from ..model_sources import load_model as load_source
-        from ..models import for_export
-
-        if weights in ("none", "None", None):
-            raise ValueError(f"--weights none (random initialisation) applies to a zoo name, not to {path}.")
-        model, _ = load_source(path, weights=None if weights == "pretrained" else weights)
-        return for_export(model)  # native grouped convolutions, float32: what the C export reads
-    if path.exists() or is_model_file(path):
-        if not path.exists():
-            raise FileNotFoundError(f"model file {name_or_path!r} not found.")
-        import tensorflow as tf
-
-        from ..models import custom_objects
-
-        return tf.keras.models.load_model(str(path), custom_objects=custom_objects(), compile=False)
+    saved Keras model file / directory (:func:`glt_keras.model_sources.load_model`)."""
     from .. import zoo
+    from ..model_sources import load_model as load_source
+    from ..models import for_export
 
-    if weights in ("none", "None", None):
-        weights = None
-    return zoo.load(name_or_path, weights=weights)
+    random_init = weights in ("none", "None", None)
+    if name_or_path in zoo.list_models() and not Path(name_or_path).exists():
+        return zoo.load(name_or_path, weights=None if random_init else weights)
+    if random_init:
+        raise ValueError(f"--weights none (random initialisation) applies to a zoo name, not to {name_or_path}.")
+    model, recipe = load_source(name_or_path, weights=None if weights == "pretrained" else weights)
+    # A network built from a recipe comes in its training form; the C export reads the native grouped
+    # convolutions in float32. A saved model file is taken as it is.
+    return model if recipe is None else for_export(model)
 
 
 #: What export-c wrote into an output folder, with SHA-256: files it may overwrite later.

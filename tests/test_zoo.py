@@ -208,7 +208,9 @@ def test_plain_lce_call_on_a_zoo_model_is_fully_binary(capfd):
     fb = lce.convert_keras_model(model)
     report = inspect_flatbuffer(fb)
     convs = [l for l in model.layers if l.name.endswith("_conv")]
-    assert report.op_counts.get("LceBconv2d") == len(convs) == 9, report.op_counts
+    # One conv per block of the recipe, plus the 1x1 head.
+    assert len(convs) == len(zoo.get_recipe("vww_binary").model["widths"]) + 1
+    assert report.op_counts.get("LceBconv2d") == len(convs), report.op_counts
     assert report.all_binary and not {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} & set(report.op_counts)
     assert len(fb) < 150_000, len(fb)
     x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3)).astype("float32")

@@ -480,12 +480,22 @@ def plot_study(results: dict, path) -> str | None:
     return path
 
 
-def write_report(results: dict, results_path: Path, table_path=None, figure_path=None) -> str:
+README_START, README_END = "<!-- encoding-study:start -->", "<!-- encoding-study:end -->"
+
+
+def write_report(results: dict, results_path: Path, table_path=None, figure_path=None, *, readme=None,
+                 command: str = "python benchmarks/encoding_study.py --report") -> str:
+    """Write the table (.md) and figure (.png) beside ``results_path``; with ``readme``, also
+    replace that file's table between the encoding-study markers."""
     from glt_keras._io import atomic_write
 
     table = build_table(results)
     atomic_write(table_path or results_path.with_suffix(".md"), table)
     plot_study(results, figure_path or results_path.with_suffix(".png"))
+    if readme is not None:
+        from glt_keras.bench import update_readme
+
+        update_readme(readme, table.rstrip("\n") + "\n", command=command, start=README_START, end=README_END)
     return table
 
 
@@ -516,6 +526,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", type=Path, help="figure path (default: RESULTS with .png)")
     parser.add_argument("--out", type=Path, default=Path("runs/encoding_study"), help="the cells' run folders")
     parser.add_argument("--report", action="store_true", help="only write the table and figure from RESULTS")
+    parser.add_argument("--readme", type=Path, help="with --report: also put the table in this README, between "
+                                                    f"its {README_START} / {README_END} markers")
     parser.add_argument("--dry-run", action="store_true", help="list the cells left to train, train none")
     parser.add_argument("--shard", type=_shard, metavar="I/N", help="only every N-th cell, from the I-th")
     parser.add_argument("--keep-checkpoints", action="store_true",
@@ -526,8 +538,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     results_path = Path(args.results)
+    if args.readme is not None and not args.report:
+        parser.error("--readme goes with --report (a training run rewrites only the table and figure)")
     if args.report:
-        print(write_report(load_results(results_path), results_path, args.table, args.figure))
+        command = "python benchmarks/encoding_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        try:
+            print(write_report(load_results(results_path), results_path, args.table, args.figure,
+                               readme=args.readme, command=command))
+        except (ValueError, OSError) as error:  # no README or no markers: one line, the file left as it was
+            parser.error(str(error))
         return 0
 
     import glt_keras  # noqa: F401  (Keras flavour first)

@@ -538,10 +538,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     results_path = Path(args.results)
+    command = "python benchmarks/encoding_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.readme is not None and not args.report:
         parser.error("--readme goes with --report (a training run rewrites only the table and figure)")
     if args.report:
-        command = "python benchmarks/encoding_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
         try:
             print(write_report(load_results(results_path), results_path, args.table, args.figure,
                                readme=args.readme, command=command))
@@ -571,7 +571,6 @@ def main(argv=None) -> int:
         if base is not None and row.get("base_hash") not in (None, base_hash(base)):
             parser.error(f"{results_path} holds cells of {row['recipe']} trained from another version of "
                          f"its recipe (hash {row['base_hash']}, now {base_hash(base)}); use another --results.")
-    command = "python benchmarks/encoding_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     pending = [c for c in cells if c.key not in results["cells"]]
     print(f"encoding study: {len(cells)} cells, {len(cells) - len(pending)} already in {results_path}, "
           f"{len(pending)} to train.")

@@ -56,3 +56,24 @@ def image_folder(tmp_path_factory):
         for i in range(48):
             Image.fromarray(rng.integers(lo, hi, (16, 16, 3)).astype(np.uint8)).save(root / label / f"{i:03d}.png")
     return root
+
+
+def resume_probe():
+    """A Keras callback recording what a (resumed) run starts from: ``first_epoch`` (1-based number
+    of the first epoch it trains) and ``optimizer_steps`` (each inner optimizer's step counter at
+    that epoch's end). A resume that restored its checkpoint counts the earlier epochs' steps too;
+    a restart, or a resume on a fresh optimizer, counts only this epoch's."""
+    import tensorflow as tf
+
+    class ResumeProbe(tf.keras.callbacks.Callback):
+        first_epoch = None
+        optimizer_steps = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.first_epoch is None:
+                optimizer = self.model.optimizer
+                self.first_epoch = epoch + 1
+                self.optimizer_steps = [int(o.iterations.numpy())
+                                        for o in getattr(optimizer, "optimizers", [optimizer])]
+
+    return ResumeProbe()

@@ -237,6 +237,39 @@ def test_inria_split_by_source_photo(tmp_path, cache_env):
                 assert len(mate) == 1 and ds.groups[mate[0]] == g
 
 
+def test_person_scenes_labels_sources_and_split(tmp_path, cache_env):
+    """The VWW-style scenes the person models train on: label from the folder, source from the
+    file name, a train / val split by file-name hash that no file crosses."""
+    members = {"vww_like/labels.csv": b"file,source\n"}
+    for i in range(30):
+        members[f"vww_like/person/voc_{i:04d}.jpg"] = _img_bytes(RED, (160, 128), "JPEG")
+        members[f"vww_like/no_person/voc_{100 + i:04d}.jpg"] = _img_bytes(BLUE, (128, 140), "JPEG")
+        members[f"vww_like/no_person/intel_{i:05d}.jpg"] = _img_bytes(BLUE, (150, 150), "JPEG")
+    _make_tar(tmp_path / "person_scenes_128.tar.gz", members)
+    train = gd.load_arrays("person_scenes", "train", data_dir=tmp_path)
+    val = gd.load_arrays("person_scenes", "val", data_dir=tmp_path)
+    assert train.x.shape[1:] == (128, 128, 3) and len(val) > 0 and len(train) > len(val)
+    assert len(train) + len(val) == 90 and not set(train.files.tolist()) & set(val.files.tolist())
+    for ds in (train, val):
+        person = np.array(["/person/" in f for f in ds.files])
+        assert (ds.y == person).all() and train.class_names == ["non_person", "person"]
+        assert (ds.sources == np.where(np.char.find(ds.files.astype(str), "intel_") >= 0, "intel", "voc")).all()
+        red = ds.x[..., 0].mean(axis=(1, 2)) > ds.x[..., 2].mean(axis=(1, 2))  # the pixels follow their file
+        assert (red == person).all()
+    np.testing.assert_array_equal(gd.person_scenes_sources("val", data_dir=tmp_path), val.sources)
+    # The split is a property of the file name: the same files land in the same split again.
+    again = gd.load_arrays("person_scenes", "val", data_dir=tmp_path)
+    assert again.files.tolist() == val.files.tolist()
+
+
+def test_person_scenes_rejects_an_unknown_folder(tmp_path, cache_env):
+    members = {"vww_like/person/voc_0001.jpg": _img_bytes(RED, (128, 128), "JPEG"),
+               "vww_like/people/voc_0002.jpg": _img_bytes(RED, (128, 128), "JPEG")}
+    _make_tar(tmp_path / "person_scenes_128.tar.gz", members)
+    with pytest.raises(ValueError, match=r"unexpected folder 'people'.*person/ or no_person/"):
+        gd.load_arrays("person_scenes", "train", data_dir=tmp_path)
+
+
 def test_caltech_lists_and_non_image_entries(tmp_path, cache_env):
     members = {}
     for cls in ("BACKGROUND_Google", "Faces", "accordion"):

@@ -71,13 +71,7 @@ def images_for(shape, n=16, seed=1, thresholds=None):
 
 
 def small_model(**kwargs):
-    try:
-        model = glt_net(input_shape=SHAPE, num_classes=10, topology="tiny", classifier_activation=None, **kwargs)
-    except ValueError:  # "tiny" violates the LCE group-width check in some versions
-        model = glt_net(input_shape=SHAPE, num_classes=10, topology=None, widths=(64, 64, 64),
-                        groups=(1, 2, 2), pools=(True, False, True), shuffle=True,
-                        classifier_activation=None, **kwargs)
-    return model
+    return glt_net(input_shape=SHAPE, num_classes=10, topology="tiny", classifier_activation=None, **kwargs)
 
 
 def keras_layer_maps(model):

@@ -215,7 +215,7 @@ def test_mixed_model_converts_runs_and_matches_keras(tmp_path):
     assert [c.layer for c in report.float_convs] == ["block2_conv"]
     assert check.passed and check.argmax_agreement == 1.0 and check.max_abs_diff < 1e-3
     keras_out = model(images.astype("float32")).numpy()
-    assert np.ptp(keras_out.argmax(-1)) > 0 or np.std(keras_out, axis=0).max() > 0
+    assert np.std(keras_out, axis=0).max() > 0.5  # the logits depend on the image: the match above means something
     assert (tmp_path / "mixed.tflite").stat().st_size == report.flatbuffer_bytes
 
 

@@ -40,32 +40,12 @@ def _data(n=64, seed=1):
 
 
 def _op_census(flatbuffer: bytes) -> dict:
-    try:  # the convert room's census
-        from glt_keras.convert.inspect import inspect_flatbuffer
-    except ImportError:
-        inspect_flatbuffer = None
-    if inspect_flatbuffer is not None:
-        report = inspect_flatbuffer(flatbuffer)
-        assert report.all_binary, report.float_convs
-        return dict(report.op_counts)
-    from tensorflow.lite.python import schema_py_generated as schema
+    """Operator counts of a flatbuffer (the convert room's census), which must be fully binary."""
+    from glt_keras.convert.inspect import inspect_flatbuffer
 
-    model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        if code.CustomCode():
-            codes.append(code.CustomCode().decode())
-        else:
-            codes.append(names[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())])
-    census = {}
-    for s in range(model.SubgraphsLength()):
-        graph = model.Subgraphs(s)
-        for i in range(graph.OperatorsLength()):
-            name = codes[graph.Operators(i).OpcodeIndex()]
-            census[name] = census.get(name, 0) + 1
-    return census
+    report = inspect_flatbuffer(flatbuffer)
+    assert report.all_binary, report.float_convs
+    return dict(report.op_counts)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -432,9 +412,24 @@ def test_resumed_pruning_run_follows_the_same_schedule(tmp_path, pruned_run):
         (run / name).unlink()
     shutil.rmtree(run / "shrunk")
     (run / "checkpoints" / "last.json").write_text(json.dumps({"epoch": 2, "path": "epoch_2"}))
-    train(recipe, out_dir=run, verbose=0, resume=True)
+    masks_at_start = {}
+
+    class ReadMasks(tf.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            masks_at_start.update(P.masks_from_model(self.model))
+
+    train(recipe, out_dir=run, verbose=0, resume=True, callbacks=[ReadMasks()])
+    # Pruning ended in epoch 1: the resumed network starts with the reference's final masks
+    # (a fresh network would have none).
+    final = recipe.build_model(classifier_activation=None)
+    load_weights(final, reference / "best_weights.h5")
+    expected_masks = P.masks_from_model(final)
+    assert expected_masks and sorted(masks_at_start) == sorted(expected_masks)
+    for name, mask in expected_masks.items():
+        np.testing.assert_array_equal(masks_at_start[name], mask, err_msg=name)
     rows, expected = _rows(run), _rows(reference)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[:2] == expected[:2]  # the epochs before the resume point are kept as they were
     for key in ("pruning_ratio", "pruned_fraction"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected]), key
     widths = json.loads((reference / "shrunk_model.json").read_text())["widths"]

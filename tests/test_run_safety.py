@@ -6,6 +6,8 @@ import yaml
 from glt_keras import cli
 from glt_keras.recipe import Recipe
 
+from conftest import resume_probe
+
 
 def _tiny_recipe(folder, **training):
     return Recipe(
@@ -28,6 +30,19 @@ def finished_run(tmp_path_factory, image_folder):
     run = tmp_path_factory.mktemp("finished") / "run"
     train(_tiny_recipe(image_folder), out_dir=run, verbose=0)
     return run
+
+
+def _assert_continued_from(probe, run, *, epoch):
+    """The resumed session trained epoch ``epoch + 1`` first, on the optimizer state of the
+    checkpoint of ``epoch``: its step counters went on from there (a restart, or a fresh
+    optimizer, would count only one epoch's steps)."""
+    reader = tf.train.load_checkpoint(str(run / "checkpoints" / f"epoch_{epoch}" / "ckpt"))
+    # (larq's CaseOptimizer counts steps in its inner optimizers: binary and real-valued.)
+    saved = sorted(int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
+                   if k.startswith("optimizer/optimizer_") and "/iter/" in k)
+    assert saved and all(s > 0 and s % epoch == 0 for s in saved)
+    assert probe.first_epoch == epoch + 1
+    assert sorted(probe.optimizer_steps) == [s + s // epoch for s in saved]
 
 
 def _copy(run, tmp_path):
@@ -56,9 +71,11 @@ def test_resume_with_only_last_json_lost_uses_the_newest_checkpoint(finished_run
 
     run = _copy(finished_run, tmp_path)
     (run / "checkpoints/last.json").unlink()
-    summary = train(_tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, resume=True)
+    probe = resume_probe()
+    summary = train(_tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, resume=True, callbacks=[probe])
     assert "resuming from the intact epoch_2 (epoch 2)" in capsys.readouterr().err
     assert summary["epochs"] == 3
+    _assert_continued_from(probe, run, epoch=2)
 
 
 def test_a_fresh_run_never_starts_over_a_previous_one(finished_run, tmp_path, image_folder):
@@ -170,9 +187,11 @@ def test_a_corrupt_last_json_falls_back_and_says_so(finished_run, tmp_path, imag
 
     run = _copy(finished_run, tmp_path)
     (run / "checkpoints/last.json").write_text("{not json")
-    summary = train(_tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, resume=True)
+    probe = resume_probe()
+    summary = train(_tiny_recipe(image_folder, epochs=3), out_dir=run, verbose=0, resume=True, callbacks=[probe])
     assert "last.json is missing or unreadable); resuming from the intact epoch_2" in capsys.readouterr().err
     assert summary["epochs"] == 3
+    _assert_continued_from(probe, run, epoch=2)
 
 
 def test_finished_run_with_damaged_best_weights_does_not_report_success(finished_run, tmp_path, image_folder):

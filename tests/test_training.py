@@ -15,6 +15,8 @@ from glt_keras.recipe import Recipe
 from glt_keras.training.distill import Distiller, distillation_loss
 from glt_keras.training.run import CheckpointError, train
 
+from conftest import resume_probe
+
 
 # ----------------------------------------------------------------------------- KD loss
 def _softmax(z):
@@ -158,10 +160,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, imag
     assert json.loads((run / "checkpoints/last.json").read_text())["path"] == "epoch_2"
     data_file = next((run / "checkpoints/epoch_2").glob("ckpt.data-*"))
     data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
-    summary = train(recipe, out_dir=run, verbose=0, resume=True)
+    probe = resume_probe()
+    summary = train(recipe, out_dir=run, verbose=0, resume=True, callbacks=[probe])
     err = capsys.readouterr().err
     assert "epoch_2 is damaged or corrupt" in err and "resuming from the intact epoch_1 (epoch 1)" in err
     assert _history(run) == [1, 2, 3] and summary["epochs"] == 3
+    # It went on from epoch 1's optimizer state: two epochs' steps by the end of epoch 2.
+    assert probe.first_epoch == 2 and probe.optimizer_steps == [2 * (72 // 16)] * 2
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, image_folder):

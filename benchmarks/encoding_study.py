@@ -46,7 +46,8 @@ one pair of commands per data set, run again after any stop; then the table and 
 
 Default schedules (SCHEDULES below): CIFAR-10 10 epochs of 20,000 images (200,000 images, 4.4
 passes over its 45,000 training images); Imagenette 24 epochs of its 8,522 training images (204,500
-images). If the table's *stable* column says "no", the ranking was still moving: run again with a
+images). If the table's *stable* column says "no", the ranking was still moving ("ties": only
+encodings within noise of each other swapped places): run again with a
 larger --epochs (new cells, beside the recorded ones).
 
 Cost (benchmarks/bench_training_throughput.py --recipe RECIPE --variants mixed_bfloat16, idle, 2
@@ -316,17 +317,29 @@ def _order(values, preferred):
 
 def ranking_stable(rows, encodings, last=STABLE_EPOCHS):
     """Whether the encodings' order by mean validation accuracy (over seeds) is the same at each
-    of the last ``last`` epochs; ``None`` when some run has fewer epochs or an encoding is missing."""
-    rankings = []
-    for back in range(1, last + 1):
-        means = {}
-        for enc in encodings:
-            hist = [r["val_history"] for r in rows if r["encoding"] == enc]
-            if not hist or any(len(h) < last for h in hist):
-                return None
-            means[enc] = sum(h[-back] for h in hist) / len(hist)
-        rankings.append(tuple(sorted(encodings, key=lambda e: -means[e])))
-    return len(set(rankings)) == 1
+    of the last ``last`` epochs: ``"yes"``; ``"ties"`` when only pairs within noise swap places
+    (at the last epoch their means differ by at most 2 standard errors of the difference, from
+    the seeds' spread: the schedule cannot order them, a longer one would not either without
+    more seeds); ``"no"`` when a pair apart by more than that swaps (or a swapping pair has a
+    single seed, so its noise is unknown); ``None`` when some run has fewer epochs."""
+    hist = {}
+    for enc in encodings:
+        hist[enc] = [r["val_history"] for r in rows if r["encoding"] == enc]
+        if not hist[enc] or any(len(h) < last for h in hist[enc]):
+            return None
+    means = [{enc: sum(h[-back] for h in hs) / len(hs) for enc, hs in hist.items()} for back in range(1, last + 1)]
+    swapped = [(a, b) for i, a in enumerate(encodings) for b in encodings[i + 1:]
+               if len({(m[a] > m[b]) - (m[a] < m[b]) for m in means}) > 1]
+    if not swapped:
+        return "yes"
+
+    def apart(a, b):
+        (ma, sa), (mb, sb) = mean_spread([h[-1] for h in hist[a]]), mean_spread([h[-1] for h in hist[b]])
+        if math.isnan(sa) or math.isnan(sb):
+            return True
+        return abs(ma - mb) > 2 * math.sqrt(sa ** 2 / len(hist[a]) + sb ** 2 / len(hist[b]))
+
+    return "no" if any(apart(a, b) for a, b in swapped) else "ties"
 
 
 def build_table(results: dict, *, metric_name: str = "test accuracy") -> str:
@@ -348,7 +361,9 @@ def build_table(results: dict, *, metric_name: str = "test accuracy") -> str:
             f"; {size:,} binary weight bytes at {widest['levels']} levels" if size else ""))
     lines += ["", f"{metric_name.capitalize()} (%), mean ± sample standard deviation over seeds (number of "
               f"seeds); best mean of each row in bold. *Stable*: the encodings rank the same by mean validation "
-              f"accuracy at each of the last {STABLE_EPOCHS} epochs.", ""]
+              f"accuracy at each of the last {STABLE_EPOCHS} epochs (*yes*), only encodings within noise of "
+              f"each other swap places (*ties*: at the last epoch their means differ by at most 2 standard "
+              f"errors of the difference over seeds), or encodings apart by more than that swap (*no*).", ""]
     header = ["data", "condition", "levels", *encodings, "stable"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (recipe, schedule), rows in groups.items():
@@ -374,8 +389,7 @@ def build_table(results: dict, *, metric_name: str = "test accuracy") -> str:
                     cells.append(f"{text} ({n})")
                 present = [e for e in encodings if e in stats]
                 stable = ranking_stable(cell_rows, present) if len(present) > 1 else None
-                lines.append("| " + " | ".join([recipe, condition, str(level), *cells,
-                                                  {True: "yes", False: "no", None: ""}[stable]]) + " |")
+                lines.append("| " + " | ".join([recipe, condition, str(level), *cells, stable or ""]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,6 +132,25 @@ def test_table_states_mean_and_sample_spread_over_seeds(study, tmp_path):
     assert "| data | condition | levels | fixed | glt | stable |" in table
 
 
+def test_ranking_check_tells_ties_within_noise_from_real_swaps(study):
+    def rows(encoding, *histories):
+        return [_row(study, encoding, seed, h[-1], history=h) for seed, h in enumerate(histories)]
+
+    steady = rows("fixed", (0.50, 0.60, 0.70), (0.52, 0.62, 0.72), (0.48, 0.58, 0.68))
+    # 0.1 below fixed at every epoch, seeds 0.02 apart: always behind.
+    behind = rows("glt", (0.40, 0.50, 0.60), (0.42, 0.52, 0.62), (0.38, 0.48, 0.58))
+    assert study.ranking_stable(steady + behind, ["fixed", "glt"]) == "yes"
+    # Ahead, behind, then 0.01 ahead with seeds 0.05 apart: a swap within noise.
+    noisy = rows("glt", (0.55, 0.55, 0.76), (0.50, 0.55, 0.66), (0.45, 0.57, 0.71))
+    assert study.ranking_stable(steady + noisy, ["fixed", "glt"]) == "ties"
+    # Behind at the first of the last epochs, then 0.1 ahead with a small spread: a real swap.
+    overtakes = rows("glt", (0.45, 0.75, 0.80), (0.46, 0.76, 0.81), (0.44, 0.74, 0.79))
+    assert study.ranking_stable(steady + overtakes, ["fixed", "glt"]) == "no"
+    # One seed: its noise is unknown, so a swap counts.
+    assert study.ranking_stable(steady + noisy[:1], ["fixed", "glt"]) == "no"
+    assert study.ranking_stable(steady + rows("glt", (0.5, 0.6)), ["fixed", "glt"]) is None
+
+
 def test_report_puts_the_table_in_the_readme_between_its_markers_only(study, tmp_path):
     rows = [_row(study, "fixed", s, a) for s, a in enumerate([0.5, 0.6, 0.7])]
     results = tmp_path / "study.json"

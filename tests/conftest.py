@@ -77,3 +77,13 @@ def resume_probe():
                                         for o in getattr(optimizer, "optimizers", [optimizer])]
 
     return ResumeProbe()
+
+
+def checkpoint_optimizer_steps(run, epoch: int) -> list:
+    """The step counters saved in a run's checkpoint of ``epoch``, sorted (larq's CaseOptimizer
+    counts steps in its inner optimizers: binary and real-valued)."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(Path(run) / "checkpoints" / f"epoch_{epoch}" / "ckpt"))
+    return sorted(int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
+                  if k.startswith("optimizer/optimizer_") and "/iter/" in k)

@@ -6,7 +6,7 @@ import yaml
 from glt_keras import cli
 from glt_keras.recipe import Recipe
 
-from conftest import resume_probe
+from conftest import checkpoint_optimizer_steps, resume_probe
 
 
 def _tiny_recipe(folder, **training):
@@ -36,10 +36,7 @@ def _assert_continued_from(probe, run, *, epoch):
     """The resumed session trained epoch ``epoch + 1`` first, on the optimizer state of the
     checkpoint of ``epoch``: its step counters went on from there (a restart, or a fresh
     optimizer, would count only one epoch's steps)."""
-    reader = tf.train.load_checkpoint(str(run / "checkpoints" / f"epoch_{epoch}" / "ckpt"))
-    # (larq's CaseOptimizer counts steps in its inner optimizers: binary and real-valued.)
-    saved = sorted(int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
-                   if k.startswith("optimizer/optimizer_") and "/iter/" in k)
+    saved = checkpoint_optimizer_steps(run, epoch)
     assert saved and all(s > 0 and s % epoch == 0 for s in saved)
     assert probe.first_epoch == epoch + 1
     assert sorted(probe.optimizer_steps) == [s + s // epoch for s in saved]

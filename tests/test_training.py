@@ -15,7 +15,7 @@ from glt_keras.recipe import Recipe
 from glt_keras.training.distill import Distiller, distillation_loss
 from glt_keras.training.run import CheckpointError, train
 
-from conftest import resume_probe
+from conftest import checkpoint_optimizer_steps, resume_probe
 
 
 # ----------------------------------------------------------------------------- KD loss
@@ -123,12 +123,7 @@ def test_resume_after_kill_continues_without_gaps(tmp_path, image_folder):
     assert _history(run) == [1, 2, 3]
     assert summary["epochs"] == 3 and summary["sessions"] == 2
     # The optimizer state came back too: its step counter covers all three epochs.
-    steps_per_epoch = 72 // 16
-    reader = tf.train.load_checkpoint(str(run / "checkpoints/epoch_3/ckpt"))
-    # (larq's CaseOptimizer counts steps in its inner optimizers: binary and real-valued.)
-    iterations = [k for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/optimizer_") and "/iter/" in k]
-    assert len(iterations) == 2
-    assert all(reader.get_tensor(k) == 3 * steps_per_epoch for k in iterations)
+    assert checkpoint_optimizer_steps(run, 3) == [3 * (72 // 16)] * 2
 
 
 def test_resume_with_more_epochs_replans_the_rate_and_records_it(tmp_path, image_folder):

@@ -81,6 +81,24 @@ class AveragesPerEpoch(tf.keras.callbacks.Callback):
         self.epochs[epoch + 1] = [reader.get_tensor(k) for k in sorted(keys, key=lambda k: int(k.split("/")[2]))]
 
 
+def _average_updates(run, epoch):
+    """The weight average's update counter in the run's checkpoint of ``epoch``."""
+    ckpt = str(run / "checkpoints" / f"epoch_{epoch}" / "ckpt")
+    reader = tf.train.load_checkpoint(ckpt)
+    return [reader.get_tensor(k) for k, _ in tf.train.list_variables(ckpt) if k.startswith("weight_average/updates")]
+
+
+def _assert_best_weights_are(recipe, run, expected):
+    """best_weights.h5 holds ``expected`` (an epoch's averaged weights); returns what it holds."""
+    student = recipe.build_model(classifier_activation=None)
+    models.load_weights(student, run / "best_weights.h5")
+    saved = [w.numpy() for w in student.weights if w.dtype.is_floating]
+    assert len(saved) == len(expected) > 0
+    for got, want in zip(saved, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    return saved
+
+
 def test_run_validates_selects_saves_and_resumes_the_averaged_network(tmp_path, image_folder):
     run = tmp_path / "run"
     recipe = tiny_recipe(image_folder, epochs=3, ema_momentum=0.9, select_smoothing=2)
@@ -88,25 +106,16 @@ def test_run_validates_selects_saves_and_resumes_the_averaged_network(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         train(recipe, out_dir=run, verbose=0, callbacks=[averages, StopAfter(2)])
     steps = 72 // 16
-    updates = lambda epoch: [tf.train.load_checkpoint(str(run / f"checkpoints/epoch_{epoch}/ckpt")).get_tensor(k)  # noqa: E731
-                             for k, _ in tf.train.list_variables(str(run / f"checkpoints/epoch_{epoch}/ckpt"))
-                             if k.startswith("weight_average/updates")]
-    assert updates(2) == [2 * steps]
+    assert _average_updates(run, 2) == [2 * steps]
     summary = train(recipe, out_dir=run, verbose=0, resume=True, callbacks=[averages])
-    assert updates(3) == [3 * steps]  # not 1 * steps: the resumed run continued the average
+    assert _average_updates(run, 3) == [3 * steps]  # not 1 * steps: the resumed run continued the average
     rows = _rows(run)
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
     assert all(r["val_accuracy_ema"] != "" and r["val_accuracy_ema_smooth"] != "" for r in rows)
     best_row = max(rows, key=lambda r: float(r["val_accuracy_ema_smooth"]))
     assert summary["best_val_accuracy_ema_smooth"] == pytest.approx(float(best_row["val_accuracy_ema_smooth"]))
     # best_weights.h5 is the averaged network of the selected epoch, not the raw model.
-    student = recipe.build_model(classifier_activation=None)
-    models.load_weights(student, run / "best_weights.h5")
-    saved = [w.numpy() for w in student.weights if w.dtype.is_floating]
-    expected = averages.epochs[int(float(best_row["epoch"]))]
-    assert len(saved) == len(expected) > 0
-    for got, want in zip(saved, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+    saved = _assert_best_weights_are(recipe, run, averages.epochs[int(float(best_row["epoch"]))])
     trained = [w.numpy() for w in _last_model(recipe, run).weights if w.dtype.is_floating]
     assert any(not np.allclose(a, b) for a, b in zip(saved, trained))
 
@@ -177,16 +186,9 @@ def test_distilled_run_from_cached_views_averages_too(image_folder, tmp_path):
                     callbacks=[averages])
     rows = _rows(run)
     assert summary["epochs"] == 1 and [r["val_accuracy_ema"] != "" for r in rows] == [True]
-    reader = tf.train.load_checkpoint(str(run / "checkpoints/epoch_1/ckpt"))
-    assert [reader.get_tensor(k) for k, _ in tf.train.list_variables(str(run / "checkpoints/epoch_1/ckpt"))
-            if k.startswith("weight_average/updates")] == [3]  # every distilled step updated it
+    assert _average_updates(run, 1) == [3]  # every distilled step updated it
     # best_weights.h5 is the student's average (the distiller's inner model), not its raw weights.
-    student = recipe.build_model(classifier_activation=None)
-    models.load_weights(student, run / "best_weights.h5")
-    saved = [w.numpy() for w in student.weights if w.dtype.is_floating]
-    assert len(saved) == len(averages.epochs[1]) > 0
-    for got, want in zip(saved, averages.epochs[1]):
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+    saved = _assert_best_weights_are(recipe, run, averages.epochs[1])
     raw = [w.numpy() for w in _last_model(recipe, run, epoch=1).weights if w.dtype.is_floating]
     assert any(not np.allclose(a, b) for a, b in zip(raw, saved))
 
